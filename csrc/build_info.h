@@ -1,0 +1,10 @@
+// What the extension was built for; plain C++ so bindings.cpp needs no GPU compiler.
+#pragma once
+#include <string>
+
+namespace eurocore {
+std::string gpu_backend();     // "cuda" or "hip"
+std::string gpu_archs();       // the architectures compiled in, e.g. "80,90a"
+int gpu_runtime_version();     // CUDA/HIP runtime version the module was linked with
+int gpu_device_count();        // visible devices; 0 when there is no driver or GPU
+}  // namespace eurocore
