@@ -1,5 +1,5 @@
 """Drop-in modules over ``eurocore.ops``."""
 
-from eurocore.nn.rms_norm import LlamaRMSNorm, RMSNorm
+from eurocore.nn.normalization import LlamaRMSNorm, RMSNorm
 
 __all__ = ["LlamaRMSNorm", "RMSNorm"]

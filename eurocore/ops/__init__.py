@@ -11,7 +11,7 @@ from eurocore.ops.backends import (
     BackendUnavailableError,
     available_backends,
 )
-from eurocore.ops.rms_norm import rms_norm, rms_norm_reference
+from eurocore.ops.normalization import rms_norm, rms_norm_reference
 
 __all__ = [
     "BACKENDS",

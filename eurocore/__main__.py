@@ -1,0 +1,53 @@
+"""The ``eurocore`` command (also ``python -m eurocore``).
+
+    eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
+    eurocore backends            which backends this machine can run, and why (not)
+
+The top of the layering: everything is imported inside the sub-command that needs it, so
+``eurocore --help`` stays fast and one sub-command's imports never break another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eurocore", description="eurocore: fused kernels for LLM training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Listed for --help only: main() forwards everything after "bench" untouched.
+    sub.add_parser("bench", help="kernel benchmarks (see 'eurocore bench --help')",
+                   add_help=False)
+    sub.add_parser("backends", help="list the backends and whether this machine can run them")
+    return parser
+
+
+def _print_backends() -> int:
+    from eurocore.ops import available_backends
+
+    for name, status in available_backends().items():
+        print(f"  {name:7s} {'yes' if status.available else 'no ':3s} {status.reason}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``eurocore`` command with ``argv`` (default ``sys.argv[1:]``); returns the
+    exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from eurocore.benchmarks.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "backends":
+        return _print_backends()
+    parser.print_help()
+    return 0 if args.command is None and not argv else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
