@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         from eurocore.benchmarks.__main__ import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[1:], prog="eurocore bench")
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "backends":

@@ -1,0 +1,482 @@
+"""The one benchmark harness every kernel plugs into (DESIGN.md, "Performance methodology").
+
+An op module lists :class:`Case` objects; :func:`run_cases` builds and times each one in
+turn and turns it into a :class:`Result`: median milliseconds, GB/s (the fewest bytes the op
+must move over the time) and the fraction of the copy bandwidth measured by
+:func:`measure_ceilings` on the same device in the same run; TFLOP/s and the fraction of the
+matmul rate where the case counts FLOPs.
+
+Timing counts only on a GPU. On the CPU the same code runs, with small shapes, so the
+harness itself is tested; those figures are labelled CPU figures wherever they are printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# What a case builds: fresh inputs, then the zero-argument callable that is timed.
+Setup = Callable[[], Callable[[], object]]
+
+SCHEMA_VERSION = 1
+
+# Ceiling sizes. GPU: a 1 GiB copy is far past any L2, and 8192³ saturates the tensor cores.
+# CPU: sizes that finish in well under a second on two cores.
+_GPU_COPY_BYTES = 1 << 30
+_CPU_COPY_BYTES = 64 << 20
+_GPU_MATMUL = (8192, 8192, 8192, torch.bfloat16)
+_CPU_MATMUL = (1024, 1024, 1024, torch.float32)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed callable: an implementation of an op's variant at one shape.
+
+    Attributes:
+        op: the op's name, e.g. "rms_norm".
+        variant: what is timed, e.g. "fwd", "bwd" (the backward alone), "fwd+bwd".
+        shape: the sizes that define the case, e.g. ``{"tokens": 4096, "hidden": 8192}``.
+        dtype: the dtype the inputs really have, e.g. "bfloat16".
+        impl: the implementation, e.g. "eurocore/triton", "torch eager", "torch.compile".
+        setup: builds fresh random inputs and returns the zero-argument callable to time.
+            Inputs are built per case, right before timing and freed after, rather than
+            held by every case at once (the GPU grid would need tens of GiB up front).
+            None when the case is skipped.
+        bytes: the fewest bytes the op must move: each input read once, each output
+            written once.
+        flops: floating-point operations per call, or None where bandwidth is the measure.
+        note: anything a reader of the results must know (e.g. a substituted dtype).
+        skip: why the case is not run (implementation not installed, needs a GPU, ...);
+            None for a case to run.
+    """
+
+    op: str
+    variant: str
+    shape: dict[str, int]
+    dtype: str
+    impl: str
+    setup: Setup | None = field(default=None, repr=False, compare=False)
+    bytes: int = 0
+    flops: int | None = None
+    note: str = ""
+    skip: str | None = None
+
+    @classmethod
+    def skipped(cls, op: str, impl: str, reason: str, *, variant: str = "*",
+                shape: dict[str, int] | None = None, dtype: str = "") -> Case:
+        """A case that is listed with the reason it is not run."""
+        return cls(op=op, variant=variant, shape=shape or {}, dtype=dtype, impl=impl,
+                   skip=reason)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured case: the case's description plus its timing and ceiling fractions.
+
+    ``gbps = bytes / (ms · 1e-3) / 1e9``; ``copy_fraction = gbps / ceilings["copy_gbps"]``;
+    likewise ``tflops`` and ``matmul_fraction`` when the case counts FLOPs.
+    """
+
+    op: str
+    variant: str
+    shape: dict[str, int]
+    dtype: str
+    impl: str
+    device: str
+    bytes: int
+    flops: int | None
+    note: str
+    ms: float
+    gbps: float
+    copy_fraction: float
+    tflops: float | None = None
+    matmul_fraction: float | None = None
+
+    @classmethod
+    def from_case(cls, case: Case, ms: float, device: torch.device | str,
+                  ceilings: dict[str, Any]) -> Result:
+        """The result of ``case`` taking ``ms`` milliseconds (median) on ``device``."""
+        gbps = case.bytes / ms / 1e6  # bytes per ms / 1e6 = GB/s
+        tflops = case.flops / ms / 1e9 if case.flops else None
+        return cls(
+            op=case.op, variant=case.variant, shape=dict(case.shape), dtype=case.dtype,
+            impl=case.impl, device=torch.device(device).type, bytes=case.bytes,
+            flops=case.flops, note=case.note, ms=ms, gbps=gbps,
+            copy_fraction=gbps / ceilings["copy_gbps"],
+            tflops=tflops,
+            matmul_fraction=tflops / ceilings["matmul_tflops"] if tflops is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A case that was not measured: skipped by design ("skipped") or raised ("failed")."""
+
+    op: str
+    variant: str
+    shape: dict[str, int]
+    impl: str
+    status: str
+    reason: str
+
+
+def _is_gpu(device: torch.device) -> bool:
+    # ROCm builds of torch expose AMD GPUs as "cuda" devices too.
+    return device.type == "cuda"
+
+
+def _synchronize(device: torch.device) -> None:
+    if _is_gpu(device):
+        torch.cuda.synchronize(device)
+
+
+def time_callable(fn: Callable[[], object], device: torch.device | str, *,
+                  budget_s: float = 0.2) -> float:
+    """The median time of one call of ``fn`` in milliseconds.
+
+    On a GPU: ``triton.testing.do_bench`` (25 ms warm-up, 100 ms of repetitions, L2 flushed
+    between calls, CUDA events). On the CPU: a warm-up of about a quarter of ``budget_s``,
+    then single calls timed with ``time.perf_counter`` for about ``budget_s`` (5 to 1000 of
+    them), and their median.
+    """
+    device = torch.device(device)
+    if _is_gpu(device):
+        from triton.testing import do_bench
+
+        try:
+            ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except TypeError:  # a Triton without return_mode: the 0.5 quantile is the median
+            ms = do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
+        return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+
+    start, calls = time.perf_counter(), 0
+    while calls < 2 or time.perf_counter() - start < budget_s / 4:
+        fn()
+        calls += 1
+    per_call = (time.perf_counter() - start) / calls
+    repeats = min(1000, max(5, int(budget_s / max(per_call, 1e-9))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure_ceilings(device: torch.device | str) -> dict[str, Any]:
+    """The copy bandwidth and dense matmul rate of ``device``, measured now.
+
+    Copy: ``dst.copy_(src)`` of 1 GiB on a GPU (64 MiB on the CPU), counting the bytes read
+    plus the bytes written. Matmul: bf16 8192³ on a GPU; on the CPU fp32 1024³ (CPU bf16
+    matmul is not what a GPU ceiling means), which the dict says. Inputs are random normal.
+
+    Returns:
+        ``{"copy_gbps", "copy_bytes_moved" (read + written), "copy_ms", "matmul_tflops",
+        "matmul_shape" (m, n, k), "matmul_dtype", "matmul_ms", "note"}``.
+    """
+    device = torch.device(device)
+    gpu = _is_gpu(device)
+    copy_bytes = _GPU_COPY_BYTES if gpu else _CPU_COPY_BYTES
+    copy_ms = _copy_ms(copy_bytes, device)
+    m, n, k, mm_dtype = _GPU_MATMUL if gpu else _CPU_MATMUL
+    matmul_ms = _matmul_ms(m, n, k, mm_dtype, device)
+    _free(device)
+
+    note = ("GPU: copy of 1 GiB (read + write counted), bf16 matmul" if gpu else
+            "CPU figures: copy of 64 MiB (read + write counted) and an fp32 1024^3 matmul; "
+            "not GPU ceilings")
+    return {
+        "copy_gbps": 2 * copy_bytes / copy_ms / 1e6,
+        "copy_bytes_moved": 2 * copy_bytes,
+        "copy_ms": copy_ms,
+        "matmul_tflops": 2 * m * n * k / matmul_ms / 1e9,
+        "matmul_shape": [m, n, k],
+        "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+        "matmul_ms": matmul_ms,
+        "note": note,
+    }
+
+
+def _copy_ms(nbytes: int, device: torch.device) -> float:
+    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return time_callable(lambda: dst.copy_(src), device)
+
+
+def _matmul_ms(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> float:
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    c = torch.empty(m, n, dtype=dtype, device=device)
+    return time_callable(lambda: torch.mm(a, b, out=c), device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if _is_gpu(device):
+        torch.cuda.empty_cache()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def run_cases(
+    cases: Iterable[Case],
+    device: torch.device | str,
+    ceilings: dict[str, Any],
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[Result], list[Skipped]]:
+    """Builds and times each case in turn, freeing its inputs before the next.
+
+    A case whose setup or first call raises is reported as failed with the error's first
+    line, and the run goes on: one broken implementation does not hide the others.
+
+    Returns:
+        (results, skipped) in the order of ``cases``.
+    """
+    device = torch.device(device)
+    results: list[Result] = []
+    skipped: list[Skipped] = []
+    for case in cases:
+        if case.skip is not None or case.setup is None:
+            skipped.append(Skipped(case.op, case.variant, dict(case.shape), case.impl,
+                                   "skipped", case.skip or "no setup"))
+            continue
+        if progress is not None:
+            progress(f"{case.op} {case.variant} {_format_shape(case.shape)} {case.impl}")
+        fn = None
+        try:
+            fn = case.setup()
+            fn()  # the first call compiles (Triton, torch.compile) outside the timing
+            _synchronize(device)
+            ms = time_callable(fn, device)
+        except Exception as err:  # any implementation's failure is reported, not fatal
+            skipped.append(Skipped(case.op, case.variant, dict(case.shape), case.impl,
+                                   "failed", _first_line(err)))
+        else:
+            results.append(Result.from_case(case, ms, device, ceilings))
+        finally:
+            del fn
+            _free(device)
+    return results, skipped
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver version via nvidia-smi, or None (no nvidia-smi, AMD, any failure)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What the results were measured on and with.
+
+    Returns:
+        device name (the GPU's, else the CPU model), ``is_cpu``, GPU architecture, the torch,
+        Triton and eurocore versions, the CUDA or HIP runtime torch was built with, the NVIDIA
+        driver version where nvidia-smi answers, CPU threads, the UTC date and time, the
+        hostname and the command line.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except Exception:  # not installed, or a broken install
+        triton_version = None
+    try:
+        from eurocore import __version__ as eurocore_version
+    except ImportError:
+        eurocore_version = None
+
+    env: dict[str, Any] = {"device": str(device), "is_cpu": not _is_gpu(device)}
+    if _is_gpu(device):
+        props = torch.cuda.get_device_properties(device)
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["gpu_arch"] = (getattr(props, "gcnArchName", None) if torch.version.hip
+                           else f"sm_{props.major}{props.minor}")
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["driver"] = _driver_version()
+    else:
+        env["device_name"] = _cpu_model()
+        env["cpu_threads"] = torch.get_num_threads()
+        env["driver"] = None
+    now = dt.datetime.now(dt.timezone.utc)
+    env.update({
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "eurocore": eurocore_version,
+        "cuda_runtime": torch.version.cuda,
+        "hip_runtime": torch.version.hip,
+        "python": platform.python_version(),
+        "date": now.date().isoformat(),
+        "time_utc": now.isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+    })
+    return env
+
+
+def _format_shape(shape: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items()) or "-"
+
+
+def _cpu_banner() -> str:
+    return ("CPU FIGURES - measured on the CPU, NOT GPU performance: they test the harness, "
+            "not the kernels")
+
+
+def format_environment(env: dict[str, Any]) -> str:
+    """The environment as a few readable lines."""
+    lines = [f"device:   {env['device_name']} ({env['device']})"]
+    if env["is_cpu"]:
+        lines[0] += f", {env.get('cpu_threads')} threads  <- {_cpu_banner()}"
+    else:
+        lines[0] += f", {env.get('gpu_arch')}, {env.get('gpu_memory_gib')} GiB"
+    runtime = (f"HIP {env['hip_runtime']}" if env.get("hip_runtime")
+               else f"CUDA {env['cuda_runtime']}" if env.get("cuda_runtime") else "CPU build")
+    lines.append(f"software: torch {env['torch']} ({runtime}), triton {env['triton']}, "
+                 f"eurocore {env['eurocore']}, python {env['python']}"
+                 + (f", driver {env['driver']}" if env.get("driver") else ""))
+    lines.append(f"run:      {env['time_utc']} on {env['hostname']}: {env['command']}")
+    return "\n".join(lines)
+
+
+def format_ceilings(ceilings: dict[str, Any]) -> str:
+    """The measured ceilings as three readable lines."""
+    m, n, k = ceilings["matmul_shape"]
+    return (f"copy:     {ceilings['copy_gbps']:9.1f} GB/s  (dst.copy_(src), "
+            f"{ceilings['copy_bytes_moved'] / 2**20:.0f} MiB read + written)\n"
+            f"matmul:   {ceilings['matmul_tflops']:9.3f} TFLOP/s ({ceilings['matmul_dtype']} "
+            f"{m}x{n}x{k})\n"
+            f"          {ceilings['note']}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(results: Sequence[Result], skipped: Sequence[Skipped] = (), *,
+                file: TextIO | None = None) -> None:
+    """Prints results as a fixed-width table, then what was skipped or failed and why.
+
+    The header says plainly when the figures are CPU figures.
+    """
+    file = file or sys.stdout
+    on_cpu = any(r.device == "cpu" for r in results) or (
+        not results and not torch.cuda.is_available())
+    if on_cpu:
+        print(f"*** {_cpu_banner()} ***", file=file)
+    columns = ("op", "variant", "shape", "dtype", "impl", "ms", "GB/s", "%copy",
+               "TFLOP/s", "%matmul")
+    rows = [(r.op, r.variant, _format_shape(r.shape), r.dtype, r.impl, f"{r.ms:.4f}",
+             f"{r.gbps:.1f}", f"{100 * r.copy_fraction:.1f}", _fmt(r.tflops, ".2f"),
+             _fmt(None if r.matmul_fraction is None else 100 * r.matmul_fraction, ".1f"))
+            for r in results]
+    if not any(r.flops for r in results):  # bandwidth-bound ops only: no FLOP columns
+        columns = columns[:-2]
+        rows = [row[:-2] for row in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
+    numeric_from = columns.index("ms")
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.rjust(w) if i >= numeric_from else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True)))
+
+    print(line(columns), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    previous = None
+    for r, row in zip(results, rows, strict=True):
+        if previous is not None and (r.op, r.variant) != previous:
+            print(file=file)  # a blank line between variants keeps the table scannable
+        previous = (r.op, r.variant)
+        print(line(row), file=file)
+    notes = sorted({r.note for r in results if r.note})
+    for note in notes:
+        print(f"note: {note}", file=file)
+    for s in skipped:
+        where = " ".join(x for x in (s.variant if s.variant != "*" else "",
+                                     _format_shape(s.shape) if s.shape else "") if x)
+        print(f"{s.status}: {s.op} {s.impl}{' ' + where if where else ''}: {s.reason}",
+              file=file)
+
+
+def device_slug(name: str) -> str:
+    """A file-name form of a device name: lowercase, alphanumerics and single dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
+
+
+def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[str, Any],
+               out_dir: str | os.PathLike[str], skipped: Sequence[Skipped] = ()) -> Path:
+    """Writes ``<out_dir>/<YYYY-MM-DD>-<device-slug>.json`` atomically and returns its path.
+
+    The file holds ``{"schema", "environment", "ceilings", "results", "skipped"}``. It is
+    written to a temporary file in ``out_dir`` and renamed over the target, so a reader
+    never sees half a file. CPU runs get a ``cpu-`` prefix on the slug when the CPU's name
+    lacks one, so they are never mistaken for GPU results.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(env["device_name"])
+    if env.get("is_cpu") and "cpu" not in slug.split("-"):
+        slug = f"cpu-{slug}"
+    path = out_dir / f"{env['date']}-{slug}.json"
+    payload = {
+        "schema": SCHEMA_VERSION,
+        "environment": env,
+        "ceilings": ceilings,
+        "results": [dataclasses.asdict(r) for r in results],
+        "skipped": [dataclasses.asdict(s) for s in skipped],
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
