@@ -1,0 +1,593 @@
+"""Ahead-of-time compilation of every kernel configuration for named GPU targets, no GPU needed.
+
+``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(...))`` runs
+the whole compiler (TTIR → TTGIR → LLVM → PTX/cubin or AMDGCN/hsaco) for a target that is
+not present, so CI on a CPU machine catches what the first real GPU would otherwise meet: a
+compile error, a launch too large for the hardware, spills, loads left unvectorised.
+
+Each kernel module contributes one generator of :class:`AotCase` s, the configurations its
+launchers can emit in production, specialised as Triton's JIT would specialise a real
+launch (see :func:`specialise`); :func:`cases` is the registry. :func:`compile_case`
+compiles one case for one target and returns an :class:`AotReport`; :func:`compile_all`
+compiles many, in worker processes when asked to or when it has to (below).
+
+Kernels defined under the interpreter. ``TRITON_INTERPRET=1`` (set by tests/conftest.py on
+CPU machines before any eurocore import) makes ``@triton.jit`` return an
+``InterpretedFunction``, which ``ASTSource`` cannot compile: its helpers (``_load_h`` ...)
+are interpreted functions too, not ``JITFunction`` s the code generator can call, and the
+interpreter patches ``triton.language`` while it runs kernels (Triton 3.9 restores the
+patches afterwards; older releases are not guaranteed to). So whenever a case's kernel is
+not a ``JITFunction``, compilation goes to fresh worker processes started with
+``TRITON_INTERPRET`` removed from their environment: there the kernel module is imported
+anew (cases pickle their kernel by module and name, not by value) and defines real
+``JITFunction`` s, and no interpreted kernel has ever run. This needs no cooperation from the
+kernel modules and works the same on every Triton version.
+
+Imports only the standard library and Triton; a case's kernel module (and so torch) is
+imported when the case is built or compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import multiprocessing
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+# The targets CI compiles for: Hopper, Ampere, MI250X (CDNA2) and MI300X (CDNA3).
+TARGETS: dict[str, GPUTarget] = {
+    "sm_90": GPUTarget("cuda", 90, 32),
+    "sm_80": GPUTarget("cuda", 80, 32),
+    "gfx90a": GPUTarget("hip", "gfx90a", 64),
+    "gfx942": GPUTarget("hip", "gfx942", 64),
+}
+
+# Threads per block (CUDA) or workgroup (HIP): the hardware limit on both vendors.
+MAX_THREADS_PER_BLOCK = 1024
+# Shared memory (LDS) one program may use: the opt-in maximum per block on H100 (227 KiB) and
+# A100 (163 KiB), the 64 KiB LDS of CDNA2/CDNA3. Triton checks this only when it loads the
+# binary on a GPU; here a compiled case over it fails.
+MAX_SHARED: dict[str, int] = {"sm_90": 232448, "sm_80": 166912, "gfx90a": 65536,
+                              "gfx942": 65536}
+# 32-bit registers in an NVIDIA SM's register file, allocated per warp in units of 256.
+NVIDIA_REGISTER_FILE = 65536
+
+
+class LaunchResourceError(ValueError):
+    """A case would not launch on the target: too many threads, or (once compiled) more
+    shared memory or registers per program than the hardware has."""
+
+
+class LaunchSizeError(LaunchResourceError):
+    """A configuration launches more threads per program than the target allows."""
+
+
+class AotCompileError(RuntimeError):
+    """Triton failed to compile a case for a target."""
+
+
+@dataclass
+class AotCase:
+    """One compilation: a kernel, its specialised signature, and launch options.
+
+    ``signature`` maps every parameter of the kernel, in order, to a Triton type ("*bf16",
+    "i32", "fp32") or "constexpr"; ``constexprs`` gives the value of each "constexpr" one
+    (the ``tl.constexpr`` flags, and integers the JIT specialises to 1). ``divisible`` names
+    the arguments known to be multiples of 16 (pointers: 16-byte aligned), as the JIT marks
+    them. ``num_stages`` None leaves the backend's default, as a launch without it gets.
+    """
+
+    kernel: str
+    fn: Any  # the kernel object as its module defines it (a JITFunction unless interpreted)
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int | None = None
+    divisible: tuple[str, ...] = ()
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kernel}[{self.label}, num_warps={self.num_warps}]"
+
+    def __reduce__(self):
+        # Pickled by reference: the worker imports the kernel module itself, so it gets a
+        # JITFunction even when this process defined the kernel under the interpreter.
+        raw = getattr(self.fn, "fn", self.fn)  # InterpretedFunction.fn is the Python function
+        return (_rebuild_case, (raw.__module__, raw.__qualname__, self.kernel, self.signature,
+                                self.constexprs, self.num_warps, self.num_stages,
+                                self.divisible, self.label))
+
+
+def _rebuild_case(module, qualname, *fields) -> AotCase:
+    fn = importlib.import_module(module)
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    kernel, *rest = fields
+    return AotCase(kernel, fn, *rest)
+
+
+@dataclass
+class AotReport:
+    """What one compilation produced; register fields are None where the target lacks them."""
+
+    kernel: str
+    label: str
+    target: str
+    num_warps: int
+    shared: int  # bytes of shared memory (LDS on AMD) per program
+    widest_load: int  # bytes moved by the widest global load instruction
+    loads: tuple[str, ...] = ()  # the distinct global load instructions, e.g. "ld.global.v4.b32"
+    regs: int | None = None  # NVIDIA, from ptxas -v (None where no log was produced)
+    spill_bytes: int | None = None  # NVIDIA: spill stores + spill loads
+    vgpr: int | None = None  # AMD, from the AMDGCN metadata
+    sgpr: int | None = None
+    agpr: int | None = None
+    vgpr_spill: int | None = None
+    sgpr_spill: int | None = None
+
+    @property
+    def spills(self) -> int:
+        """Spilled bytes (NVIDIA) or registers (AMD); 0 when unknown."""
+        return (self.spill_bytes or 0) + (self.vgpr_spill or 0) + (self.sgpr_spill or 0)
+
+
+@dataclass
+class AotFailure:
+    """A case that did not compile for a target, with the reason."""
+
+    kernel: str
+    label: str
+    target: str
+    num_warps: int
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.kernel}[{self.label}, num_warps={self.num_warps}] on {self.target}: " \
+               f"{self.error}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Specialisation: the signature Triton's JIT derives from a launch's actual arguments
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ptr:
+    """A tensor argument: its element type ("bf16", "fp16", "fp32") and whether its data
+    pointer is 16-byte aligned (fresh torch allocations are; odd-offset views may not be)."""
+
+    dtype: str
+    aligned: bool = True
+
+
+def specialise(fn_params: Sequence[str], args: dict[str, Any], flags: dict[str, Any]
+               ) -> tuple[dict[str, str], dict[str, Any], tuple[str, ...]]:
+    """(signature, constexprs, divisible) for a launch with these argument values.
+
+    Mirrors the JIT's specialisation of a launch: an int equal to 1 becomes the constexpr 1;
+    other ints are "i32" (or "i64" outside int32) and divisible when a multiple of 16 (0
+    included); floats are "fp32"; a pointer is divisible when 16-byte aligned. ``flags`` are
+    the ``tl.constexpr`` parameters. Every parameter must be given exactly once.
+    """
+    missing = set(fn_params) - set(args) - set(flags)
+    extra = (set(args) | set(flags)) - set(fn_params)
+    if missing or extra:
+        raise ValueError(f"specialise: missing {sorted(missing)}, unknown {sorted(extra)}")
+    signature: dict[str, str] = {}
+    constexprs: dict[str, Any] = {}
+    divisible: list[str] = []
+    for name in fn_params:
+        if name in flags:
+            signature[name], constexprs[name] = "constexpr", flags[name]
+            continue
+        value = args[name]
+        if isinstance(value, Ptr):
+            signature[name] = "*" + value.dtype
+            if value.aligned:
+                divisible.append(name)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"specialise: {name}={value!r}: expected a Ptr, an int or a float")
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                divisible.append(name)
+    return signature, constexprs, tuple(divisible)
+
+
+def kernel_params(fn: Any) -> list[str]:
+    """The parameter names of a @triton.jit kernel, interpreted or not."""
+    names = getattr(fn, "arg_names", None)
+    return list(names) if names else list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+
+
+def promote(a: str, b: str) -> str:
+    """torch.promote_types for the kernels' float types: fp16 with bf16 gives fp32."""
+    return a if a == b else "fp32"
+
+
+def dedupe(items: Iterable[AotCase]) -> list[AotCase]:
+    """Drops cases that compile to the same binary as an earlier one (first label kept)."""
+    seen: set[tuple] = set()
+    out = []
+    for case in items:
+        key = (case.kernel, tuple(case.signature.items()), tuple(sorted(case.constexprs.items())),
+               case.num_warps, case.num_stages, case.divisible)
+        if key not in seen:
+            seen.add(key)
+            out.append(case)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one generator per kernel module
+# ---------------------------------------------------------------------------------------------
+
+
+def distinct_launch_configs(launch_config: Callable[[int], dict], max_n: int
+                            ) -> dict[tuple, list[int]]:
+    """Each distinct ``launch_config(n)`` for n in 1..max_n, with the sizes tried that give it.
+
+    Launch configurations change only where ``triton.next_power_of_2`` does, so powers of two
+    and their neighbours find every one; the test sweeps every n to prove it.
+    """
+    sizes = {1, max_n}
+    k = 1
+    while k <= max_n:
+        sizes.update(n for n in (k - 1, k, k + 1) if 1 <= n <= max_n)
+        k *= 2
+    configs: dict[tuple, list[int]] = {}
+    for n in sorted(sizes):
+        configs.setdefault(config_key(launch_config(n)), []).append(n)
+    return configs
+
+
+def config_key(cfg: dict) -> tuple:
+    return tuple(sorted(cfg.items()))
+
+
+def _rms_norm_cases() -> list[AotCase]:
+    from eurocore.kernels import rms_norm as m
+
+    fwd, bwd = m._rms_norm_fwd_kernel, m._rms_norm_bwd_kernel
+    fwd_params, bwd_params = kernel_params(fwd), kernel_params(bwd)
+    eps = 1e-6
+
+    def fwd_case(n, x, r=None, w=None, zc=False, x_aligned=True, note=""):
+        """The forward as rms_norm_fwd launches it: contiguous rows of n, h/y in h's dtype;
+        an absent residual/weight/h is passed as x/x/y with stride 0."""
+        cfg = m.launch_config(n)
+        h = x if r is None else promote(x, r)
+        args = dict(
+            X=Ptr(x, x_aligned), R=Ptr(r or x, x_aligned if r is None else True),
+            W=Ptr(w or x, x_aligned if w is None else True), Y=Ptr(h), H=Ptr(h), RSTD=Ptr("fp32"),
+            stride_x=n, stride_r=n if r else 0, stride_y=n, stride_h=n if r else 0,
+            n_cols=n, eps=eps)
+        flags = dict(HAS_RESIDUAL=r is not None, HAS_WEIGHT=w is not None, ZERO_CENTERED=zc,
+                     BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"])
+        sig, const, div = specialise(fwd_params, args, flags)
+        label = _label(n, x, r, w, zc, note)
+        return AotCase("_rms_norm_fwd_kernel", fwd, sig, const, cfg["num_warps"], None, div,
+                       label)
+
+    def bwd_case(n, x, r=None, w=None, zc=False, n_rows=8192, programs=528, note=""):
+        """The backward as the op calls rms_norm_bwd: dy/dh_in/h in h's dtype (h is x without
+        a residual), dx in x's dtype, dr only for a residual of another dtype than x; absent
+        tensors are passed as dy/h/dx with stride 0. programs: 4 per SM (528 on an H100)."""
+        cfg = m.launch_config(n)
+        h = x if r is None else promote(x, r)
+        has_dr = r is not None and r != x
+        args = dict(
+            DY=Ptr(h), DH_IN=Ptr(h), H=Ptr(h), W=Ptr(w or h), RSTD=Ptr("fp32"), DX=Ptr(x),
+            DR=Ptr(r if has_dr else x), DW_PARTIAL=Ptr("fp32"),
+            stride_dy=n, stride_dh_in=n if r else 0, stride_h=n, stride_dx=n,
+            stride_dr=n if has_dr else 0,
+            n_rows=n_rows, n_cols=n, rows_per_program=triton.cdiv(n_rows, programs))
+        flags = dict(HAS_DH_IN=r is not None, HAS_DR=has_dr, HAS_WEIGHT=w is not None,
+                     ZERO_CENTERED=zc, BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"])
+        sig, const, div = specialise(bwd_params, args, flags)
+        label = _label(n, x, r, w, zc, note)
+        return AotCase("_rms_norm_bwd_kernel", bwd, sig, const, cfg["num_warps"], None, div,
+                       label)
+
+    out: list[AotCase] = []
+    # 1. Every launch configuration (block, loop flag, warps) the launchers can pick for a
+    #    hidden size up to 128K, in bf16 with the Llama pre-norm flags (residual, weight), in
+    #    both specialisations real shapes get: n (so the row strides) a multiple of 16, as for
+    #    4096, and not, as for 4097. Fresh tensors are 16-byte aligned in both.
+    for sizes in distinct_launch_configs(m.launch_config, 131072).values():
+        for n in (max((s for s in sizes if s % 16 == 0), default=None),
+                  max((s for s in sizes if s % 16 and s > 1), default=None)):
+            if n is not None:
+                out.append(fwd_case(n, "bf16", r="bf16", w="bf16"))
+                out.append(bwd_case(n, "bf16", r="bf16", w="bf16"))
+    # 2. Every combination of the flags, in each dtype, at one size per code path: 4096 (one
+    #    block) for all three dtypes, 32768 (looping over blocks) in bf16.
+    weights = [(None, False), ("w", False), ("w", True)]  # zero-centred needs a weight
+    for n, dtypes in ((4096, ("fp32", "fp16", "bf16")), (32768, ("bf16",))):
+        for dt in dtypes:
+            for residual in (None, dt):
+                for w, zc in weights:
+                    out.append(fwd_case(n, dt, r=residual, w=w and dt, zc=zc))
+                    out.append(bwd_case(n, dt, r=residual, w=w and dt, zc=zc))
+    # 3. Mixed dtypes the op allows: fp32 weights with bf16 activations; a residual stream of
+    #    another dtype (h, y promoted; dr written separately: HAS_DR); fp16 with bf16 → fp32.
+    for x, r, w in (("bf16", None, "fp32"), ("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16"),
+                    ("fp16", "bf16", "fp32")):
+        for n in (4096, 32768):
+            out.append(fwd_case(n, x, r=r, w=w))
+            out.append(bwd_case(n, x, r=r, w=w))
+    out.append(bwd_case(4096, "bf16", r="fp32", w="bf16", zc=True))
+    # 4. Specialisations of small or odd launches: a hidden size of 1 (n_cols and the strides
+    #    become the constexpr 1), one row per backward program (rows_per_program = 1: up to
+    #    4 rows per SM), a single row, and an x viewed at an odd offset (pointer not aligned).
+    out.append(fwd_case(1, "bf16", r="bf16", w="bf16"))
+    out.append(bwd_case(1, "bf16", r="bf16", w="bf16"))
+    out.append(bwd_case(4096, "bf16", r="bf16", w="bf16", n_rows=300, note="300 rows"))
+    out.append(bwd_case(4097, "bf16", w="bf16", n_rows=1, programs=1, note="1 row"))
+    out.append(fwd_case(4097, "bf16", w="bf16", x_aligned=False, note="x misaligned"))
+    return dedupe(out)
+
+
+def _label(n, x, r, w, zc, note) -> str:
+    parts = [f"n={n}", f"x:{x}"]
+    if r:
+        parts.append(f"r:{r}")
+    if w:
+        parts.append(f"w:{w}" + ("+1" if zc else ""))
+    if note:
+        parts.append(note)
+    return " ".join(parts)
+
+
+# kernel family → case generator; a new kernel module adds one line here.
+GENERATORS: dict[str, Callable[[], list[AotCase]]] = {
+    "rms_norm": _rms_norm_cases,
+}
+
+
+def cases(kernel: str | None = None) -> list[AotCase]:
+    """Every configuration to compile ahead of time, or those of one kernel family."""
+    if kernel is not None and kernel not in GENERATORS:
+        raise KeyError(f"no AOT cases for {kernel!r}; known: {', '.join(GENERATORS)}")
+    names = [kernel] if kernel else list(GENERATORS)
+    return [case for name in names for case in GENERATORS[name]()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation
+# ---------------------------------------------------------------------------------------------
+
+
+def target_name(target: GPUTarget) -> str:
+    for name, known in TARGETS.items():
+        if known == target:
+            return name
+    return f"sm_{target.arch}" if target.backend == "cuda" else str(target.arch)
+
+
+def has_backend(target: GPUTarget) -> bool:
+    """Whether this Triton can compile for the target: PyPI wheels carry the NVIDIA and AMD
+    backends; a vendor build (pytorch-triton-rocm) may carry only its own."""
+    from triton.backends import backends
+
+    return any(b.compiler.supports_target(target) for b in backends.values())
+
+
+def check_launch(case: AotCase, target: GPUTarget) -> None:
+    """Raises LaunchSizeError when a program of this case has more threads than the target's
+    hardware limit: 16 warps fill it with AMD's 64-wide wavefronts, 32 with NVIDIA's warps."""
+    threads = case.num_warps * target.warp_size
+    if threads > MAX_THREADS_PER_BLOCK:
+        raise LaunchSizeError(
+            f"{case.kernel} [{case.label}] with num_warps={case.num_warps} launches "
+            f"{case.num_warps} x {target.warp_size} = {threads} threads per program on "
+            f"{target_name(target)}, over the hardware limit of {MAX_THREADS_PER_BLOCK} "
+            f"(at most {MAX_THREADS_PER_BLOCK // target.warp_size} warps there); "
+            f"constexprs {case.constexprs}")
+
+
+def compile_case(case: AotCase, target: GPUTarget) -> AotReport:
+    """Compiles one case for one target; raises LaunchSizeError or AotCompileError.
+
+    A kernel defined under the interpreter is compiled in a fresh worker process (see the
+    module docstring); a LaunchSizeError is raised here either way, before any compilation.
+    """
+    check_launch(case, target)
+    if isinstance(case.fn, JITFunction):
+        try:
+            return _compile(case, target)
+        except Exception as e:  # Triton raises many types; name the case and the target
+            raise AotCompileError(f"{case} on {target_name(target)}: {_describe(e)}") from e
+    (result,) = compile_all([case], [target], jobs=1)
+    if isinstance(result, AotFailure):
+        raise AotCompileError(str(result))
+    return result
+
+
+def compile_all(items: Sequence[AotCase], targets: Sequence[GPUTarget], jobs: int = 1
+                ) -> list[AotReport | AotFailure]:
+    """Compiles every case for every target (case-major order), never raising for one case.
+
+    ``jobs`` > 1 compiles in that many worker processes. Interpreted kernels always go to
+    worker processes, started without TRITON_INTERPRET.
+    """
+    work = [(case, target) for case in items for target in targets]
+    interpreted = any(not isinstance(case.fn, JITFunction) for case in items)
+    if not work:
+        return []
+    if jobs <= 1 and not interpreted:
+        return [_try_compile(case, target) for case, target in work]
+    workers = max(1, min(jobs, len(work)))
+    ctx = multiprocessing.get_context("spawn")  # fork would inherit interpreted kernels
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool, \
+            _env(TRITON_INTERPRET=None):  # the workers start (on submit) with a clean env
+        futures = [pool.submit(_try_compile, case, target) for case, target in work]
+        return [f.result() for f in futures]
+
+
+def _init_worker() -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # belt and braces: _env removed it already
+    # Triton 3.9 warns once per process about a default changing in 3.10 (pyproject.toml
+    # filters it under pytest); once per worker is noise.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
+
+
+def _try_compile(case: AotCase, target: GPUTarget) -> AotReport | AotFailure:
+    name = target_name(target)
+    try:
+        check_launch(case, target)
+        if not isinstance(case.fn, JITFunction):
+            raise AotCompileError(
+                f"{case.kernel} is a {type(case.fn).__name__}, not a JITFunction: its module "
+                f"was imported under TRITON_INTERPRET=1 in this process")
+        return _compile(case, target)
+    except Exception as e:
+        return AotFailure(case.kernel, case.label, name, case.num_warps, _describe(e))
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) < 4000 else text[:4000] + " ..."
+
+
+def _compile(case: AotCase, target: GPUTarget) -> AotReport:
+    names = kernel_params(case.fn)
+    if list(case.signature) != names:
+        raise ValueError(f"{case.kernel}: signature names {list(case.signature)} differ from "
+                         f"the kernel's parameters {names}")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.divisible}
+    src = ASTSource(case.fn, dict(case.signature), dict(case.constexprs), attrs=attrs)
+    options: dict[str, Any] = {"num_warps": case.num_warps}
+    if case.num_stages is not None:
+        options["num_stages"] = case.num_stages
+    log = io.StringIO()
+    if target.backend == "cuda":
+        # Triton prints ptxas -v (registers, spills) to stdout with TRITON_DUMP_PTXAS_LOG; a
+        # cache hit would skip ptxas, so this compile bypasses the cache.
+        with _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1"), \
+                contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=options)
+    else:
+        compiled = triton.compile(src, target=target, options=options)
+    report = AotReport(case.kernel, case.label, target_name(target), case.num_warps,
+                       shared=int(compiled.metadata.shared), widest_load=0)
+    if "ptx" in compiled.asm:
+        report.loads, report.widest_load = ptx_global_loads(compiled.asm["ptx"])
+        report.regs, report.spill_bytes = parse_ptxas_log(log.getvalue())
+    if "amdgcn" in compiled.asm:
+        amdgcn = compiled.asm["amdgcn"]
+        report.loads, report.widest_load = amdgcn_global_loads(amdgcn)
+        meta = amdgcn_metadata(amdgcn)
+        report.vgpr, report.sgpr, report.agpr = (meta.get(k) for k in
+                                                 ("vgpr_count", "sgpr_count", "agpr_count"))
+        report.vgpr_spill = meta.get("vgpr_spill_count")
+        report.sgpr_spill = meta.get("sgpr_spill_count")
+    check_resources(case, report, target)
+    return report
+
+
+def check_resources(case: AotCase, report: AotReport, target: GPUTarget) -> None:
+    """Raises LaunchResourceError when the compiled program would not load on the target: more
+    shared memory than a block may have, or (NVIDIA) more registers than the register file
+    holds for the block: what Triton reports as OutOfResources at the first launch."""
+    name = target_name(target)
+    limit = MAX_SHARED.get(name)
+    if limit is not None and report.shared > limit:
+        raise LaunchResourceError(
+            f"{case.kernel} [{case.label}] with num_warps={case.num_warps} needs "
+            f"{report.shared} bytes of shared memory per program on {name}, over its "
+            f"{limit}; constexprs {case.constexprs}")
+    if report.regs is not None:
+        per_warp = -(-report.regs * target.warp_size // 256) * 256
+        if per_warp * case.num_warps > NVIDIA_REGISTER_FILE:
+            raise LaunchResourceError(
+                f"{case.kernel} [{case.label}]: {report.regs} registers x "
+                f"{case.num_warps * target.warp_size} threads exceed the {NVIDIA_REGISTER_FILE}"
+                f" registers of an SM on {name}; constexprs {case.constexprs}")
+
+
+@contextlib.contextmanager
+def _env(**values: str | None) -> Iterator[None]:
+    """Sets (or, for None, removes) environment variables for the duration."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the compiler's output
+# ---------------------------------------------------------------------------------------------
+
+_PTX_LOAD = re.compile(r"\bld\.global((?:\.[A-Za-z0-9_:]+)*)")
+_AMD_LOAD = re.compile(r"\b(?:global|buffer)_load_(dwordx[234]|dword|b128|b96|b64|b32|"
+                       r"[us]?short(?:_d16(?:_hi)?)?|[us]?byte(?:_d16(?:_hi)?)?|[ui](?:8|16))\b")
+_AMD_BYTES = {"dwordx4": 16, "b128": 16, "dwordx3": 12, "b96": 12, "dwordx2": 8, "b64": 8,
+              "dword": 4, "b32": 4}
+
+
+def ptx_global_loads(ptx: str) -> tuple[tuple[str, ...], int]:
+    """The distinct global loads in PTX and the widest in bytes (``ld.global.v4.b32``: 16)."""
+    kinds = sorted({"ld.global" + m.group(1) for m in _PTX_LOAD.finditer(ptx)})
+    widest = 0
+    for kind in kinds:
+        parts = kind.split(".")
+        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bsuf]\d+", p)), 0)
+        widest = max(widest, vec * bits // 8)
+    return tuple(kinds), widest
+
+
+def amdgcn_global_loads(amdgcn: str) -> tuple[tuple[str, ...], int]:
+    """The distinct global/buffer loads in AMDGCN and the widest in bytes (dwordx4: 16)."""
+    kinds = sorted({m.group(0) for m in _AMD_LOAD.finditer(amdgcn)})
+    widest = 0
+    for kind in kinds:
+        suffix = kind.split("_load_", 1)[1]
+        size = _AMD_BYTES.get(suffix)
+        if size is None:
+            size = 2 if "short" in suffix or suffix.endswith("16") else 1
+        widest = max(widest, size)
+    return tuple(kinds), widest
+
+
+def amdgcn_metadata(amdgcn: str) -> dict[str, int]:
+    """Register and spill counts from the AMDGCN kernel metadata (``.vgpr_count: 23`` ...)."""
+    return {k: int(v) for k, v in re.findall(
+        r"\.(vgpr_count|sgpr_count|agpr_count|vgpr_spill_count|sgpr_spill_count):\s+(\d+)",
+        amdgcn)}
+
+
+def parse_ptxas_log(log: str) -> tuple[int | None, int | None]:
+    """(registers, spill store + load bytes) from ``ptxas -v`` output; None where absent."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)) if regs else None,
+            int(spills.group(1)) + int(spills.group(2)) if spills else None)
