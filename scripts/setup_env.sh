@@ -20,4 +20,4 @@ if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
 "$py" -m pip install --quiet -e ".[dev]"
-"$py" -c "import eurocore.ops as o; [print(f'  {k:7s}', 'yes' if s.available else 'no ', s.reason) for k, s in o.available_backends().items()]"
+"$VENV/bin/eurocore" backends

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA or ROCm machine, build eurocore (with its C++ extension for this
+# GPU), run the whole test suite with compiled Triton kernels (no interpreter), then the
+# kernel benchmark. Logs and JSON land in OUTDIR. Needs no network: it installs with
+# --no-build-isolation --no-deps into the current Python, which must already have torch,
+# triton, pytest, scikit-build-core, pybind11, cmake and ninja.
+#
+#   benchmarks/gpu_check.sh OUTDIR            (about 10 minutes on one GPU at most)
+#   PYTHON=python3 BENCH_ARGS="--ops rms_norm" PYTEST_ARGS="-x" benchmarks/gpu_check.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+unset TRITON_INTERPRET
+status=0
+
+{
+  date -u +%FT%TZ
+  git rev-parse HEAD 2>/dev/null || true
+  nvidia-smi 2>/dev/null || rocm-smi 2>/dev/null || echo "no nvidia-smi / rocm-smi"
+  "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'hip', torch.version.hip); print('triton', triton.__version__); print(torch.cuda.get_device_name())"
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+# Build for the GPU in this machine only: faster, and what runs here is what gets tested.
+archs=()
+if "$py" -c "import torch, sys; sys.exit(0 if torch.version.hip else 1)"; then
+  arch=$("$py" -c "import torch; print(torch.cuda.get_device_properties(0).gcnArchName.split(':')[0])")
+  archs=(-C "cmake.define.CMAKE_HIP_ARCHITECTURES=$arch")
+else
+  arch=$("$py" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))")
+  archs=(-C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch")
+fi
+echo "== install (extension for $arch)"
+if ! "$py" -m pip install --no-build-isolation --no-deps -e . "${archs[@]}" >"$out/install.log" 2>&1; then
+  echo "install failed; see $out/install.log"; tail -30 "$out/install.log"; exit 1
+fi
+"$py" -m eurocore backends | tee -a "$out/environment.txt"
+
+echo "== tests (compiled Triton, no interpreter)"
+timeout 420 "$py" -m pytest -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
+  ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
+
+echo "== kernel benchmark"
+timeout 240 "$py" -m eurocore.benchmarks --out "$out" ${BENCH_ARGS:-} 2>&1 \
+  | tee "$out/bench.log" | tail -60 || status=1
+
+echo "== results in $out"
+ls -l "$out"
+exit $status
