@@ -3,6 +3,8 @@
     from eurocore.ops import rms_norm
     y = rms_norm(x, weight, eps=1e-5)                   # backend chosen per call
     y, h = rms_norm(x, weight, residual=h, eps=1e-5)    # fused residual add
+    cos, sin = rope_cos_sin(4096, 128, theta=500000.0)
+    q, k = apply_rotary(q, k, cos, sin)                 # q and k (GQA) in one launch
 """
 
 from eurocore.ops.backends import (
@@ -12,12 +14,16 @@ from eurocore.ops.backends import (
     available_backends,
 )
 from eurocore.ops.normalization import rms_norm, rms_norm_reference
+from eurocore.ops.rotary import apply_rotary, apply_rotary_reference, rope_cos_sin
 
 __all__ = [
     "BACKENDS",
     "BackendStatus",
     "BackendUnavailableError",
+    "apply_rotary",
+    "apply_rotary_reference",
     "available_backends",
     "rms_norm",
     "rms_norm_reference",
+    "rope_cos_sin",
 ]

@@ -1,0 +1,553 @@
+"""Rotary position embeddings: the cos/sin table and the rotation of q and k together.
+
+``apply_rotary_reference`` is the specification (the ``torch`` backend). The kernel
+backends run through the ``torch.library`` custom ops ``eurocore::rotary`` (out of place,
+also the backward) and ``eurocore::rotary_`` (in place), under one ``autograd.Function``
+that marks in-place outputs dirty, so ``torch.compile(fullgraph=True)`` traces both.
+
+Rotation of a pair (x1, x2) at position p and frequency i, with c = cos[p, i], s = sin[p, i]:
+
+    rotate-half (NeoX, HF, Llama):  x1 = x[i],      x2 = x[i + rotary_dim/2]
+    interleaved (GPT-J):            x1 = x[2i],     x2 = x[2i + 1]
+    y1 = x1·c − x2·s,   y2 = x2·c + x1·s;   dims from rotary_dim on pass through unchanged.
+
+The backward is the same rotation with s negated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from eurocore.ops.backends import resolve_backend
+
+IMPLEMENTED = ("torch", "triton")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LAYOUTS = ("bshd", "sbhd", "thd")
+# The kernel keeps half a head's rotary dims per token in registers; far beyond any model.
+MAX_KERNEL_HEAD_DIM = 1024
+
+# rope_type -> the fields it needs, as in HF transformers' rope_parameters.
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+# Keys every rope_parameters dict may carry: the type (HF's legacy name for it is "type"),
+# theta, and partial_rotary_factor, which rotary_dim already accounts for.
+_COMMON_SCALING_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def rope_cos_sin(
+    seqlen: int,
+    rotary_dim: int,
+    *,
+    theta: float = 10000.0,
+    scaling: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin tables for positions ``0 .. seqlen - 1``.
+
+    ``inv_freq[i] = theta ** (-2i / rotary_dim)``, rescaled by ``scaling``, and
+    ``angle[p, i] = p · inv_freq[i]``: HF transformers' formulas, evaluated in float64 and
+    rounded once to fp32 (HF evaluates in fp32, which at position 65536 is off by up to
+    ~4e-3 radians).
+
+    Args:
+        seqlen: number of positions, >= 0.
+        rotary_dim: number of dims rotated per head; even, > 0.
+        theta: the RoPE base (``rope_theta``).
+        scaling: a dict as HF's ``rope_parameters`` / ``rope_scaling``: ``rope_type`` (or
+            ``type``) one of ``default``, ``linear`` (``factor``) or ``llama3`` (``factor``,
+            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+            A ``rope_theta`` key overrides ``theta``; ``partial_rotary_factor`` is ignored
+            (``rotary_dim`` says how many dims rotate).
+        device: where the tables are made.
+
+    Returns:
+        ``(cos, sin)``, each float32 of shape (seqlen, rotary_dim // 2).
+    """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 0:
+        raise ValueError(f"seqlen: expected an int >= 0, got {seqlen!r}")
+    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
+        raise TypeError(f"rotary_dim: expected an int, got {type(rotary_dim).__name__}")
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim: rotates pairs of dims, so it must be even and > 0, "
+                         f"got {rotary_dim}")
+    inv_freq = _inv_freq(rotary_dim, theta, scaling)
+    positions = torch.arange(seqlen, dtype=torch.float64, device=device)
+    angles = torch.outer(positions, inv_freq.to(positions.device))
+    return angles.cos().float(), angles.sin().float()
+
+
+def _inv_freq(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
+    """The (rotary_dim // 2,) float64 inverse frequencies of HF's rope types."""
+    params = _scaling_params(scaling)
+    theta = params.pop("rope_theta", theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise TypeError(f"theta: expected a number, got {type(theta).__name__}")
+    if not (math.isfinite(theta) and theta > 1):
+        raise ValueError(f"theta: expected a finite number > 1, got {theta}")
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    inv_freq = 1.0 / (float(theta) ** exponents)
+    rope_type = params.pop("rope_type")
+    if rope_type == "linear":
+        inv_freq = inv_freq / params["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp
+        # between the two cut-offs set by the original context length.
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        context = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (context / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > context / low, inv_freq / factor,
+                               torch.where(wavelen < context / high, inv_freq, ramp))
+    return inv_freq
+
+
+def _scaling_params(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validates a rope_parameters dict; returns its rope_type, fields and any rope_theta."""
+    if scaling is None:
+        return {"rope_type": "default"}
+    if not isinstance(scaling, Mapping):
+        raise TypeError(f"scaling: expected a dict like HF's rope_parameters, "
+                        f"got {type(scaling).__name__}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"scaling: rope_type {rope_type!r} is not supported; "
+                         f"expected one of {', '.join(ROPE_TYPES)}")
+    needed = ROPE_TYPES[rope_type]
+    missing = [key for key in needed if key not in scaling]
+    if missing:
+        raise ValueError(f"scaling: rope_type {rope_type!r} needs {', '.join(missing)}")
+    unknown = sorted(set(scaling) - set(needed) - set(_COMMON_SCALING_KEYS))
+    if unknown:
+        raise ValueError(f"scaling: {', '.join(map(repr, unknown))} not used by rope_type "
+                         f"{rope_type!r}, which takes {', '.join(needed) or 'no fields'}")
+    params: dict[str, Any] = {"rope_type": rope_type}
+    for key in needed:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value > 0):
+            raise ValueError(f"scaling: {key} must be a finite number > 0, got {value!r}")
+        params[key] = float(value)
+    if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+        raise ValueError(f"scaling: high_freq_factor ({params['high_freq_factor']}) must "
+                         f"exceed low_freq_factor ({params['low_freq_factor']})")
+    if "rope_theta" in scaling:
+        params["rope_theta"] = scaling["rope_theta"]
+    return params
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+    interleaved: bool = False,
+    layout: str = "bshd",
+    inplace: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotates q and k (GQA: their head counts may differ) in one launch.
+
+    The first ``rotary_dim = 2 * cos.shape[1]`` dims of each head rotate, the rest pass
+    through. Token (b, s) takes row ``position_ids[b, s]`` of cos/sin, else row
+    ``s + seqlen_offsets[b]``; in ``thd`` with ``cu_seqlens``, b is the packed sequence and
+    s restarts at 0 in each. No gradient flows to cos and sin.
+
+    Args:
+        q: ``bshd`` (batch, seq, heads, head_dim), ``sbhd`` (seq, batch, heads, head_dim) or
+            ``thd`` (total_tokens, heads, head_dim); float16, bfloat16 or float32 (float64
+            on the torch backend); any strides. HF's (batch, heads, seq, head_dim) is
+            ``q.transpose(1, 2)`` in ``bshd``.
+        k: like q with its own head count, same dtype and other dims; or None.
+        cos, sin: (positions, rotary_dim // 2) floating point, as from :func:`rope_cos_sin`.
+        position_ids: integer (batch or 1, seq); in ``thd`` (total_tokens,). Not together
+            with cu_seqlens or nonzero seqlen_offsets.
+        cu_seqlens: ``thd`` only: int32/int64 (sequences + 1,), 0 first, non-decreasing,
+            total_tokens last.
+        seqlen_offsets: an int >= 0, or an integer tensor (batch,) (in ``thd``: one per
+            sequence) added to every position of that sequence.
+        interleaved: GPT-J pairs (2i, 2i + 1) instead of rotate-half pairs (i, i + r/2).
+        layout: "bshd", "sbhd" or "thd".
+        inplace: write the result into q and k (which must not be leaves requiring grad);
+            autograd stays correct.
+        backend: "torch", "triton", "auto" or None (see ``eurocore.ops.backends``).
+
+    Returns:
+        ``(q_rotated, k_rotated)``: new tensors, or q and k themselves when ``inplace``;
+        ``k_rotated`` is None when k is None.
+
+    Positions are checked against the table size, and cu_seqlens for consistency, in eager
+    mode; those checks read device tensors (one synchronisation) only when position_ids,
+    cu_seqlens or tensor offsets are given, and are skipped while tracing or capturing a
+    CUDA graph. A kernel given positions outside the table writes NaN there.
+    """
+    _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
+                inplace)
+    name = resolve_backend("apply_rotary", q.device, backend, IMPLEMENTED)
+    if not (torch.compiler.is_compiling() or _capturing_cuda_graph()):
+        _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout)
+    if name == "torch":
+        out_q, out_k = apply_rotary_reference(
+            q, k, cos, sin, position_ids=position_ids, cu_seqlens=cu_seqlens,
+            seqlen_offsets=seqlen_offsets, interleaved=interleaved, layout=layout)
+        if not inplace:
+            return out_q, out_k
+        q.copy_(out_q)
+        if k is not None:
+            k.copy_(out_k)
+        return q, k
+    for arg, tensor in (("q", q), ("k", k)):
+        if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{arg}: the {name} backend takes float16, bfloat16 or float32, "
+                            f"got {tensor.dtype}")
+    if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"q: the {name} backend takes head_dim up to {MAX_KERNEL_HEAD_DIM}, "
+                         f"got {q.shape[-1]}")
+    offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
+    offset = 0 if offsets is not None else int(seqlen_offsets)
+    return _ApplyRotary.apply(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                              interleaved, inplace, name)
+
+
+def apply_rotary_reference(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+    interleaved: bool = False,
+    layout: str = "bshd",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The specification of :func:`apply_rotary` in plain PyTorch (its ``torch`` backend).
+
+    Rotates in fp32 (float64 for float64 inputs, which makes it the tests' float64 oracle)
+    and rounds once to the input dtype. Out of place; gradients are autograd's.
+    """
+    positions = token_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        half = cos.shape[-1]
+        c = cos.to(compute_dtype)[positions].unsqueeze(-2)  # (tokens..., 1, half)
+        s = sin.to(compute_dtype)[positions].unsqueeze(-2)
+        pairs = x[..., : 2 * half].to(compute_dtype)
+        if interleaved:
+            x1, x2 = pairs[..., 0::2], pairs[..., 1::2]
+        else:
+            x1, x2 = pairs[..., :half], pairs[..., half:]
+        y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
+        rotated = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+        return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), -1)
+
+    return rotate(q), rotate(k) if k is not None else None
+
+
+def token_positions(
+    q: torch.Tensor,
+    layout: str,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """The row of cos/sin each token takes, int64 of q's token shape: (batch, seq) in
+    ``bshd``, (seq, batch) in ``sbhd``, (total_tokens,) in ``thd``."""
+    device = q.device
+    if layout == "thd":
+        total = q.shape[0]
+        if position_ids is not None:
+            return position_ids.reshape(total).long()
+        tokens = torch.arange(total, device=device)
+        if cu_seqlens is None:
+            return tokens + _as_offsets(seqlen_offsets, device)
+        cu = cu_seqlens.long()
+        sequence = torch.searchsorted(cu[1:], tokens, right=True)
+        return tokens - cu[sequence] + _as_offsets(seqlen_offsets, device, sequence)
+    batch, seq = (q.shape[0], q.shape[1]) if layout == "bshd" else (q.shape[1], q.shape[0])
+    if position_ids is not None:
+        positions = position_ids.long().expand(batch, seq)
+    else:
+        offsets = _as_offsets(seqlen_offsets, device)
+        offsets = offsets.reshape(-1, 1) if offsets.dim() else offsets
+        positions = torch.arange(seq, device=device) + offsets  # (batch, seq) or (seq,)
+        positions = positions.expand(batch, seq)
+    return positions if layout == "bshd" else positions.t()
+
+
+def _as_offsets(seqlen_offsets: int | torch.Tensor, device: torch.device,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+    if not isinstance(seqlen_offsets, torch.Tensor):
+        return torch.tensor(int(seqlen_offsets), device=device)
+    offsets = seqlen_offsets.long()
+    return offsets[index] if index is not None else offsets
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
+                inplace) -> None:
+    """Raises ValueError/TypeError naming the first bad argument; reads no device data."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    dims = {"bshd": "(batch, seq, heads, head_dim)", "sbhd": "(seq, batch, heads, head_dim)",
+            "thd": "(total_tokens, heads, head_dim)"}[layout]
+    ndim = 3 if layout == "thd" else 4
+    for arg, tensor in (("q", q), ("k", k)):
+        if tensor is None and arg == "k":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{arg}: expected a floating-point tensor, got {tensor.dtype}")
+        if tensor.dim() != ndim:
+            raise ValueError(f"{arg}: layout {layout!r} expects {dims}, got shape "
+                             f"{tuple(tensor.shape)}")
+    if k is not None:
+        if k.dtype != q.dtype:
+            raise TypeError(f"k: dtype {k.dtype} differs from q's {q.dtype}")
+        if k.device != q.device:
+            raise ValueError(f"k: is on {k.device} but q is on {q.device}")
+        if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+            raise ValueError(f"k: shape {tuple(k.shape)} must match q {tuple(q.shape)} in "
+                             f"every dim but heads ({layout!r}: {dims})")
+    head_dim = q.shape[-1]
+    for arg, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(table).__name__}")
+        if not table.is_floating_point():
+            raise TypeError(f"{arg}: expected a floating-point tensor, got {table.dtype}")
+        if table.dim() != 2 or table.shape[1] == 0:
+            raise ValueError(f"{arg}: expected (positions, rotary_dim // 2), got shape "
+                             f"{tuple(table.shape)}")
+        if table.device != q.device:
+            raise ValueError(f"{arg}: is on {table.device} but q is on {q.device}")
+        if table.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{arg}: requires grad, but no gradient flows to the table; "
+                             f"pass {arg}.detach()")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin: shape {tuple(sin.shape)} differs from cos {tuple(cos.shape)}")
+    if 2 * cos.shape[1] > head_dim:
+        raise ValueError(f"cos: rotates 2 * {cos.shape[1]} = {2 * cos.shape[1]} dims, more "
+                         f"than head_dim {head_dim}")
+    for arg, flag in (("interleaved", interleaved), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
+
+    batch = {"bshd": q.shape[0], "sbhd": q.shape[1], "thd": None}[layout]
+    seq = {"bshd": q.shape[1], "sbhd": q.shape[0], "thd": q.shape[0]}[layout]
+    if cu_seqlens is not None:
+        if layout != "thd":
+            raise ValueError(f"cu_seqlens: only the 'thd' layout takes cu_seqlens, got layout "
+                             f"{layout!r}")
+        _check_index_tensor("cu_seqlens", cu_seqlens, q.device)
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens: expected (sequences + 1,) with at least 2 entries, "
+                             f"got shape {tuple(cu_seqlens.shape)}")
+        batch = cu_seqlens.shape[0] - 1
+    if position_ids is not None:
+        _check_index_tensor("position_ids", position_ids, q.device)
+        if cu_seqlens is not None:
+            raise ValueError("position_ids: give position_ids or cu_seqlens, not both")
+        if not (isinstance(seqlen_offsets, int) and seqlen_offsets == 0):
+            raise ValueError("position_ids: give position_ids or seqlen_offsets, not both")
+        shape = tuple(position_ids.shape)
+        if layout == "thd":
+            ok = shape in ((seq,), (1, seq))
+            expected = f"({seq},)"
+        else:
+            ok = len(shape) == 2 and shape[0] in (1, batch) and shape[1] == seq
+            expected = f"({batch} or 1, {seq})"
+        if not ok:
+            raise ValueError(f"position_ids: expected {expected} for q of shape "
+                             f"{tuple(q.shape)} in layout {layout!r}, got {shape}")
+    if isinstance(seqlen_offsets, torch.Tensor):
+        _check_index_tensor("seqlen_offsets", seqlen_offsets, q.device)
+        expected_len = batch if batch is not None else 1
+        if tuple(seqlen_offsets.shape) != (expected_len,):
+            raise ValueError(f"seqlen_offsets: expected one offset per sequence, shape "
+                             f"({expected_len},), got {tuple(seqlen_offsets.shape)}")
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
+        raise TypeError(f"seqlen_offsets: expected an int or an integer tensor, got "
+                        f"{type(seqlen_offsets).__name__}")
+    elif seqlen_offsets < 0:
+        raise ValueError(f"seqlen_offsets: expected >= 0, got {seqlen_offsets}")
+
+
+def _check_index_tensor(arg: str, tensor, device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{arg}: expected int32 or int64, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{arg}: is on {tensor.device} but q is on {device}")
+
+
+def _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout) -> None:
+    """The checks that read device data: cu_seqlens well formed, positions inside cos."""
+    n_positions = cos.shape[0]
+    if cu_seqlens is not None:
+        cu = cu_seqlens.tolist()
+        total = q.shape[0]
+        if cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"cu_seqlens: must start at 0 and end at total_tokens = {total}, "
+                             f"got {cu[0]} .. {cu[-1]}")
+        if any(b < a for a, b in itertools.pairwise(cu)):
+            raise ValueError(f"cu_seqlens: must be non-decreasing, got {cu}")
+    if math.prod(q.shape[:-2]) == 0:  # no tokens: no position is asked
+        return
+    if position_ids is None and cu_seqlens is None and isinstance(seqlen_offsets, int):
+        seq = q.shape[1] if layout == "bshd" else q.shape[0]
+        first, last = seqlen_offsets, seqlen_offsets + seq - 1  # no device data to read
+    else:
+        positions = token_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
+        first, last = torch.stack((positions.min(), positions.max())).tolist()
+    if first < 0:
+        raise ValueError(f"{'position_ids' if position_ids is not None else 'seqlen_offsets'}: "
+                         f"positions must be >= 0, got {first}")
+    if last >= n_positions:
+        raise ValueError(f"cos: has {n_positions} positions, too short for position {last} "
+                         f"asked by {_position_source(position_ids, seqlen_offsets)}")
+
+
+def _position_source(position_ids, seqlen_offsets) -> str:
+    if position_ids is not None:
+        return "position_ids"
+    if isinstance(seqlen_offsets, torch.Tensor) or seqlen_offsets:
+        return "the sequence length plus seqlen_offsets"
+    return "the sequence length"
+
+
+# -------------------------------------------------------------------------------------------
+# Kernel backends: custom ops and autograd
+# -------------------------------------------------------------------------------------------
+
+
+def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+            interleaved, conjugate, backend) -> None:
+    """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
+    stride along head_dim, position ids as (batch or 1, seq), contiguous tables."""
+    if backend != "triton":
+        raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
+    from eurocore.kernels import rotary as launchers
+
+    def as_4d(t):
+        if t is None:
+            return None
+        t = t.unsqueeze(0) if layout == "thd" else t
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    if position_ids is not None and position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    launchers.rotary(
+        as_4d(q), as_4d(k), as_4d(out_q), as_4d(out_k), cos.contiguous(), sin.contiguous(),
+        position_ids, offsets, cu_seqlens, offset,
+        batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate)
+
+
+@torch.library.custom_op("eurocore::rotary", mutates_args=())
+def _rotary(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    offset: int,
+    layout: str,
+    interleaved: bool,
+    conjugate: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out of place; returns (q_out, k_out), k_out empty when k is None (an output may not
+    be None). ``conjugate`` negates sin: the backward."""
+    out_q, out_k = _rotary_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset,
+                                layout, interleaved, conjugate, backend)
+    _launch(q, k, out_q, out_k if k is not None else None, cos, sin, position_ids, offsets,
+            cu_seqlens, offset, layout, interleaved, conjugate, backend)
+    return out_q, out_k
+
+
+@_rotary.register_fake
+def _rotary_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                 interleaved, conjugate, backend):
+    out_k = q.new_empty(k.shape) if k is not None else q.new_empty(0)
+    return q.new_empty(q.shape), out_k
+
+
+@torch.library.custom_op("eurocore::rotary_", mutates_args=("q", "k"))
+def _rotary_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    offset: int,
+    layout: str,
+    interleaved: bool,
+    conjugate: bool,
+    backend: str,
+) -> None:
+    """In place: overwrites the rotary dims of q and k, leaves the rest untouched."""
+    if q.stride(-1) == 1 and (k is None or k.stride(-1) == 1):
+        _launch(q, k, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                interleaved, conjugate, backend)
+        return
+    # The kernel needs unit stride along head_dim: rotate a copy, then write it back.
+    out_q, out_k = _rotary(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                           interleaved, conjugate, backend)
+    q.copy_(out_q)
+    if k is not None:
+        k.copy_(out_k)
+
+
+@_rotary_inplace.register_fake
+def _rotary_inplace_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                         interleaved, conjugate, backend):
+    return None
+
+
+class _ApplyRotary(torch.autograd.Function):
+    """Kernel-backend autograd: the backward rotates the output gradients by −angle."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                interleaved, inplace, backend):
+        args = (cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved)
+        if inplace:
+            torch.ops.eurocore.rotary_(q, k, *args, False, backend)
+            ctx.mark_dirty(*(t for t in (q, k) if t is not None))
+            out_q, out_k = q, k
+        else:
+            out_q, out_k = torch.ops.eurocore.rotary(q, k, *args, False, backend)
+        ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
+        ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+        ctx.has_k = k is not None
+        return out_q, out_k if k is not None else None
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
+        dq, dk = torch.ops.eurocore.rotary(
+            dq_out, dk_out if ctx.has_k else None, cos, sin, position_ids, offsets, cu_seqlens,
+            ctx.offset, ctx.layout, ctx.interleaved, True, ctx.backend)
+        return (dq, dk if ctx.has_k else None, *([None] * 10))

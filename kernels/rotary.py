@@ -1,0 +1,228 @@
+"""Rotary position embeddings for q and k in one launch, forward and backward.
+
+For each token at position p, each head of q and of k, and each frequency i < r/2 (r the
+rotary dims), with c = cos[p, i] and s = sin[p, i] read in fp32:
+
+    rotate-half:  (x1, x2) = (x[i], x[i + r/2])      interleaved:  (x1, x2) = (x[2i], x[2i+1])
+    y1 = x1·c − x2·s,    y2 = x2·c + x1·s            (backward: s → −s)
+    y[d] = x[d] for d >= r                          (copied only when out of place)
+
+The position is ``position_ids[b, s]``, or ``s + offset`` (one offset, or one per sequence).
+Packed (thd) batches find each token's sequence b by binary search over ``cu_seqlens``,
+so the grid is linear in tokens, whatever the sequence lengths.
+
+A program takes BLOCK_T tokens, loads their cos/sin once and walks a group of heads of q or
+of k. x1 and x2 are loaded as two tiles of one shape, so the thread that reads a pair is
+the one that writes it: in place is safe without a barrier.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements of one (tokens x r/2) tile: 8 pairs per thread at 4 warps.
+TILE = 1024
+MAX_BLOCK_T = 32
+# Enough programs to fill a large GPU several times over before heads are grouped.
+MIN_PROGRAMS = 1024
+NUM_WARPS = 4  # 256 threads on AMD's 64-wide wavefronts, within every limit
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, OUT_Q, OUT_K, COS, SIN, POSITION_IDS, OFFSETS, CU_SEQLENS,
+    n_tokens, n_inner,
+    stride_q_outer, stride_q_inner, stride_q_head,
+    stride_k_outer, stride_k_inner, stride_k_head,
+    stride_oq_outer, stride_oq_inner, stride_oq_head,
+    stride_ok_outer, stride_ok_inner, stride_ok_head,
+    n_q_heads, n_k_heads, q_groups, heads_per_program,
+    half, head_dim, stride_cos, n_positions,
+    offset, stride_pos_batch, stride_pos_seq, n_seqs, search_steps,
+    POSITIONS: tl.constexpr, VARLEN: tl.constexpr, BATCH_FIRST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+):
+    # Tokens are (outer, inner) pairs: (batch, seq) in bshd and thd, (seq, batch) in sbhd.
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    live = tokens < n_tokens
+    outer = tokens // n_inner
+    inner = tokens % n_inner
+    if VARLEN:
+        batch = _sequence_of(CU_SEQLENS, tokens, n_seqs, search_steps)
+        seq = tokens - tl.load(CU_SEQLENS + batch).to(tl.int64)
+    elif BATCH_FIRST:
+        batch = outer
+        seq = inner
+    else:
+        batch = inner
+        seq = outer
+    if POSITIONS == 2:  # position_ids
+        pos = tl.load(POSITION_IDS + batch * stride_pos_batch + seq * stride_pos_seq,
+                      mask=live, other=0).to(tl.int64)
+    elif POSITIONS == 1:  # one offset per sequence
+        pos = seq + tl.load(OFFSETS + batch, mask=live, other=0).to(tl.int64)
+    else:
+        pos = seq + offset
+
+    i = tl.arange(0, BLOCK_HALF)
+    pair_mask = live[:, None] & (i < half)[None, :]
+    in_table = (pos >= 0) & (pos < n_positions)
+    table = pos[:, None] * stride_cos + i[None, :]
+    cos = tl.load(COS + table, mask=pair_mask & in_table[:, None], other=0.0).to(tl.float32)
+    sin = tl.load(SIN + table, mask=pair_mask & in_table[:, None], other=0.0).to(tl.float32)
+    # A position outside the table (only when the op's checks were skipped) gives NaN.
+    cos = tl.where(in_table[:, None], cos, float("nan"))
+    if CONJUGATE:
+        sin = -sin
+    if INTERLEAVED:
+        d1 = 2 * i
+        d2 = 2 * i + 1
+    else:
+        d1 = i
+        d2 = i + half
+    tail = 2 * half + tl.arange(0, BLOCK_TAIL)
+    tail_mask = live[:, None] & (tail < head_dim)[None, :]
+
+    group = tl.program_id(1)
+    if group < q_groups:
+        _rotate_heads(Q, OUT_Q, stride_q_outer, stride_q_inner, stride_q_head,
+                      stride_oq_outer, stride_oq_inner, stride_oq_head,
+                      group.to(tl.int64) * heads_per_program, n_q_heads, heads_per_program,
+                      outer, inner, cos, sin, d1, d2, pair_mask, tail, tail_mask, COPY_TAIL)
+    else:
+        _rotate_heads(K, OUT_K, stride_k_outer, stride_k_inner, stride_k_head,
+                      stride_ok_outer, stride_ok_inner, stride_ok_head,
+                      (group - q_groups).to(tl.int64) * heads_per_program, n_k_heads,
+                      heads_per_program, outer, inner, cos, sin, d1, d2, pair_mask, tail,
+                      tail_mask, COPY_TAIL)
+
+
+@triton.jit
+def _sequence_of(CU_SEQLENS, tokens, n_seqs, search_steps):
+    """The packed sequence b of each token: cu[b] <= token < cu[b + 1], by bisection.
+    Tokens past the end land on the last sequence (their lanes are masked)."""
+    lo = tl.zeros_like(tokens)
+    hi = lo + n_seqs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(CU_SEQLENS + mid).to(tl.int64) <= tokens
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _rotate_heads(X, OUT, stride_outer, stride_inner, stride_head,
+                  stride_o_outer, stride_o_inner, stride_o_head,
+                  first_head, n_heads, heads_per_program,
+                  outer, inner, cos, sin, d1, d2, pair_mask, tail, tail_mask,
+                  COPY_TAIL: tl.constexpr):
+    x_rows = X + (outer * stride_outer + inner * stride_inner)[:, None]
+    o_rows = OUT + (outer * stride_o_outer + inner * stride_o_inner)[:, None]
+    for h in range(heads_per_program):
+        head = first_head + h
+        if head < n_heads:
+            x = x_rows + head * stride_head
+            o = o_rows + head * stride_o_head
+            x1 = tl.load(x + d1[None, :], mask=pair_mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x + d2[None, :], mask=pair_mask, other=0.0).to(tl.float32)
+            tl.store(o + d1[None, :], (x1 * cos - x2 * sin).to(OUT.dtype.element_ty),
+                     mask=pair_mask)
+            tl.store(o + d2[None, :], (x2 * cos + x1 * sin).to(OUT.dtype.element_ty),
+                     mask=pair_mask)
+            if COPY_TAIL:
+                rest = tl.load(x + tail[None, :], mask=tail_mask)
+                tl.store(o + tail[None, :], rest, mask=tail_mask)
+
+
+def launch_config(half: int, tail: int) -> dict:
+    """Tile sizes for ``half`` rotary pairs and ``tail`` pass-through dims per head.
+
+    The single source of launch configurations: the launcher uses it, and the
+    ahead-of-time compile check enumerates its outputs.
+    """
+    block_half = triton.next_power_of_2(half)
+    return {
+        "BLOCK_T": max(1, min(MAX_BLOCK_T, TILE // block_half)),
+        "BLOCK_HALF": block_half,
+        "BLOCK_TAIL": triton.next_power_of_2(tail) if tail else 1,
+        "num_warps": NUM_WARPS,
+    }
+
+
+def heads_per_program(token_blocks: int, n_q_heads: int, n_k_heads: int) -> int:
+    """Heads a program walks (cos/sin loaded once for all): 8, unless fewer fill the GPU
+    better. A pure function of the shapes."""
+    for heads in (8, 4, 2):
+        groups = triton.cdiv(n_q_heads, heads) + triton.cdiv(n_k_heads, heads)
+        if token_blocks * groups >= MIN_PROGRAMS:
+            return heads
+    return 1
+
+
+def rotary(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    out_q: torch.Tensor,
+    out_k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    offset: int,
+    *,
+    batch_first: bool,
+    interleaved: bool,
+    conjugate: bool,
+) -> None:
+    """Launches the kernel: out_q, out_k = rotate(q, k); in place when out_q is q.
+
+    q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
+    unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
+    ``batch_first``, else (seq, batch); packed batches have outer = 1.
+    cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
+    position_ids: integer (batch or 1, seq), or None; offsets: integer (batch,), or None
+    (then ``offset`` applies to every sequence); cu_seqlens: integer (sequences + 1,) for
+    packed batches, or None.
+    """
+    n_outer, n_inner, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2] if k is not None else 0
+    n_tokens = n_outer * n_inner
+    half = cos.shape[1]
+    copy_tail = out_q.data_ptr() != q.data_ptr() and head_dim > 2 * half
+    cfg = launch_config(half, head_dim - 2 * half if copy_tail else 0)
+    token_blocks = triton.cdiv(n_tokens, cfg["BLOCK_T"])
+    heads = heads_per_program(token_blocks, n_q_heads, n_k_heads)
+    q_groups = triton.cdiv(n_q_heads, heads)
+    groups = q_groups + triton.cdiv(n_k_heads, heads)
+    if n_tokens == 0 or groups == 0:
+        return
+    if position_ids is not None:
+        positions = 2
+        stride_pos_batch = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
+        stride_pos_seq = position_ids.stride(1)
+    else:
+        positions = 1 if offsets is not None else 0
+        stride_pos_batch = stride_pos_seq = 0
+    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+    k_or_q, out_k_or_q = (k, out_k) if k is not None else (q, out_q)  # never read without k
+    _rotary_kernel[(token_blocks, groups)](
+        q, k_or_q, out_q, out_k_or_q, cos, sin,
+        position_ids if position_ids is not None else cos,
+        offsets if offsets is not None else cos,
+        cu_seqlens if cu_seqlens is not None else cos,
+        n_tokens, n_inner,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_or_q.stride(0), k_or_q.stride(1), k_or_q.stride(2),
+        out_q.stride(0), out_q.stride(1), out_q.stride(2),
+        out_k_or_q.stride(0), out_k_or_q.stride(1), out_k_or_q.stride(2),
+        n_q_heads, n_k_heads, q_groups, heads,
+        half, head_dim, cos.stride(0), cos.shape[0],
+        offset, stride_pos_batch, stride_pos_seq, n_seqs, (n_seqs - 1).bit_length(),
+        POSITIONS=positions, VARLEN=cu_seqlens is not None, BATCH_FIRST=batch_first,
+        INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_TAIL=cfg["BLOCK_TAIL"],
+        num_warps=cfg["num_warps"],
+    )
