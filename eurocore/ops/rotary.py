@@ -218,8 +218,13 @@ def apply_rotary(
                          f"got {q.shape[-1]}")
     offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
     offset = 0 if offsets is not None else int(seqlen_offsets)
-    return _ApplyRotary.apply(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                              interleaved, inplace, name)
+    table = (cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved)
+    if not inplace:
+        return _ApplyRotary.apply(q, k, *table, name)
+    with torch.no_grad():  # autograd learns of the rotation from _RotatedInPlace below
+        torch.ops.eurocore.rotary_(q, k, *table, False, name)
+    return (_RotatedInPlace.apply(q, *table, name),
+            _RotatedInPlace.apply(k, *table, name) if k is not None else None)
 
 
 def apply_rotary_reference(
@@ -349,6 +354,12 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
     for arg, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
+    if inplace and torch.is_grad_enabled():
+        for arg, tensor in (("q", q), ("k", k)):
+            if tensor is not None and tensor.requires_grad and _leaf_or_view_of_leaf(tensor):
+                raise ValueError(f"{arg}: inplace=True would overwrite a leaf tensor that "
+                                 f"requires grad (or a view of one); rotate a copy, or pass "
+                                 f"inplace=False")
 
     batch = {"bshd": q.shape[0], "sbhd": q.shape[1], "thd": None}[layout]
     seq = {"bshd": q.shape[1], "sbhd": q.shape[0], "thd": q.shape[0]}[layout]
@@ -388,6 +399,11 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
                         f"{type(seqlen_offsets).__name__}")
     elif seqlen_offsets < 0:
         raise ValueError(f"seqlen_offsets: expected >= 0, got {seqlen_offsets}")
+
+
+def _leaf_or_view_of_leaf(tensor: torch.Tensor) -> bool:
+    base = tensor._base if tensor._base is not None else tensor
+    return base.is_leaf and base.requires_grad
 
 
 def _check_index_tensor(arg: str, tensor, device: torch.device) -> None:
@@ -527,18 +543,15 @@ def _rotary_inplace_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offs
 
 
 class _ApplyRotary(torch.autograd.Function):
-    """Kernel-backend autograd: the backward rotates the output gradients by −angle."""
+    """Kernel-backend autograd, out of place: the backward rotates the output gradients of q
+    and k by the negated angle, in one launch."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                interleaved, inplace, backend):
-        args = (cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved)
-        if inplace:
-            torch.ops.eurocore.rotary_(q, k, *args, False, backend)
-            ctx.mark_dirty(*(t for t in (q, k) if t is not None))
-            out_q, out_k = q, k
-        else:
-            out_q, out_k = torch.ops.eurocore.rotary(q, k, *args, False, backend)
+                interleaved, backend):
+        out_q, out_k = torch.ops.eurocore.rotary(q, k, cos, sin, position_ids, offsets,
+                                                 cu_seqlens, offset, layout, interleaved, False,
+                                                 backend)
         ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
         ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
         ctx.has_k = k is not None
@@ -550,4 +563,29 @@ class _ApplyRotary(torch.autograd.Function):
         dq, dk = torch.ops.eurocore.rotary(
             dq_out, dk_out if ctx.has_k else None, cos, sin, position_ids, offsets, cu_seqlens,
             ctx.offset, ctx.layout, ctx.interleaved, True, ctx.backend)
-        return (dq, dk if ctx.has_k else None, *([None] * 10))
+        return (dq, dk if ctx.has_k else None, *([None] * 9))
+
+
+class _RotatedInPlace(torch.autograd.Function):
+    """Records that x was rotated in place (by one launch for q and k, run before under
+    no_grad) and rebases its autograd history; the backward rotates x's gradient back.
+
+    One Function per tensor because autograd lets a Function that modifies a view (a slice
+    of a fused qkv projection, a transposed tensor) return only that one tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                interleaved, backend):
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
+        ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+        return x
+
+    @staticmethod
+    def backward(ctx, dx_out):
+        cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
+        dx, _ = torch.ops.eurocore.rotary(dx_out, None, cos, sin, position_ids, offsets,
+                                          cu_seqlens, ctx.offset, ctx.layout, ctx.interleaved,
+                                          True, ctx.backend)
+        return (dx, *([None] * 9))
