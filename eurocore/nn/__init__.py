@@ -1,5 +1,6 @@
 """Drop-in modules over ``eurocore.ops``."""
 
 from eurocore.nn.normalization import LlamaRMSNorm, RMSNorm
+from eurocore.nn.rotary import RotaryEmbedding
 
-__all__ = ["LlamaRMSNorm", "RMSNorm"]
+__all__ = ["LlamaRMSNorm", "RMSNorm", "RotaryEmbedding"]

@@ -72,8 +72,10 @@ def rope_cos_sin(
     Returns:
         ``(cos, sin)``, each float32 of shape (seqlen, rotary_dim // 2).
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 0:
-        raise ValueError(f"seqlen: expected an int >= 0, got {seqlen!r}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+        raise TypeError(f"seqlen: expected an int, got {type(seqlen).__name__}")
+    if seqlen < 0:
+        raise ValueError(f"seqlen: expected >= 0, got {seqlen}")
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
         raise TypeError(f"rotary_dim: expected an int, got {type(rotary_dim).__name__}")
     if rotary_dim <= 0 or rotary_dim % 2:
@@ -93,7 +95,8 @@ def _inv_freq(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None) 
         raise TypeError(f"theta: expected a number, got {type(theta).__name__}")
     if not (math.isfinite(theta) and theta > 1):
         raise ValueError(f"theta: expected a finite number > 1, got {theta}")
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
+    # On the CPU whatever the default device: a few dozen numbers.
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim
     inv_freq = 1.0 / (float(theta) ** exponents)
     rope_type = params.pop("rope_type")
     if rope_type == "linear":
