@@ -679,3 +679,33 @@ def test_compiles_fullgraph(backend, inplace):
     torch.testing.assert_close(compiled_loss, eager_loss)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_packed_grid_is_linear_in_tokens(backend, monkeypatch):
+    """Many short packed sequences launch the same grid as one sequence of the same total:
+    no work per (max_seqlen x sequences)."""
+    from eurocore.kernels import rotary as launchers
+
+    grids = []
+    kernel = launchers._rotary_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return kernel[grid]
+
+    monkeypatch.setattr(launchers, "_rotary_kernel", RecordingKernel())
+    gen = torch.Generator().manual_seed(16)
+    total = 97
+    q, k = _randn(gen, total, 3, 16), _randn(gen, total, 1, 16)
+    cos, sin = _tables(n_positions=total, rotary_dim=16)
+    lengths = [1 + i % 3 for i in range(48)] + [1]
+    lengths[-1] += total - sum(lengths)
+    many = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    one = _cu([0, total])
+    apply_rotary(q, k, cos, sin, layout="thd", cu_seqlens=many, backend=backend)
+    apply_rotary(q, k, cos, sin, layout="thd", cu_seqlens=one, backend=backend)
+    assert len(grids) == 2 and grids[0] == grids[1], grids
+    block_t = launchers.launch_config(8, 0)["BLOCK_T"]
+    assert grids[0][0] == -(-total // block_t)
