@@ -5,7 +5,7 @@
 # --no-build-isolation --no-deps into the current Python, which must already have torch,
 # triton, pytest, scikit-build-core, pybind11, cmake and ninja.
 #
-#   benchmarks/gpu_check.sh OUTDIR            (about 10 minutes on one GPU at most)
+#   benchmarks/gpu_check.sh OUTDIR     (tests: at most 7 minutes; then at most 200 s per op)
 #   PYTHON=python3 BENCH_ARGS="--ops rms_norm" PYTEST_ARGS="-x" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
@@ -43,9 +43,14 @@ echo "== tests (compiled Triton, no interpreter)"
 timeout 420 "$py" -m pytest -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
   ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
 
-echo "== kernel benchmark"
-timeout 240 "$py" -m eurocore.benchmarks --out "$out" ${BENCH_ARGS:-} 2>&1 \
-  | tee "$out/bench.log" | tail -60 || status=1
+# One run per op, each under its own time limit and writing its own JSON (in OUTDIR/<op>/),
+# so an op that runs long loses only its own results.
+ops=$("$py" -c "from eurocore.benchmarks.__main__ import OPS; print(' '.join(OPS))")
+for op in $ops; do
+  echo "== kernel benchmark: $op"
+  timeout 200 "$py" -m eurocore.benchmarks --ops "$op" --out "$out/$op" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$out/bench-$op.log" | tail -40 || status=1
+done
 
 echo "== results in $out"
 ls -l "$out"

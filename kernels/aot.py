@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import inspect
 import io
+import itertools
 import multiprocessing
 import os
 import re
@@ -356,9 +357,214 @@ def _label(n, x, r, w, zc, note) -> str:
     return " ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# Rotary embeddings
+# ---------------------------------------------------------------------------------------------
+
+_ROTARY_LAYOUTS = ("bshd", "sbhd", "thd")
+
+
+def _rotary_case(*, head_dim: int = 128, rotary_dim: int | None = None, dtype: str = "bf16",
+                 table: str = "fp32", layout: str = "bshd", batch: int = 1, seq: int = 4096,
+                 q_heads: int = 32, k_heads: int = 8, n_positions: int = 8192,
+                 interleaved: bool = False, conjugate: bool = False, inplace: bool = False,
+                 position_ids: str | None = None, shared_positions: bool = False,
+                 offsets: str | None = None, cu_seqlens: tuple[str, int] | None = None,
+                 offset: int = 0, q_aligned: bool = True, note: str = "") -> AotCase:
+    """The rotary kernel as ``eurocore.kernels.rotary.rotary`` launches it for one
+    ``apply_rotary`` call on contiguous tensors (a test compares it with the real launcher).
+
+    q is (batch, seq, q_heads, head_dim) in ``bshd``, (seq, batch, ...) in ``sbhd`` and
+    (batch·seq, q_heads, head_dim) in ``thd``; k likewise with ``k_heads`` heads (0: k is
+    None); the outputs are new contiguous tensors, or q and k themselves when ``inplace``.
+    cos/sin: contiguous (n_positions, rotary_dim / 2) of dtype ``table``. ``position_ids``
+    and ``offsets``: None, or the index dtype ("i64", "i32") of positions (batch, seq) (or
+    (1, seq) when ``shared_positions``; (tokens,) in thd) / of one offset per sequence;
+    ``cu_seqlens``: None or (index dtype, sequences), thd only. ``offset``: the scalar
+    seqlen_offsets. ``q_aligned`` False: q is a view at an odd element offset.
+    """
+    from eurocore.kernels import rotary as m
+
+    if layout not in _ROTARY_LAYOUTS:
+        raise ValueError(f"layout: expected one of {_ROTARY_LAYOUTS}, got {layout!r}")
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    half = rotary_dim // 2
+    n_tokens = batch * seq
+    # Tokens are (outer, inner) pairs to the launcher: (batch, seq) in bshd, (seq, batch) in
+    # sbhd, (1, tokens) in thd (which arrives unsqueezed).
+    n_inner = {"bshd": seq, "sbhd": batch, "thd": n_tokens}[layout]
+
+    def strides(heads: int) -> tuple[int, int, int]:  # contiguous (outer, inner, heads, dim)
+        return n_inner * heads * head_dim, heads * head_dim, head_dim
+
+    copy_tail = not inplace and head_dim > 2 * half
+    cfg = m.launch_config(half, head_dim - 2 * half if copy_tail else 0)
+    heads = m.heads_per_program(triton.cdiv(n_tokens, cfg["BLOCK_T"]), q_heads, k_heads)
+    n_seqs = cu_seqlens[1] if cu_seqlens else 1
+    # Without k the launcher passes q (and out_q) in k's place, with q's strides.
+    q = Ptr(dtype, q_aligned)
+    out_q = q if inplace else Ptr(dtype)
+    if k_heads:
+        k = Ptr(dtype)
+        out_k = k if inplace else Ptr(dtype)
+    else:
+        k, out_k = q, out_q
+    q_strides = strides(q_heads)
+    k_strides = strides(k_heads) if k_heads else q_strides
+    if position_ids:  # (batch, seq) contiguous; a leading 1 (shared, or thd) gives stride 0
+        mode = 2
+        pos_strides = (seq if batch > 1 and not shared_positions and layout != "thd" else 0, 1)
+    else:
+        mode, pos_strides = (1 if offsets else 0), (0, 0)
+    args: dict[str, Any] = dict(
+        Q=q, K=k, OUT_Q=out_q, OUT_K=out_k,
+        COS=Ptr(table), SIN=Ptr(table),
+        POSITION_IDS=Ptr(position_ids or table), OFFSETS=Ptr(offsets or table),
+        CU_SEQLENS=Ptr(cu_seqlens[0] if cu_seqlens else table),
+        n_tokens=n_tokens, n_inner=n_inner,
+        n_q_heads=q_heads, n_k_heads=k_heads, q_groups=triton.cdiv(q_heads, heads),
+        heads_per_program=heads, head_dim=head_dim, stride_cos=half,
+        n_positions=n_positions, offset=offset,
+        stride_pos_batch=pos_strides[0], stride_pos_seq=pos_strides[1],
+        n_seqs=n_seqs, search_steps=(n_seqs - 1).bit_length())
+    for prefix, values in (("q", q_strides), ("k", k_strides), ("oq", q_strides),
+                           ("ok", k_strides)):
+        args.update({f"stride_{prefix}_{axis}": v
+                     for axis, v in zip(("outer", "inner", "head"), values, strict=True)})
+    flags = dict(POSITIONS=mode, VARLEN=cu_seqlens is not None, BATCH_FIRST=layout != "sbhd",
+                 INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
+                 HALF=cfg["HALF"], BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
+                 BLOCK_TAIL=cfg["BLOCK_TAIL"])
+    kernel = m._rotary_kernel
+    sig, const, div = specialise(kernel_params(kernel), args, flags)
+    parts = [f"hd={head_dim}" + (f"/rot={rotary_dim}" if rotary_dim != head_dim else ""),
+             dtype, layout, f"t={n_tokens}" if layout == "thd" else f"b={batch} s={seq}",
+             f"h={q_heads}/{k_heads}"]
+    parts += [name for name, on in (("interleaved", interleaved), ("bwd", conjugate),
+                                    ("inplace", inplace), ("q misaligned", not q_aligned))
+              if on]
+    if table != "fp32":
+        parts.append(f"cos:{table}")
+    if position_ids:
+        parts.append(f"position_ids:{position_ids}" + ("(1,s)" if shared_positions else ""))
+    if offsets:
+        parts.append(f"offsets:{offsets}")
+    if cu_seqlens:
+        parts.append(f"cu_seqlens:{cu_seqlens[0]}x{cu_seqlens[1]}")
+    if offset:
+        parts.append(f"offset={offset}")
+    if note:
+        parts.append(note)
+    return AotCase("_rotary_kernel", kernel, sig, const, cfg["num_warps"], None, div,
+                   " ".join(parts))
+
+
+# Head dims of real models. Full rotary: 128 (Llama, EuroLLM, Mistral), 64 (Falcon-7B), 96
+# (Phi-3-mini), 256 (Gemma-7B), and 80 (Phi-2's head dim). Partial, (head_dim, rotary_dim):
+# ChatGLM2 (128, 64), Pythia's rotary_pct 0.25 (128, 32), Phi-2 (80, 32), GPT-J (256, 64).
+ROTARY_HEAD_DIMS = (128, 64, 80, 96, 256)  # 128 first: its label survives dedupe
+ROTARY_PARTIAL = ((128, 64), (128, 32), (80, 32), (256, 64))
+
+
+def _rotary_with_backward(**config: Any) -> list[AotCase]:
+    """The forward launch of ``config`` and the backward launches autograd makes for it:
+    out of place, one launch rotating the (fresh, aligned) output gradients of q and k by
+    the negated angle (CONJUGATE); in place, one such launch per tensor, without k."""
+    out = [_rotary_case(**config)]
+    backward = {**config, "conjugate": True, "q_aligned": True}
+    if not config.get("inplace"):
+        return [*out, _rotary_case(**backward)]
+    backward["inplace"] = False
+    q_heads, k_heads = config.get("q_heads", 32), config.get("k_heads", 8)
+    for heads in (q_heads, k_heads) if k_heads else (q_heads,):
+        out.append(_rotary_case(**{**backward, "q_heads": heads, "k_heads": 0}))
+    return out
+
+
+def _rotary_cases() -> list[AotCase]:
+    from eurocore.kernels import rotary as m
+
+    case, both = _rotary_case, _rotary_with_backward
+    out: list[AotCase] = []
+    # 1. Launch configurations: the head dims of real models, full and partial rotary; a
+    #    partial one out of place copies the tail (COPY_TAIL, BLOCK_TAIL > 1), in place not.
+    for head_dim in ROTARY_HEAD_DIMS:
+        out += both(head_dim=head_dim)
+    for head_dim, rotary_dim in ROTARY_PARTIAL:
+        out += both(head_dim=head_dim, rotary_dim=rotary_dim)
+        out += both(head_dim=head_dim, rotary_dim=rotary_dim, inplace=True)
+    #    Then every block size the op can ask for, up to its MAX_KERNEL_HEAD_DIM of 1024
+    #    (forwards only: a backward differs by CONJUGATE, one negation): each BLOCK_HALF (with
+    #    its BLOCK_T) at full rotary, and each BLOCK_TAIL under the largest BLOCK_T (rotary_dim
+    #    2 and a tail up to 1022 dims).
+    max_half = 512  # MAX_KERNEL_HEAD_DIM // 2 of eurocore.ops.rotary; a test fails past it
+    for sizes in distinct_launch_configs(lambda h: m.launch_config(h, 0), max_half).values():
+        out.append(case(head_dim=2 * max(sizes), q_heads=8, k_heads=2, note="block sweep"))
+    for sizes in distinct_launch_configs(lambda t: m.launch_config(1, t),
+                                         2 * max_half - 2).values():
+        out.append(case(head_dim=2 + max(sizes), rotary_dim=2, q_heads=8, k_heads=2,
+                        note="block sweep"))
+    # 2. dtype x style x head dim with the common flags (bshd, positions 0 .. seq - 1, fp32
+    #    tables, out of place), forward and backward.
+    for dtype, interleaved, head_dim in itertools.product(("bf16", "fp16", "fp32"),
+                                                          (False, True), ROTARY_HEAD_DIMS):
+        out += both(head_dim=head_dim, dtype=dtype, interleaved=interleaved)
+    # 3. One flag or specialisation at a time from the Llama forward (bf16, head_dim 128,
+    #    32/8 heads, bshd, one sequence of 4096), each with its backward.
+    for config in (
+        dict(inplace=True),  # the forward is out of place's binary; the backward is not
+        dict(batch=2),
+        # positions: explicit ids (per sequence, shared, int32), offsets per sequence, a
+        # scalar offset (KV cache) not divisible by 16
+        dict(batch=2, position_ids="i64"),
+        dict(batch=2, position_ids="i64", shared_positions=True),
+        dict(batch=2, position_ids="i32"),
+        dict(batch=2, offsets="i64"),
+        dict(batch=2, offsets="i32"),
+        dict(offset=17),
+        dict(offset=4096),
+        # sbhd (Megatron): micro-batch 1 makes n_inner the constexpr 1
+        dict(layout="sbhd"),
+        dict(layout="sbhd", batch=2),
+        # packed sequences: cu_seqlens int32 (flash-attn's) and int64, one sequence (no
+        # bisection step), offsets per sequence; thd without cu_seqlens, with position ids
+        dict(layout="thd", seq=16384, cu_seqlens=("i32", 8)),
+        dict(layout="thd", seq=16384, cu_seqlens=("i64", 8)),
+        dict(layout="thd", seq=16384, cu_seqlens=("i32", 1)),
+        dict(layout="thd", seq=16384, cu_seqlens=("i32", 8), offsets="i32"),
+        dict(layout="thd", seq=16384, cu_seqlens=("i32", 8), interleaved=True),
+        dict(layout="thd", seq=16384),
+        dict(layout="thd", seq=16384, position_ids="i64"),
+        # a packed batch of 2^20 tokens: thd's outer stride (tokens x heads x dim) > 2^31
+        dict(layout="thd", seq=1 << 20, cu_seqlens=("i32", 256), note="i64 stride"),
+        # no k; MQA (one k head: the constexpr 1); decoding one token per sequence with a
+        # KV-cache offset each (n_inner 1, too few programs to group heads)
+        dict(k_heads=0),
+        dict(k_heads=1),
+        dict(batch=8, seq=1, offsets="i32", note="decode"),
+        dict(batch=8, seq=1, offsets="i32", k_heads=0, note="decode"),
+        # tables in the activations' dtype (HF's cos/sin), mixed with fp32 q
+        dict(table="bf16"),
+        dict(dtype="fp16", table="fp16"),
+        dict(dtype="fp32", table="bf16"),
+        # a head_dim (and half) not divisible by 16: head strides lose divisibility
+        dict(head_dim=100),
+        dict(head_dim=100, interleaved=True),
+        dict(head_dim=100, rotary_dim=64),
+        # q viewed at an odd element offset (pointer not 16-byte aligned), out of place and
+        # in place (the output pointer is q's)
+        dict(q_aligned=False),
+        dict(q_aligned=False, inplace=True),
+        dict(q_aligned=False, k_heads=0),
+    ):
+        out += both(**config)
+    return dedupe(out)
+
+
 # kernel family → case generator; a new kernel module adds one line here.
 GENERATORS: dict[str, Callable[[], list[AotCase]]] = {
     "rms_norm": _rms_norm_cases,
+    "rotary": _rotary_cases,
 }
 
 

@@ -20,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of one (tokens x r/2) tile: 8 pairs per thread at 4 warps.
+# Elements of the widest (tokens x dims) tile a program holds per head.
 TILE = 1024
 MAX_BLOCK_T = 32
 # Enough programs to fill a large GPU several times over before heads are grouped.
 MIN_PROGRAMS = 1024
-NUM_WARPS = 4  # 256 threads on AMD's 64-wide wavefronts, within every limit
+# Two warps on both vendors: 8 elements (16 bytes of bf16) per lane of AMD's 64-wide
+# wavefronts, so loads stay 16 bytes wide there (4 warps gave 8-byte loads); 16 per thread
+# (two 16-byte loads) with NVIDIA's 32-wide warps.
+NUM_WARPS = 2
 
 
 @triton.jit
@@ -37,11 +40,12 @@ def _rotary_kernel(
     stride_oq_outer, stride_oq_inner, stride_oq_head,
     stride_ok_outer, stride_ok_inner, stride_ok_head,
     n_q_heads, n_k_heads, q_groups, heads_per_program,
-    half, head_dim, stride_cos, n_positions,
+    head_dim, stride_cos, n_positions,
     offset, stride_pos_batch, stride_pos_seq, n_seqs, search_steps,
     POSITIONS: tl.constexpr, VARLEN: tl.constexpr, BATCH_FIRST: tl.constexpr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr,
 ):
     # Tokens are (outer, inner) pairs: (batch, seq) in bshd and thd, (seq, batch) in sbhd.
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -66,7 +70,7 @@ def _rotary_kernel(
         pos = seq + offset
 
     i = tl.arange(0, BLOCK_HALF)
-    pair_mask = live[:, None] & (i < half)[None, :]
+    pair_mask = live[:, None] & (i < HALF)[None, :]
     in_table = (pos >= 0) & (pos < n_positions)
     table = pos[:, None] * stride_cos + i[None, :]
     cos = tl.load(COS + table, mask=pair_mask & in_table[:, None], other=0.0).to(tl.float32)
@@ -80,8 +84,8 @@ def _rotary_kernel(
         d2 = 2 * i + 1
     else:
         d1 = i
-        d2 = i + half
-    tail = 2 * half + tl.arange(0, BLOCK_TAIL)
+        d2 = i + HALF
+    tail = 2 * HALF + tl.arange(0, BLOCK_TAIL)
     tail_mask = live[:, None] & (tail < head_dim)[None, :]
 
     group = tl.program_id(1)
@@ -140,13 +144,17 @@ def launch_config(half: int, tail: int) -> dict:
     """Tile sizes for ``half`` rotary pairs and ``tail`` pass-through dims per head.
 
     The single source of launch configurations: the launcher uses it, and the
-    ahead-of-time compile check enumerates its outputs.
+    ahead-of-time compile check enumerates its outputs. ``HALF`` is a compile-time constant
+    (one binary per rotary width, a handful in practice), so Triton knows the alignment of
+    the second half and keeps 16-byte loads for widths like 80.
     """
     block_half = triton.next_power_of_2(half)
+    block_tail = triton.next_power_of_2(tail) if tail else 1
     return {
-        "BLOCK_T": max(1, min(MAX_BLOCK_T, TILE // block_half)),
+        "HALF": half,
+        "BLOCK_T": max(1, min(MAX_BLOCK_T, TILE // max(block_half, block_tail))),
         "BLOCK_HALF": block_half,
-        "BLOCK_TAIL": triton.next_power_of_2(tail) if tail else 1,
+        "BLOCK_TAIL": block_tail,
         "num_warps": NUM_WARPS,
     }
 
@@ -219,10 +227,10 @@ def rotary(
         out_q.stride(0), out_q.stride(1), out_q.stride(2),
         out_k_or_q.stride(0), out_k_or_q.stride(1), out_k_or_q.stride(2),
         n_q_heads, n_k_heads, q_groups, heads,
-        half, head_dim, cos.stride(0), cos.shape[0],
+        head_dim, cos.stride(0), cos.shape[0],
         offset, stride_pos_batch, stride_pos_seq, n_seqs, (n_seqs - 1).bit_length(),
         POSITIONS=positions, VARLEN=cu_seqlens is not None, BATCH_FIRST=batch_first,
         INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_TAIL=cfg["BLOCK_TAIL"],
-        num_warps=cfg["num_warps"],
+        HALF=half, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
+        BLOCK_TAIL=cfg["BLOCK_TAIL"], num_warps=cfg["num_warps"],
     )

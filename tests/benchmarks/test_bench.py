@@ -1,5 +1,6 @@
-"""The benchmark harness end to end on the CPU: a pytest-benchmark timing, and the CLI's
-JSON checked for self-consistency (bytes, times, GB/s and ceiling fractions)."""
+"""The benchmark harness end to end on the CPU: a pytest-benchmark timing, the CLI's JSON
+checked for self-consistency (bytes, times, GB/s and ceiling fractions), and each op's cases
+(the rotary baselines compute what eurocore computes)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import math
 import pytest
 import torch
 
-from eurocore.benchmarks import harness
+from eurocore.benchmarks import harness, rotary
 from eurocore.benchmarks.__main__ import main as bench_main
-from eurocore.ops import rms_norm, rms_norm_reference
+from eurocore.ops import apply_rotary_reference, rms_norm, rms_norm_reference
 
 
 def test_rms_norm_forward_torch_backend(benchmark):
@@ -33,8 +34,9 @@ def test_write_json_is_atomic_and_named_by_date_and_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_quick_writes_consistent_json(tmp_path, capsys):
-    assert bench_main(["--quick", "--ops", "rms_norm", "--out", str(tmp_path)]) == 0
+@pytest.mark.parametrize("op", ["rms_norm", "rotary"])
+def test_cli_quick_writes_consistent_json(op, tmp_path, capsys):
+    assert bench_main(["--quick", "--ops", op, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1, files
@@ -57,9 +59,91 @@ def test_cli_quick_writes_consistent_json(tmp_path, capsys):
     assert any(r["impl"].startswith("eurocore/") for r in rows)
     assert {r["variant"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
-        assert r["op"] == "rms_norm"
+        assert r["op"] == op
         assert r["bytes"] > 0 and r["ms"] > 0, r
         assert math.isclose(r["gbps"], r["bytes"] / r["ms"] / 1e6, rel_tol=1e-9), r
         assert math.isclose(r["copy_fraction"], r["gbps"] / ceilings["copy_gbps"],
                             rel_tol=1e-9), r
     assert not [s for s in data["skipped"] if s["status"] == "failed"], data["skipped"]
+
+
+def _rotary_eager_cases(variant):
+    found = [c for c in rotary.cases("cpu", quick=True)
+             if c.impl == "torch eager" and c.variant == variant]
+    assert found, f"no torch eager {variant} case on the CPU"
+    return found
+
+
+def test_rotary_cpu_cases():
+    """CPU: float32, the torch backend (auto's choice there), torch eager, GPU-only
+    implementations listed as skipped, torch.compile skipped only with quick."""
+    cases = rotary.cases("cpu", quick=True)
+    run = [c for c in cases if c.skip is None]
+    assert {c.impl for c in run} == {"eurocore/torch", "torch eager"}
+    assert {c.variant for c in run} == set(rotary.VARIANTS)
+    assert {c.shape["seq"] * c.shape["batch"] for c in run} == set(rotary.CPU_TOKENS)
+    assert all(c.dtype == "float32" and c.setup is not None for c in run)
+    skipped = {c.impl: c.skip for c in cases if c.skip is not None}
+    assert skipped["liger"] == skipped["flash-attn"] == "GPU-only implementation"
+    assert "quick" in skipped["torch.compile"]
+    assert "torch.compile" in {c.impl for c in rotary.cases("cpu", quick=False)}
+
+
+def test_rotary_case_bytes_are_the_fewest():
+    """Bytes: q and k read and written once, plus the fp32 cos/sin rows used, once; the
+    backward moves as much, fwd+bwd the sum. The GPU grid is listed (not run) here too."""
+    cases = rotary.cases("cuda", quick=False)
+    run = [c for c in cases if c.skip is None]
+    assert {(c.shape["batch"], c.shape["seq"]) for c in cases if c.shape} == {
+        (1, 4096), (4, 4096), (16, 4096)}
+    for c in cases:
+        if not c.shape:
+            continue
+        assert c.dtype == "bfloat16"
+        assert (c.shape["q_heads"], c.shape["k_heads"], c.shape["head_dim"]) == (32, 8, 128)
+        tokens = c.shape["batch"] * c.shape["seq"]
+        one_pass = tokens * (32 + 8) * 128 * 2 * 2 + 4096 * 64 * 4 * 2
+        assert c.bytes == (2 * one_pass if c.variant == "fwd+bwd" else one_pass), c
+    assert {c.variant for c in run} <= set(rotary.VARIANTS)
+    assert rotary.fwd_bytes(256, 256, 8, 2, 128, 4) == 2 * 256 * 10 * 128 * 4 + 2 * 256 * 64 * 4
+
+
+def test_rotary_eager_baseline_computes_what_eurocore_computes(monkeypatch):
+    """Each CPU torch-eager forward case, run through its own setup, returns the rotation of
+    its inputs that eurocore's reference computes (fp32 tolerance); the backward cases run
+    and return gradients shaped like q and k."""
+    inputs = []
+
+    def recording(*args, **kwargs):
+        made = make_inputs(*args, **kwargs)
+        inputs.append(made)
+        return made
+
+    make_inputs = rotary.make_inputs
+    monkeypatch.setattr(rotary, "make_inputs", recording)
+    for case in _rotary_eager_cases("fwd"):
+        inputs.clear()
+        out_q, out_k = case.setup()()
+        ((q, k, cos, sin),) = inputs
+        assert q.shape == (case.shape["batch"], case.shape["seq"], case.shape["q_heads"],
+                           case.shape["head_dim"])
+        ref_q, ref_k = apply_rotary_reference(q, k, cos, sin)
+        assert not torch.equal(ref_q, q)  # the rotation does something at these positions
+        torch.testing.assert_close(out_q, ref_q, rtol=1.3e-6, atol=1e-5)
+        torch.testing.assert_close(out_k, ref_k, rtol=1.3e-6, atol=1e-5)
+    for variant in ("bwd", "fwd+bwd"):
+        for case in _rotary_eager_cases(variant):
+            inputs.clear()
+            dq, dk = case.setup()()
+            ((q, k, _, _),) = inputs
+            assert dq.shape == q.shape and dk.shape == k.shape
+            assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
+
+
+def test_rotary_hf_tables_duplicate_the_half_width_table():
+    cos, sin = torch.randn(9, 4), torch.randn(9, 4)
+    full_cos, full_sin = rotary.hf_tables(cos, sin, 7, torch.float16)
+    assert full_cos.shape == full_sin.shape == (1, 7, 8)
+    assert full_cos.dtype == torch.float16
+    assert torch.equal(full_cos[0, :, 4:], cos[:7].half())
+    assert torch.equal(full_sin[0, :, :4], sin[:7].half())
