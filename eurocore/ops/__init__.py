@@ -5,8 +5,15 @@
     y, h = rms_norm(x, weight, residual=h, eps=1e-5)    # fused residual add
     cos, sin = rope_cos_sin(4096, 128, theta=500000.0)
     q, k = apply_rotary(q, k, cos, sin)                 # q and k (GQA) in one launch
+    out = flash_attention(q, k, v, causal=True)         # flash_attn_func's interface
 """
 
+from eurocore.ops.attention import (
+    attention_reference,
+    attention_varlen_reference,
+    flash_attention,
+    flash_attention_varlen,
+)
 from eurocore.ops.backends import (
     BACKENDS,
     BackendStatus,
@@ -22,7 +29,11 @@ __all__ = [
     "BackendUnavailableError",
     "apply_rotary",
     "apply_rotary_reference",
+    "attention_reference",
+    "attention_varlen_reference",
     "available_backends",
+    "flash_attention",
+    "flash_attention_varlen",
     "rms_norm",
     "rms_norm_reference",
     "rope_cos_sin",
