@@ -271,8 +271,10 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         raise ValueError(f"cu_seqlens_k: {cu_seqlens_k.shape[0] - 1} sequences but "
                          f"cu_seqlens_q has {cu_seqlens_q.shape[0] - 1}")
     for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{arg}: expected an int >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{arg}: expected >= 0, got {value}")
     if torch.compiler.is_compiling() or (torch.cuda.is_available()
                                          and torch.cuda.is_current_stream_capturing()):
         return
