@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import harness, rms_norm, rotary
+from . import attention, harness, rms_norm, rotary
 
 # op name -> cases(device, quick) -> list[Case]. A new kernel plugs in with one line here.
 OPS: dict[str, Callable[[torch.device, bool], list[harness.Case]]] = {
     "rms_norm": rms_norm.cases,
     "rotary": rotary.cases,
+    "attention": attention.cases,
 }
 
 DEFAULT_OUT = "benchmarks/results"

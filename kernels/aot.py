@@ -40,7 +40,7 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import triton
@@ -55,6 +55,9 @@ TARGETS: dict[str, GPUTarget] = {
     "gfx90a": GPUTarget("hip", "gfx90a", 64),
     "gfx942": GPUTarget("hip", "gfx942", 64),
 }
+
+# Triton backend name -> the vendor name kernel launchers use for their configuration tables.
+VENDORS: dict[str, str] = {"cuda": "nvidia", "hip": "amd"}
 
 # Threads per block (CUDA) or workgroup (HIP): the hardware limit on both vendors.
 MAX_THREADS_PER_BLOCK = 1024
@@ -89,6 +92,11 @@ class AotCase:
     (the ``tl.constexpr`` flags, and integers the JIT specialises to 1). ``divisible`` names
     the arguments known to be multiples of 16 (pointers: 16-byte aligned), as the JIT marks
     them. ``num_stages`` None leaves the backend's default, as a launch without it gets.
+    ``options`` are further launch options passed to the compiler as the launch passes them
+    (e.g. AMD's ``waves_per_eu``). ``vendors`` names the GPU vendors ("nvidia", "amd") whose
+    launchers emit this configuration, when the launch configuration depends on the vendor:
+    the case is compiled only for their targets (see :meth:`applies_to`); empty means every
+    target.
     """
 
     kernel: str
@@ -99,9 +107,16 @@ class AotCase:
     num_stages: int | None = None
     divisible: tuple[str, ...] = ()
     label: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    vendors: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.kernel}[{self.label}, num_warps={self.num_warps}]"
+
+    def applies_to(self, target: GPUTarget) -> bool:
+        """Whether this configuration is launched on ``target``'s vendor (always, when the
+        case names no vendor)."""
+        return not self.vendors or VENDORS.get(target.backend) in self.vendors
 
     def __reduce__(self):
         # Pickled by reference: the worker imports the kernel module itself, so it gets a
@@ -109,7 +124,7 @@ class AotCase:
         raw = getattr(self.fn, "fn", self.fn)  # InterpretedFunction.fn is the Python function
         return (_rebuild_case, (raw.__module__, raw.__qualname__, self.kernel, self.signature,
                                 self.constexprs, self.num_warps, self.num_stages,
-                                self.divisible, self.label))
+                                self.divisible, self.label, self.options, self.vendors))
 
 
 def _rebuild_case(module, qualname, *fields) -> AotCase:
@@ -229,7 +244,8 @@ def dedupe(items: Iterable[AotCase]) -> list[AotCase]:
     out = []
     for case in items:
         key = (case.kernel, tuple(case.signature.items()), tuple(sorted(case.constexprs.items())),
-               case.num_warps, case.num_stages, case.divisible)
+               case.num_warps, case.num_stages, case.divisible,
+               tuple(sorted(case.options.items())), case.vendors)
         if key not in seen:
             seen.add(key)
             out.append(case)
@@ -561,10 +577,168 @@ def _rotary_cases() -> list[AotCase]:
     return dedupe(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Flash attention
+# ---------------------------------------------------------------------------------------------
+
+_ATTENTION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
+                      dtype: str = "bf16", batch: int = 2, seqlen_q: int = 4096,
+                      seqlen_k: int | None = None, heads: int = 32, kv_heads: int | None = None,
+                      cu_seqlens: tuple[str, int] | None = None, causal: bool = False,
+                      window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                      note: str = "") -> list[AotCase]:
+    """The launches of one ``flash_attention`` call on ``vendor``'s GPUs, as
+    ``eurocore.kernels.flash_attention`` makes them: the forward (``flash_attn_fwd``), or
+    with ``backward`` the three kernels of ``flash_attn_bwd`` (δ, dk/dv, dq). A test compares
+    them with the real launchers' launches.
+
+    q, out, do, dq: contiguous (batch, seqlen_q, heads, head_dim); k, v, dk, dv: contiguous
+    (batch, seqlen_k, kv_heads, head_dim) (kv_heads None: heads); lse and δ fp32 (batch,
+    heads, seqlen_q). ``cu_seqlens`` (index dtype, sequences): packed sequences
+    (``flash_attention_varlen``): ``seqlen_q``/``seqlen_k`` are then the packed token counts,
+    batch 1, the lse (heads, total_q). ``causal`` and ``window`` as the op takes them.
+    """
+    import torch
+
+    from eurocore.kernels import flash_attention as m
+
+    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+    kv_heads = heads if kv_heads is None else kv_heads
+    if cu_seqlens:
+        batch = 1
+    left, right = (window[0], 0) if causal else window  # the op's window for causal
+    cfg = m.launch_config(head_dim, vendor, backward=backward, fp32=dtype == "fp32")
+    options = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                                         "num_warps", "num_stages")}
+    precision = m._precision(torch.empty(0, dtype=getattr(torch, _ATTENTION_DTYPES[dtype])))
+    scale, cap, flags = m._scale_args(head_dim ** -0.5, softcap, (left, right))
+    varlen = cu_seqlens is not None
+
+    def strides(seq: int, n_heads: int) -> tuple[int, int, int]:
+        """(batch, seq, head) strides of a contiguous tensor; packed: batch stride 0."""
+        return (0 if varlen else seq * n_heads * head_dim), n_heads * head_dim, head_dim
+
+    q_strides, kv_strides = strides(seqlen_q, heads), strides(seqlen_k, kv_heads)
+    lse_strides = (0, seqlen_q) if varlen else (heads * seqlen_q, seqlen_q)
+    cu = Ptr(cu_seqlens[0]) if varlen else Ptr(dtype)  # not varlen: q stands in
+    tensors = {name: Ptr(dtype) for name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
+    tensors.update(LSE=Ptr("fp32"), DELTA=Ptr("fp32"), CU_Q=cu, CU_K=cu)
+    stride_of = {"q": q_strides, "o": q_strides, "do": q_strides, "dq": q_strides,
+                 "k": kv_strides, "v": kv_strides, "dk": kv_strides, "dv": kv_strides}
+    scalars = dict(fixed_seqlen_q=seqlen_q, fixed_seqlen_k=seqlen_k, group=heads // kv_heads,
+                   head_dim=head_dim, qk_scale=scale, sm_scale=head_dim ** -0.5, softcap=cap,
+                   window_left=left, window_right=right)
+    tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
+
+    parts = [vendor, f"hd={head_dim}", dtype, f"h={heads}/{kv_heads}"]
+    parts.append(f"t={seqlen_q} cu_seqlens:{cu_seqlens[0]}x{cu_seqlens[1]}" if varlen
+                 else f"b={batch} s={seqlen_q}" + (f"/{seqlen_k}" if seqlen_k != seqlen_q
+                                                  else ""))
+    if causal:
+        parts.append("causal")
+    if (left, right) != ((-1, 0) if causal else (-1, -1)):
+        parts.append(f"window=({left},{right})")
+    if softcap:
+        parts.append(f"softcap={softcap:g}")
+    if note:
+        parts.append(note)
+    label = " ".join(parts)
+
+    def case(kernel_name: str, n_heads: int, kernel_flags: dict[str, Any]) -> AotCase:
+        kernel = getattr(m, kernel_name)
+        params = kernel_params(kernel)
+        args: dict[str, Any] = {}
+        for name in params:
+            if name in kernel_flags:
+                continue
+            if name in tensors:
+                args[name] = tensors[name]
+            elif name in ("stride_lb", "stride_lh"):
+                args[name] = lse_strides[name == "stride_lh"]
+            elif name.startswith("stride_"):
+                prefix, axis = name[len("stride_"):-1], "bsh".index(name[-1])
+                args[name] = stride_of[prefix][axis]
+            elif name in ("n_heads", "n_kv_heads"):
+                args[name] = n_heads
+            else:
+                args[name] = scalars[name]
+        sig, const, div = specialise(params, args, kernel_flags)
+        return AotCase(kernel_name, kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+                       div, label, dict(options), (vendor,))
+
+    common = dict(VARLEN=varlen, **flags, **tiles, PRECISION=precision)
+    if not backward:
+        return [case("_attn_fwd_kernel", heads, common)]
+    delta_flags = dict(VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+    return [case("_attn_bwd_delta_kernel", heads, delta_flags),
+            case("_attn_bwd_dkdv_kernel", kv_heads, common),
+            case("_attn_bwd_dq_kernel", heads, common)]
+
+
+def _attention_both(**config: Any) -> list[AotCase]:
+    """The forward and the backward launches of ``config`` (see :func:`_attention_launch`)."""
+    return [*_attention_launch(**config, backward=False),
+            *_attention_launch(**config, backward=True)]
+
+
+# Head dims of real models: 128 (Llama, EuroLLM, Mistral), 64 (GPT-2, Falcon-7B), 96
+# (Phi-3-mini), 256 (Gemma), 80 (Phi-2; not a power of two: BLOCK_D 128, masked) and 32 (small
+# models), then 16, the smallest BLOCK_D (head dims 8 and 16): with 32 and 64 they give every
+# launch configuration the op can ask for (a test sweeps every head_dim). 96 and 80 compile to
+# 128's binaries (every stride still divisible by 16) and are deduplicated; 128 first: its
+# labels survive dedupe. fp16 at 128 only: its binaries differ from bf16's in the element type
+# alone (the same tiles, shared memory and registers on every target), and CI time counts.
+ATTENTION_HEAD_DIMS = (128, 64, 96, 256, 80, 32, 16)
+ATTENTION_FP16_HEAD_DIMS = (128,)
+ATTENTION_VENDORS = ("nvidia", "amd")
+
+
+def _attention_cases() -> list[AotCase]:
+    both = _attention_both
+    out: list[AotCase] = []
+    for vendor in ATTENTION_VENDORS:  # each compiled for its own vendor's two targets
+        # 1. Every launch configuration, forward and backward, without masks or caps, in
+        #    bf16, and head_dim 128 in fp16. Llama-3-8B's 32 heads (MHA: group is the
+        #    constexpr 1), two sequences of 4096.
+        for head_dim in ATTENTION_HEAD_DIMS:
+            out += both(vendor=vendor, head_dim=head_dim, dtype="bf16")
+        for head_dim in ATTENTION_FP16_HEAD_DIMS:
+            out += both(vendor=vendor, head_dim=head_dim, dtype="fp16")
+        # 2. One flag or specialisation at a time from the bf16 head_dim 128 base, each with
+        #    its backward (the δ kernel, which takes none of the flags, deduplicates).
+        for config in (
+            dict(causal=True),  # HAS_WINDOW with window (-1, 0)
+            # a causal sliding window (Mistral): the same binaries as causal (window_left -1
+            # and 4095 are both i32 not divisible by 16), kept to say so
+            dict(causal=True, window=(4095, 0), seqlen_q=8192),
+            dict(softcap=50.0),  # SOFTCAP (Gemma-2)
+            dict(kv_heads=8),  # GQA, group 4 (Llama-3-8B, EuroLLM-9B)
+            dict(cu_seqlens=("i32", 8), seqlen_q=16384),  # VARLEN, flash-attn's int32
+            # lengths (and so lse strides) not divisible by 16, seqlen_q != seqlen_k (the
+            # causal mask aligned to the bottom-right)
+            dict(seqlen_q=1000, seqlen_k=4097, causal=True),
+            dict(head_dim=72),  # head strides and head_dim not divisible by 16
+            dict(dtype="fp32", head_dim=64),  # fp32: PRECISION "ieee"
+            # 3. the production combinations: Llama-3-8B / EuroLLM-9B training, causal with
+            #    GQA, on fixed-length and packed batches
+            dict(causal=True, kv_heads=8),
+            dict(causal=True, kv_heads=8, cu_seqlens=("i32", 8), seqlen_q=16384),
+        ):
+            out += both(vendor=vendor, **config)
+        # int64 cu_seqlens (the op takes both): the forward only (its backward would differ
+        # from the int32 one in that pointer's type alone)
+        out += _attention_launch(vendor=vendor, backward=False, cu_seqlens=("i64", 8),
+                                 seqlen_q=16384)
+    return dedupe(out)
+
 # kernel family → case generator; a new kernel module adds one line here.
 GENERATORS: dict[str, Callable[[], list[AotCase]]] = {
     "rms_norm": _rms_norm_cases,
     "rotary": _rotary_cases,
+    "attention": _attention_cases,
 }
 
 
@@ -610,11 +784,15 @@ def check_launch(case: AotCase, target: GPUTarget) -> None:
 
 
 def compile_case(case: AotCase, target: GPUTarget) -> AotReport:
-    """Compiles one case for one target; raises LaunchSizeError or AotCompileError.
+    """Compiles one case for one target; raises LaunchSizeError or AotCompileError, and
+    ValueError for a target of a vendor the case is not launched on (:meth:`AotCase.applies_to`).
 
     A kernel defined under the interpreter is compiled in a fresh worker process (see the
     module docstring); a LaunchSizeError is raised here either way, before any compilation.
     """
+    if not case.applies_to(target):
+        raise ValueError(f"{case} is launched only on {', '.join(case.vendors)} GPUs, not on "
+                         f"{target_name(target)}")
     check_launch(case, target)
     if isinstance(case.fn, JITFunction):
         try:
@@ -629,12 +807,14 @@ def compile_case(case: AotCase, target: GPUTarget) -> AotReport:
 
 def compile_all(items: Sequence[AotCase], targets: Sequence[GPUTarget], jobs: int = 1
                 ) -> list[AotReport | AotFailure]:
-    """Compiles every case for every target (case-major order), never raising for one case.
+    """Compiles every case for every target it applies to (case-major order; a case naming
+    vendors skips the other vendor's targets, see :meth:`AotCase.applies_to`), never raising
+    for one case.
 
     ``jobs`` > 1 compiles in that many worker processes. Interpreted kernels always go to
     worker processes, started without TRITON_INTERPRET.
     """
-    work = [(case, target) for case in items for target in targets]
+    work = [(case, target) for case in items for target in targets if case.applies_to(target)]
     interpreted = any(not isinstance(case.fn, JITFunction) for case in items)
     if not work:
         return []
@@ -680,7 +860,7 @@ def _compile(case: AotCase, target: GPUTarget) -> AotReport:
                          f"the kernel's parameters {names}")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.divisible}
     src = ASTSource(case.fn, dict(case.signature), dict(case.constexprs), attrs=attrs)
-    options: dict[str, Any] = {"num_warps": case.num_warps}
+    options: dict[str, Any] = {**case.options, "num_warps": case.num_warps}
     if case.num_stages is not None:
         options["num_stages"] = case.num_stages
     log = io.StringIO()

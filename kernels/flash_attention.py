@@ -331,18 +331,26 @@ def _attn_bwd_dq_kernel(
 
 # Block sizes per (vendor, head_dim bound): (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
 # forward and for both backward kernels. Pinned, not autotuned: the configuration (and with
-# it the summation order) is a pure function of the device model and the shapes, the same on
-# every rank and every run. AMD: one stage (no software pipelining on CDNA), warps counted in
-# 64-wide wavefronts, waves_per_eu=2.
+# it the summation order) is a pure function of the device model, the dtype and the shapes,
+# the same on every rank and every run. AMD: one stage (no software pipelining on CDNA),
+# warps counted in 64-wide wavefronts. Chosen so that the ahead-of-time compile for sm_80,
+# sm_90, gfx90a and gfx942 does not spill on the Llama path; not yet timed on a GPU.
 FWD_CONFIGS = {
     "nvidia": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "amd": {64: (128, 64, 4, 1), 128: (128, 64, 4, 1), 256: (64, 32, 4, 1)},
 }
 BWD_CONFIGS = {
-    "nvidia": {64: (64, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 4, 1)},
+    # At head_dim 128, (64, 64) tiles or two stages spilled the dk/dv kernel (255 registers)
+    # on sm_80 and sm_90 with causal or packed GQA; 32 query rows per step do not.
+    "nvidia": {64: (64, 64, 4, 2), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1)},
     "amd": {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
 }
-AMD_WAVES_PER_EU = 2
+# Two waves per SIMD cap a program at 256 VGPRs: the forward fits; the backward, holding dk
+# and dv accumulators, spilled 50-330 VGPRs there, and gets one wave (512 VGPRs) instead.
+AMD_WAVES_PER_EU = {"forward": 2, "backward": 1}
+# fp32 inputs multiply in full fp32, which Triton emulates with FMAs (no tensor cores):
+# large tiles spilled heavily, so fp32 (a testing dtype) gets small ones everywhere.
+FP32_CONFIGS = {"forward": (32, 32, 4, 1), "backward": (16, 32, 4, 1)}
 # Triton's CPU interpreter: the smallest tiles tl.dot takes, so odd test shapes span blocks.
 INTERPRETER_CONFIG = (16, 16, 4, 1)
 MAX_HEAD_DIM = 256
@@ -357,12 +365,14 @@ def vendor(device) -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
-def launch_config(head_dim: int, vendor_name: str, backward: bool) -> dict:
+def launch_config(head_dim: int, vendor_name: str, backward: bool, fp32: bool = False) -> dict:
     """Tiles, warps and stages for one head_dim: the single source of launch configurations
     (the launchers use it; the ahead-of-time compile check enumerates its outputs)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if vendor_name == "interpreter":
         block_m, block_n, warps, stages = INTERPRETER_CONFIG
+    elif fp32:
+        block_m, block_n, warps, stages = FP32_CONFIGS["backward" if backward else "forward"]
     else:
         table = (BWD_CONFIGS if backward else FWD_CONFIGS)[vendor_name]
         bound = next(b for b in sorted(table) if block_d <= b)
@@ -370,7 +380,7 @@ def launch_config(head_dim: int, vendor_name: str, backward: bool) -> dict:
     cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
            "num_warps": warps, "num_stages": stages}
     if vendor_name == "amd":
-        cfg["waves_per_eu"] = AMD_WAVES_PER_EU
+        cfg["waves_per_eu"] = AMD_WAVES_PER_EU["backward" if backward else "forward"]
     return cfg
 
 
@@ -392,7 +402,7 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=False)
+    cfg = launch_config(head_dim, vendor(q.device), backward=False, fp32=_is_fp32(q))
     if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
         return
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
@@ -424,7 +434,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=True)
+    cfg = launch_config(head_dim, vendor(q.device), backward=True, fp32=_is_fp32(q))
     if n_seqs == 0 or heads == 0:
         dk.zero_()
         dv.zero_()
@@ -466,7 +476,12 @@ def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):
 
 
 def _precision(q) -> str:
-    """fp32 inputs multiply in full fp32 (the default, TF32, would lose 13 mantissa bits)."""
+    """Full-precision products: fp32 inputs would otherwise go through TF32 (13 mantissa bits
+    lost); fp16/bf16 ignore it. ("tf32" is also not a valid choice on gfx90a.)"""
+    return "ieee"
+
+
+def _is_fp32(q) -> bool:
     import torch
 
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    return q.dtype == torch.float32

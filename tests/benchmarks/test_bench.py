@@ -1,18 +1,20 @@
 """The benchmark harness end to end on the CPU: a pytest-benchmark timing, the CLI's JSON
-checked for self-consistency (bytes, times, GB/s and ceiling fractions), and each op's cases
-(the rotary baselines compute what eurocore computes)."""
+checked for self-consistency (bytes, FLOPs, times, GB/s, TFLOP/s and ceiling fractions), and
+each op's cases (the rotary and attention baselines compute what eurocore computes)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 import torch
 
-from eurocore.benchmarks import harness, rotary
+from eurocore.benchmarks import attention, harness, rotary
 from eurocore.benchmarks.__main__ import main as bench_main
 from eurocore.ops import apply_rotary_reference, rms_norm, rms_norm_reference
+from eurocore.ops.attention import attention_reference
 
 
 def test_rms_norm_forward_torch_backend(benchmark):
@@ -33,8 +35,15 @@ def test_write_json_is_atomic_and_named_by_date_and_device(tmp_path):
     assert json.loads(path.read_text())["ceilings"] == ceilings
 
 
+# The baseline each op is measured beside, present in every run.
+_BASELINES = {"rms_norm": "torch eager", "rotary": "torch eager",
+              "attention": "sdpa/flash" if torch.cuda.is_available() else "sdpa/math"}
+# Ops that count FLOPs (TFLOP/s against the matmul rate) besides bytes.
+_FLOP_OPS = {"attention"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["rms_norm", "rotary"])
+@pytest.mark.parametrize("op", ["rms_norm", "rotary", "attention"])
 def test_cli_quick_writes_consistent_json(op, tmp_path, capsys):
     assert bench_main(["--quick", "--ops", op, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -55,7 +64,7 @@ def test_cli_quick_writes_consistent_json(op, tmp_path, capsys):
     assert ceilings["matmul_tflops"] > 0
 
     rows = data["results"]
-    assert {r["impl"] for r in rows} >= {"torch eager"}
+    assert {r["impl"] for r in rows} >= {_BASELINES[op]}
     assert any(r["impl"].startswith("eurocore/") for r in rows)
     assert {r["variant"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     for r in rows:
@@ -64,6 +73,16 @@ def test_cli_quick_writes_consistent_json(op, tmp_path, capsys):
         assert math.isclose(r["gbps"], r["bytes"] / r["ms"] / 1e6, rel_tol=1e-9), r
         assert math.isclose(r["copy_fraction"], r["gbps"] / ceilings["copy_gbps"],
                             rel_tol=1e-9), r
+        if op in _FLOP_OPS:  # TFLOP/s = FLOPs / time; fraction of the measured matmul rate
+            assert r["flops"] > 0, r
+            assert math.isclose(r["tflops"], r["flops"] / (r["ms"] * 1e-3) / 1e12,
+                                rel_tol=1e-9), r
+            assert math.isclose(r["matmul_fraction"], r["tflops"] / ceilings["matmul_tflops"],
+                                rel_tol=1e-9), r
+        else:
+            assert r["flops"] is None and r["tflops"] is None, r
+    if op in _FLOP_OPS:
+        assert "TFLOP/s" in printed and "%matmul" in printed
     assert not [s for s in data["skipped"] if s["status"] == "failed"], data["skipped"]
 
 
@@ -147,3 +166,98 @@ def test_rotary_hf_tables_duplicate_the_half_width_table():
     assert full_cos.dtype == torch.float16
     assert torch.equal(full_cos[0, :, 4:], cos[:7].half())
     assert torch.equal(full_sin[0, :, :4], sin[:7].half())
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attention_cpu_cases_run():
+    """CPU: float32 at the CPU shapes, eurocore's auto backend (torch, the reference, on the
+    CPU) and SDPA's math backend for every variant; the GPU implementations listed as
+    skipped. Each case's setup builds its inputs, and the callable it returns runs."""
+    cases = attention.cases("cpu", quick=True)
+    run = [c for c in cases if c.skip is None]
+    assert {c.impl for c in run} == {"eurocore/torch", "sdpa/math"}
+    assert {c.variant for c in run} == set(attention.VARIANTS)
+    for impl, variant in itertools.product(("eurocore/torch", "sdpa/math"), attention.VARIANTS):
+        assert [c.shape for c in run if (c.impl, c.variant) == (impl, variant)] == \
+            attention.cpu_shapes()
+    assert {c.shape["seq"] for c in run} == set(attention.CPU_SEQLENS)
+    assert {c.shape["causal"] for c in run} == {0, 1}
+    assert all(c.dtype == "float32" and c.flops and c.bytes for c in run)
+    skipped = {c.impl: c.skip for c in cases if c.skip is not None}
+    assert skipped == dict.fromkeys(("sdpa/flash", "sdpa/cudnn", "flash-attn"),
+                                    "GPU-only implementation")
+    for case in run:
+        result = case.setup()()
+        outputs = result if isinstance(result, tuple) else (result,)
+        assert all(torch.isfinite(t).all() for t in outputs), case
+        b, s, h, d = (case.shape[k] for k in ("batch", "seq", "heads", "head_dim"))
+        assert all(t.numel() == b * s * h * d for t in outputs), case  # out, or dq, dk, dv
+
+
+def test_attention_flops_and_bytes_are_hand_counted():
+    """The quick GPU grid (listed, not run: no GPU needed), causal, batch 4 x seq 4096, 16
+    heads of 128: forward 4·b·h·s²·d / 2 FLOPs, backward 2.5x, both 3.5x; bytes q, k, v, out
+    (forward) and q, k, v, out, dout, dq, dk, dv plus the fp32 lse (backward), bf16."""
+    cases = [c for c in attention.cases("cuda", quick=True) if c.shape]
+    runnable = [c for c in cases if c.skip is None]  # every implementation counts alike
+    causal = {c.variant: c for c in runnable if c.shape["causal"]}
+    assert causal["fwd"].shape == {"batch": 4, "seq": 4096, "heads": 16, "kv_heads": 16,
+                                   "head_dim": 128, "causal": 1}
+    fwd = 274_877_906_944  # 4 * 4 * 16 * 4096 * 4096 * 128 / 2
+    assert causal["fwd"].flops == fwd
+    assert causal["bwd"].flops == 687_194_767_360  # 2.5 x
+    assert causal["fwd+bwd"].flops == 962_072_674_304  # 3.5 x
+    tensor = 4 * 4096 * 16 * 128 * 2  # one (b, s, h, d) bf16 tensor: 64 MiB
+    assert causal["fwd"].bytes == 4 * tensor
+    assert causal["bwd"].bytes == 8 * tensor + 4 * 16 * 4096 * 4
+    assert causal["fwd+bwd"].bytes == 12 * tensor + 4 * 16 * 4096 * 4
+    full = next(c for c in runnable if not c.shape["causal"] and c.variant == "fwd")
+    assert full.flops == 2 * fwd
+    assert attention.attention_flops(2, 4, 128, 128, 64, False, "fwd") == 33_554_432
+
+
+def test_attention_gpu_grid():
+    """16384 tokens per batch, hidden 2048 (32 heads of 64, 16 of 128), MHA, causal and not,
+    seq 1024 .. 16384, bf16, plus one GQA point; every variant for each implementation."""
+    listed = attention.cases("cuda", quick=False)
+    # eurocore: runnable on a GPU, or listed as skipped (the interpreter is not benchmarked)
+    assert any(c.impl.startswith("eurocore/") for c in listed)
+    cases = [c for c in listed if c.shape]
+    shapes = {tuple(c.shape.values()) for c in cases}
+    mha = {(16384 // s, s, 2048 // d, 2048 // d, d, causal) for s in attention.GPU_SEQLENS
+           for d in (64, 128) for causal in (0, 1)}
+    assert shapes == mha | {(4, 4096, 16, 4, 128, 1)}
+    assert all(c.dtype == "bfloat16" for c in cases)
+    by_impl: dict[str, int] = {}
+    for c in cases:  # cuDNN's cases become memory-efficient ones where cuDNN cannot run
+        impl = "sdpa/cudnn" if c.impl == "sdpa/efficient" else c.impl
+        by_impl[impl] = by_impl.get(impl, 0) + 1
+    assert {"sdpa/flash", "sdpa/cudnn"} <= set(by_impl)
+    assert all(n == len(shapes) * 3 for n in by_impl.values()), by_impl
+
+
+def test_attention_sdpa_baseline_computes_what_eurocore_computes(monkeypatch):
+    """Each CPU sdpa/math forward case, run through its own setup, returns the attention of
+    its inputs that eurocore's reference computes (fp32 tolerance), causal or not."""
+    inputs = []
+
+    def recording(*args, **kwargs):
+        made = make_inputs(*args, **kwargs)
+        inputs.append(made)
+        return made
+
+    make_inputs = attention.make_inputs
+    monkeypatch.setattr(attention, "make_inputs", recording)
+    found = [c for c in attention.cases("cpu", quick=True)
+             if c.impl == "sdpa/math" and c.variant == "fwd"]
+    assert {c.shape["causal"] for c in found} == {0, 1}
+    for case in found:
+        inputs.clear()
+        out = case.setup()()
+        ((q, k, v),) = inputs
+        ref, _ = attention_reference(q, k, v, causal=bool(case.shape["causal"]))
+        torch.testing.assert_close(out.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)

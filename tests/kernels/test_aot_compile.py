@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from eurocore.kernels import aot
+from eurocore.kernels import flash_attention as attention_kernels
 from eurocore.kernels import rms_norm as rms_norm_kernels
 from eurocore.kernels import rotary as rotary_kernels
-from eurocore.ops import apply_rotary
+from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen
+from eurocore.ops import attention as attention_ops
 from eurocore.ops import rotary as rotary_ops
 
 JOBS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -37,7 +39,9 @@ def test_every_case_compiles(target):
     results = aot.compile_all(cases, [aot.TARGETS[target]], jobs=JOBS)
     failures = [str(r) for r in results if isinstance(r, aot.AotFailure)]
     assert not failures, f"{len(failures)} of {len(results)} failed:\n" + "\n".join(failures)
-    assert len(results) == len(cases)
+    # cases of a vendor-specific configuration (attention) compile for that vendor only
+    assert len(results) == sum(c.applies_to(aot.TARGETS[target]) for c in cases)
+    assert {r.target for r in results} == {target}
     assert all(r.shared <= aot.MAX_SHARED[target] for r in results)
 
 
@@ -437,3 +441,286 @@ def test_rotary_bf16_rotate_half_loads_16_bytes_at_a_time():
             # The fp32 tables load as dwordx4 too: q and k must not be left narrower.
             assert set(report.loads) == {"global_load_dwordx4"}, (target, report.loads)
         assert report.widest_load == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash attention
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
+                     "_attn_bwd_dq_kernel")
+# read before any test patches the kernels
+ATTENTION_PARAMS = {name: aot.kernel_params(getattr(attention_kernels, name))
+                    for name in ATTENTION_KERNELS}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "waves_per_eu")
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_INDEX_DTYPES = {"i32": torch.int32, "i64": torch.int64}
+# small odd shapes for the launch comparisons (the AOT cases use production sizes)
+_ATTENTION_TEST_SHAPE = dict(head_dim=16, batch=2, seqlen_q=5, heads=4)
+
+
+class _NamedRecorder:
+    """Stands in for one kernel: records ``kernel[grid](*args, **kwargs)`` with its name."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, grid, args, kwargs))
+
+
+def _attention_key(kernel, signature, constexprs, divisible, num_warps, num_stages, options):
+    return (kernel, aot.config_key(signature), aot.config_key(constexprs), divisible,
+            num_warps, num_stages, aot.config_key(options))
+
+
+def _case_key(case):
+    return _attention_key(case.kernel, case.signature, case.constexprs, case.divisible,
+                          case.num_warps, case.num_stages, case.options)
+
+
+def _recorded_key(name, args, kwargs):
+    """What the JIT specialises for a recorded launch (by aot.specialise), with its options."""
+    params = ATTENTION_PARAMS[name]
+    kwargs = dict(kwargs)
+    launch = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+    assert len(args) + len(kwargs) == len(params), name
+    values = {p: aot.Ptr(_INDEX_OR_FLOAT[v.dtype], v.data_ptr() % 16 == 0)
+              if isinstance(v, torch.Tensor) else v for p, v in zip(params, args, strict=False)}
+    sig, const, div = aot.specialise(params, values, kwargs)
+    options = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
+    return _attention_key(name, sig, const, div, launch["num_warps"], launch["num_stages"],
+                          options)
+
+
+def _launch_attention(monkeypatch, device, vendor, *, head_dim, batch, seqlen_q, heads,
+                      dtype="bf16", seqlen_k=None, kv_heads=None, cu_seqlens=None,
+                      causal=False, window=(-1, -1), softcap=0.0, backward=True):
+    """Calls flash_attention (or flash_attention_varlen, with ``cu_seqlens`` = (index dtype,
+    sequences)) with backend="triton", the launchers' vendor set to ``vendor`` and the kernels
+    replaced by recorders (nothing runs); with ``backward`` also takes the gradients. Returns
+    the recorded launches, forward first. Arguments as aot._attention_launch takes them."""
+    launches = []
+    for name in ATTENTION_KERNELS:
+        monkeypatch.setattr(attention_kernels, name, _NamedRecorder(name, launches))
+    monkeypatch.setattr(attention_kernels, "vendor", lambda _device: vendor)
+    seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+    kv_heads = heads if kv_heads is None else kv_heads
+    dt = _TORCH_DTYPES[dtype]
+
+    def tensor(*shape):
+        return torch.randn(*shape, dtype=dt, device=device).requires_grad_(backward)
+
+    options = dict(causal=causal, window_size=window, softcap=softcap, backend="triton")
+    if cu_seqlens:
+        index, n_seqs = cu_seqlens
+        cu_q = torch.linspace(0, seqlen_q, n_seqs + 1).round().to(device, _INDEX_DTYPES[index])
+        cu_k = torch.linspace(0, seqlen_k, n_seqs + 1).round().to(device, _INDEX_DTYPES[index])
+        q, k, v = (tensor(seqlen_q, heads, head_dim), tensor(seqlen_k, kv_heads, head_dim),
+                   tensor(seqlen_k, kv_heads, head_dim))
+        out = flash_attention_varlen(q, k, v, cu_q, cu_k, int(cu_q.diff().max()),
+                                     int(cu_k.diff().max()), **options)
+    else:
+        q = tensor(batch, seqlen_q, heads, head_dim)
+        k, v = (tensor(batch, seqlen_k, kv_heads, head_dim) for _ in range(2))
+        out = flash_attention(q, k, v, **options)
+    if backward:
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    return launches
+
+
+_ATTENTION_LAUNCHES = [
+    {},
+    {"head_dim": 24},  # BLOCK_D 32, strides not divisible by 16
+    {"head_dim": 64, "seqlen_q": 16, "batch": 1},
+    {"head_dim": 256, "seqlen_q": 33},
+    {"kv_heads": 2},  # GQA
+    {"kv_heads": 1, "head_dim": 128},  # MQA: n_kv_heads is the constexpr 1
+    {"heads": 1},  # n_heads 1
+    {"causal": True},
+    {"causal": True, "seqlen_q": 3, "seqlen_k": 7},
+    {"window": (3, 1)},  # window_right 1: the constexpr 1
+    {"causal": True, "window": (16, -1)},
+    {"softcap": 5.0},
+    {"dtype": "fp16"},
+    {"dtype": "fp32"},  # PRECISION "ieee"
+    {"cu_seqlens": ("i32", 3), "seqlen_q": 11},
+    {"cu_seqlens": ("i64", 3), "seqlen_q": 11, "seqlen_k": 13},
+    {"cu_seqlens": ("i32", 3), "seqlen_q": 48, "causal": True, "kv_heads": 2},
+    {"cu_seqlens": ("i32", 1), "seqlen_q": 7},
+]
+
+
+@pytest.mark.parametrize("vendor", aot.ATTENTION_VENDORS)
+@pytest.mark.parametrize("config", _ATTENTION_LAUNCHES, ids=lambda c: ",".join(
+    f"{k}={v}" for k, v in c.items()) or "base")
+def test_attention_aot_case_is_the_launchers(monkeypatch, device, vendor, config):
+    """aot._attention_launch specialises exactly as the launchers do, on each vendor: the
+    forward, then δ, dk/dv and dq of the backward, each with the same signature, constexprs,
+    divisibility, warps, stages and vendor options (waves_per_eu on AMD) as the real launch
+    through flash_attention / flash_attention_varlen. The AOT cases are built by the same
+    function at production sizes."""
+    spec = {**_ATTENTION_TEST_SHAPE, **config}
+    expected = [_case_key(c) for backward in (False, True)
+                for c in aot._attention_launch(vendor=vendor, backward=backward, **spec)]
+    # after building the expected cases: this patches the kernels
+    launches = _launch_attention(monkeypatch, device, vendor, **spec)
+    found = [_recorded_key(name, args, kwargs) for name, _, args, kwargs in launches]
+    assert [key[0] for key in found] == list(ATTENTION_KERNELS)
+    for want, got in zip(expected, found, strict=True):
+        assert got == want, (config, dict(got[2]), dict(want[2]))
+
+
+_ATTENTION_PRODUCTION = dict(batch=2, seqlen_q=4096, heads=32, head_dim=128)
+
+
+@pytest.mark.parametrize("vendor", aot.ATTENTION_VENDORS)
+@pytest.mark.parametrize("config", [
+    {},
+    {"kv_heads": 8},
+    {"causal": True},
+    {"causal": True, "kv_heads": 8},
+    {"softcap": 50.0},
+    {"dtype": "fp16"},
+    {"head_dim": 64},
+    {"head_dim": 96},
+    {"head_dim": 80},
+    {"head_dim": 256},
+    {"cu_seqlens": ("i32", 8), "seqlen_q": 16384},
+    {"cu_seqlens": ("i32", 8), "seqlen_q": 16384, "causal": True, "kv_heads": 8},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "llama-mha")
+def test_attention_production_launches_are_aot_cases(monkeypatch, device, vendor, config):
+    """flash_attention at Llama-size shapes (forward and backward, the kernels replaced by
+    recorders) launches on each vendor only binaries the AOT set compiles for that vendor."""
+    compiled = {_case_key(c) for c in _attention_cases() if c.vendors == (vendor,)}
+    launches = _launch_attention(monkeypatch, device, vendor,
+                                 **{**_ATTENTION_PRODUCTION, **config})
+    assert len(launches) == 4
+    for name, _, args, kwargs in launches:
+        key = _recorded_key(name, args, kwargs)
+        assert key in compiled, (config, name, dict(key[2]))
+
+
+def _attention_cases():
+    return aot.cases("attention")
+
+
+def _tiles(case):
+    c = case.constexprs
+    return (c["BLOCK_M"], c.get("BLOCK_N"), c["BLOCK_D"], case.num_warps, case.num_stages,
+            aot.config_key(case.options))
+
+
+def test_attention_cases_cover_every_launch_config():
+    """Every configuration launch_config gives any head_dim the op accepts (multiples of 8 up
+    to 256), forward and backward, on each vendor, is compiled for each kernel in bf16 and
+    only for that vendor, and head_dim 128's in fp16 too: a configuration added to the tables
+    without an AOT case fails here."""
+    cases = _attention_cases()
+    head_dims = range(8, attention_ops.MAX_KERNEL_HEAD_DIM + 1, 8)
+    for vendor, backward in itertools.product(aot.ATTENTION_VENDORS, (False, True)):
+        kernels = ATTENTION_KERNELS[1:] if backward else ATTENTION_KERNELS[:1]
+        for head_dim in head_dims:
+            cfg = attention_kernels.launch_config(head_dim, vendor, backward)
+            options = aot.config_key({k: v for k, v in cfg.items() if k not in (
+                "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")})
+            dtypes = ("bf16", "fp16") if head_dim in aot.ATTENTION_FP16_HEAD_DIMS else ("bf16",)
+            for kernel, dtype in itertools.product(kernels, dtypes):
+                block_n = None if kernel == "_attn_bwd_delta_kernel" else cfg["BLOCK_N"]
+                want = (cfg["BLOCK_M"], block_n, cfg["BLOCK_D"], cfg["num_warps"],
+                        cfg["num_stages"], options)
+                pointer = "OUT" if kernel == "_attn_bwd_delta_kernel" else "Q"
+                assert any(c.kernel == kernel and c.vendors == (vendor,) and _tiles(c) == want
+                           and c.signature[pointer] == f"*{dtype}" for c in cases), \
+                    (vendor, kernel, dtype, head_dim, want)
+
+
+def test_attention_cases_vary_every_flag_and_specialisation():
+    cases = _attention_cases()
+    assert 60 <= len(cases) <= 140, len(cases)  # CI compiles each for two targets
+    assert {c.kernel for c in cases} == set(ATTENTION_KERNELS)
+    for vendor in aot.ATTENTION_VENDORS:
+        mine = [c for c in cases if c.vendors == (vendor,)]
+        # AMD tuning beside NVIDIA's: waves_per_eu and one stage on AMD only
+        if vendor == "amd":
+            waves = attention_kernels.AMD_WAVES_PER_EU
+            assert all(c.options == {"waves_per_eu": waves["forward" if c.kernel ==
+                                                            "_attn_fwd_kernel" else "backward"]}
+                       and c.num_stages == 1 for c in mine)
+        else:
+            assert all(c.options == {} for c in mine)
+            assert any(c.num_stages > 1 for c in mine)
+        for kernel in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+            of_kernel = [c for c in mine if c.kernel == kernel]
+
+            def has(of_kernel=of_kernel, dtype="bf16", **flags):
+                return any(c.signature["Q"] == f"*{dtype}"
+                           and all(c.constexprs.get(k) == v for k, v in flags.items())
+                           for c in of_kernel)
+
+            for flag in ("VARLEN", "HAS_WINDOW", "SOFTCAP"):
+                assert has(**{flag: True}) and has(**{flag: False}), (vendor, kernel, flag)
+            assert has(group=1)  # MHA: the constexpr 1
+            assert any(c.signature["group"] == "i32" for c in of_kernel)  # GQA
+            assert has(dtype="bf16") and has(dtype="fp16")
+            assert has(dtype="fp32", PRECISION="ieee")
+            assert any("head_dim" not in c.divisible for c in of_kernel)  # head_dim 72
+            # lengths (and the lse strides) not multiples of 16; seqlen_q != seqlen_k
+            assert any(not c.constexprs["VARLEN"] and "fixed_seqlen_q" not in c.divisible
+                       and "stride_lh" not in c.divisible for c in of_kernel)
+            assert any("fixed_seqlen_k" not in c.divisible for c in of_kernel)
+        fwd = [c for c in mine if c.kernel == "_attn_fwd_kernel" and c.constexprs["VARLEN"]]
+        assert {c.signature["CU_Q"] for c in fwd} == {"*i32", "*i64"}
+    for c in cases:  # only what the launchers make: fresh (aligned) tensors; packed: index
+        # cu_seqlens and batch strides 0, else q (or out) passed in their place
+        assert all(a in c.divisible for a, t in c.signature.items() if t.startswith("*")), c
+        if c.constexprs["VARLEN"]:
+            assert c.signature["CU_Q"] in ("*i32", "*i64") and "stride_lb" in c.divisible, c
+        else:
+            assert c.signature["CU_Q"] == c.signature["Q" if "Q" in c.signature else "OUT"], c
+
+
+def test_vendor_specific_case_is_refused_for_the_other_vendor():
+    """An NVIDIA configuration is never compiled for an AMD target, nor the reverse."""
+    nvidia = next(c for c in _attention_cases() if c.vendors == ("nvidia",))
+    amd = next(c for c in _attention_cases() if c.vendors == ("amd",))
+    for name, target in aot.TARGETS.items():
+        on_nvidia = name.startswith("sm_")
+        assert nvidia.applies_to(target) == on_nvidia
+        assert amd.applies_to(target) == (not on_nvidia)
+    with pytest.raises(ValueError, match=r"launched only on nvidia GPUs, not on gfx942"):
+        aot.compile_case(nvidia, aot.TARGETS["gfx942"])
+    with pytest.raises(ValueError, match=r"launched only on amd GPUs, not on sm_90"):
+        aot.compile_case(amd, aot.TARGETS["sm_90"])
+    rms = aot.cases("rms_norm")[0]
+    assert rms.vendors == () and all(rms.applies_to(t) for t in aot.TARGETS.values())
+
+
+def test_cases_pickle_with_their_options_and_vendors():
+    """Worker processes rebuild a case by reference: options and vendors survive."""
+    import pickle
+
+    amd = next(c for c in _attention_cases() if c.vendors == ("amd",))
+    again = pickle.loads(pickle.dumps(amd))
+    assert (again.kernel, again.signature, again.constexprs, again.num_warps, again.num_stages,
+            again.divisible, again.label, again.options, again.vendors) == (
+        amd.kernel, amd.signature, amd.constexprs, amd.num_warps, amd.num_stages,
+        amd.divisible, amd.label, amd.options, amd.vendors)
+    assert again.options == amd.options and "waves_per_eu" in again.options
+
+
+@pytest.mark.slow
+def test_attention_compiles_for_its_vendors_targets_only():
+    """compile_all sends an NVIDIA configuration to sm_90 and sm_80 and an AMD one (with its
+    waves_per_eu) to gfx90a and gfx942: four compilations for two cases on four targets."""
+    for target in aot.TARGETS:
+        _need_backend(target)
+    nvidia = next(c for c in _attention_cases() if c.vendors == ("nvidia",)
+                  and c.kernel == "_attn_bwd_delta_kernel")
+    amd = next(c for c in _attention_cases() if c.vendors == ("amd",)
+               and c.kernel == "_attn_bwd_delta_kernel")
+    results = aot.compile_all([nvidia, amd], list(aot.TARGETS.values()))
+    assert [(r.label, r.target) for r in results] == [
+        (nvidia.label, "sm_90"), (nvidia.label, "sm_80"), (amd.label, "gfx90a"),
+        (amd.label, "gfx942")]
+    assert all(isinstance(r, aot.AotReport) for r in results), [str(r) for r in results]
