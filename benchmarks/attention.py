@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import harness
 from .harness import Case, _first_line
 
 OP = "attention"
@@ -165,16 +166,10 @@ def _eurocore(device: torch.device) -> tuple[str, MakeImpl | None, str | None]:
     """
     from eurocore.ops import flash_attention
     from eurocore.ops.attention import IMPLEMENTED
-    from eurocore.ops.backends import resolve_backend, triton_interpreter_active
 
-    try:
-        backend = resolve_backend("flash_attention", device, None, IMPLEMENTED)
-    except Exception as err:  # a bad EUROCORE_BACKEND: say so instead of aborting the run
-        return "eurocore", None, f"{type(err).__name__}: {err}"
-    label = f"eurocore/{backend}"
-    if backend == "triton" and (device.type == "cpu" or triton_interpreter_active()):
-        return label, None, ("the Triton interpreter is not benchmarked "
-                             "(CPU: too slow to mean anything)")
+    label, backend, reason = harness.eurocore_backend("flash_attention", device, IMPLEMENTED)
+    if backend is None:
+        return label, None, reason
 
     def make(causal: bool) -> Impl:
         def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

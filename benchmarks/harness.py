@@ -139,6 +139,28 @@ class Skipped:
     reason: str
 
 
+def eurocore_backend(op: str, device: torch.device,
+                     implemented: tuple[str, ...]) -> tuple[str, str | None, str | None]:
+    """(label, backend, skip reason) of the eurocore row for ``op`` on ``device``.
+
+    Resolved by eurocore's own rule (``backend=`` unset: ``EUROCORE_BACKEND``, else triton on
+    a GPU and torch on the CPU), so the label names what actually runs; backend is None, with
+    the reason, when the row must be skipped (a bad EUROCORE_BACKEND, or the Triton
+    interpreter, too slow to mean anything).
+    """
+    from eurocore.ops.backends import resolve_backend, triton_interpreter_active
+
+    try:
+        backend = resolve_backend(op, device, None, implemented)
+    except Exception as err:  # a bad EUROCORE_BACKEND: say so instead of aborting the run
+        return "eurocore", None, f"{type(err).__name__}: {err}"
+    label = f"eurocore/{backend}"
+    if backend == "triton" and (device.type == "cpu" or triton_interpreter_active()):
+        return label, None, ("the Triton interpreter is not benchmarked "
+                             "(CPU: too slow to mean anything)")
+    return label, backend, None
+
+
 def _is_gpu(device: torch.device) -> bool:
     # ROCm builds of torch expose AMD GPUs as "cuda" devices too.
     return device.type == "cuda"

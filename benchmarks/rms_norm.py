@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import harness
 from .harness import Case
 
 OP = "rms_norm"
@@ -81,17 +82,11 @@ def _eurocore(device: torch.device) -> tuple[str, Forward | None, str | None]:
     a GPU and torch on the CPU), so the label names what actually runs.
     """
     from eurocore.ops import rms_norm
-    from eurocore.ops.backends import resolve_backend, triton_interpreter_active
     from eurocore.ops.normalization import IMPLEMENTED
 
-    try:
-        backend = resolve_backend(OP, device, None, IMPLEMENTED)
-    except Exception as err:  # a bad EUROCORE_BACKEND: say so instead of aborting the run
-        return "eurocore", None, f"{type(err).__name__}: {err}"
-    label = f"eurocore/{backend}"
-    if backend == "triton" and (device.type == "cpu" or triton_interpreter_active()):
-        return label, None, ("the Triton interpreter is not benchmarked "
-                             "(CPU: too slow to mean anything)")
+    label, backend, reason = harness.eurocore_backend(OP, device, IMPLEMENTED)
+    if backend is None:
+        return label, None, reason
 
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w, EPS, backend=backend)

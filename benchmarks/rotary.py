@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import harness
 from .harness import Case
 
 OP = "rotary"
@@ -178,17 +179,11 @@ def _eurocore(device: torch.device) -> tuple[str, Callable[[], Impl] | None, str
     a GPU and torch on the CPU), so the label names what actually runs.
     """
     from eurocore.ops import apply_rotary
-    from eurocore.ops.backends import resolve_backend, triton_interpreter_active
     from eurocore.ops.rotary import IMPLEMENTED
 
-    try:
-        backend = resolve_backend("apply_rotary", device, None, IMPLEMENTED)
-    except Exception as err:  # a bad EUROCORE_BACKEND: say so instead of aborting the run
-        return "eurocore", None, f"{type(err).__name__}: {err}"
-    label = f"eurocore/{backend}"
-    if backend == "triton" and (device.type == "cpu" or triton_interpreter_active()):
-        return label, None, ("the Triton interpreter is not benchmarked "
-                             "(CPU: too slow to mean anything)")
+    label, backend, reason = harness.eurocore_backend("apply_rotary", device, IMPLEMENTED)
+    if backend is None:
+        return label, None, reason
 
     def forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
