@@ -1,0 +1,146 @@
+"""Tensor-parallel linear layers, with sequence parallelism on or off (Megatron-LM layout).
+
+Activations are sequence-first, (seq, batch, hidden). Without sequence parallelism every
+rank of the TP group holds the whole activation; with it, each holds a 1/tp slice of the
+sequence between the parallel regions, and the collectives around the layers change:
+
+    column-parallel in:   copy fwd / all-reduce bwd     SP: all-gather fwd / reduce-scatter bwd
+    row-parallel out:     all-reduce fwd / copy bwd     SP: reduce-scatter fwd / all-gather bwd
+
+Weights are initialised so that every TP degree starts from the same model: the full matrix
+is drawn in fixed blocks of rows, each from its own seed, and each rank keeps its slice;
+no rank ever holds more than one block beyond its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from eurocore.parallel.collectives import (
+    all_gather_forward_reduce_scatter_backward,
+    all_gather_forward_split_backward,
+    all_reduce_forward_copy_backward,
+    copy_forward_all_reduce_backward,
+    reduce_scatter_forward_all_gather_backward,
+)
+
+# Rows drawn per generator: the unit of layout-independent initialisation.
+INIT_BLOCK_ROWS = 64
+
+
+def layout_independent_normal_(local: torch.Tensor, full_shape: tuple[int, int],
+                               rows: slice, cols: slice, std: float, seed: int) -> torch.Tensor:
+    """Fills ``local`` with ``full[rows, cols]`` of a (out, in) normal(0, std) matrix that is
+    a pure function of (full_shape, std, seed), whatever slice a rank holds.
+
+    Block b of INIT_BLOCK_ROWS rows comes from ``torch.Generator().manual_seed(seed + b)``
+    on the CPU in fp32, then moves to local's device and dtype.
+    """
+    n_rows, n_cols = full_shape
+    first, last = rows.start or 0, rows.stop if rows.stop is not None else n_rows
+    with torch.no_grad():
+        for block in range(first // INIT_BLOCK_ROWS, math.ceil(last / INIT_BLOCK_ROWS)):
+            start = block * INIT_BLOCK_ROWS
+            height = min(INIT_BLOCK_ROWS, n_rows - start)
+            gen = torch.Generator().manual_seed(seed + block)
+            values = torch.randn(height, n_cols, generator=gen) * std
+            lo, hi = max(first, start), min(last, start + height)
+            local[lo - first:hi - first].copy_(values[lo - start:hi - start, cols])
+    return local
+
+
+def _tp(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(size, rank) of the TP group; (1, 0) without one."""
+    if group is None:
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _divide(what: str, value: int, tp: int) -> int:
+    if value % tp:
+        raise ValueError(f"{what}: {value} is not divisible by tp = {tp}")
+    return value // tp
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ (+ b) with W (out_features, in_features) split along out_features.
+
+    Args:
+        in_features, out_features: the full layer's sizes; out_features divisible by tp.
+        tp_group: the tensor-parallel group (None: one rank).
+        bias: a bias, split like the output.
+        gather_output: gather the output features (else each rank keeps its 1/tp).
+        sequence_parallel: the input is this rank's sequence slice, gathered here.
+        std, seed: the layout-independent normal initialisation of W (bias starts at 0).
+
+    Forward: x (seq or seq / tp with sequence parallelism, batch, in_features) ->
+    (seq, batch, out_features / tp), or out_features with ``gather_output``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_group=None, *,
+                 bias: bool = False, gather_output: bool = False,
+                 sequence_parallel: bool = False, std: float = 0.02, seed: int = 0,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        tp, rank = _tp(tp_group)
+        local_out = _divide("out_features", out_features, tp)
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.gather_output = tp_group, gather_output
+        self.sequence_parallel = sequence_parallel
+        rows = slice(rank * local_out, (rank + 1) * local_out)
+        self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device,
+                                               dtype=dtype))
+        layout_independent_normal_(self.weight, (out_features, in_features), rows,
+                                   slice(None), std, seed)
+        self.bias = (nn.Parameter(torch.zeros(local_out, device=device, dtype=dtype)) if bias
+                     else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = all_gather_forward_reduce_scatter_backward(x, self.tp_group, 0)
+        else:
+            x = copy_forward_all_reduce_backward(x, self.tp_group)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        return all_gather_forward_split_backward(y, self.tp_group, -1) if self.gather_output \
+            else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x Wᵀ with W (out_features, in_features) split along in_features; the input is
+    already split along its features (the output of a column-parallel layer).
+
+    Args:
+        in_features, out_features: the full layer's sizes; in_features divisible by tp.
+        tp_group: the tensor-parallel group (None: one rank).
+        sequence_parallel: reduce-scatter the output along the sequence (else all-reduce).
+        std, seed: the layout-independent normal initialisation of W.
+
+    Forward: x (seq, batch, in_features / tp) -> (seq, or seq / tp with sequence
+    parallelism, batch, out_features). No bias (Llama-style models have none).
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_group=None, *,
+                 sequence_parallel: bool = False, std: float = 0.02, seed: int = 0,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        tp, rank = _tp(tp_group)
+        local_in = _divide("in_features", in_features, tp)
+        self.in_features, self.out_features = in_features, out_features
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        cols = slice(rank * local_in, (rank + 1) * local_in)
+        self.weight = nn.Parameter(torch.empty(out_features, local_in, device=device,
+                                               dtype=dtype))
+        layout_independent_normal_(self.weight, (out_features, in_features),
+                                   slice(0, out_features), cols, std, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = nn.functional.linear(x, self.weight)
+        if self.sequence_parallel:
+            return reduce_scatter_forward_all_gather_backward(partial, self.tp_group, 0)
+        return all_reduce_forward_copy_backward(partial, self.tp_group)

@@ -1,0 +1,113 @@
+"""Tensor-parallel linear layers against one process: outputs, input and weight gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from eurocore.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    layout_independent_normal_,
+)
+from tests.parallel.launch import run_on_ranks
+
+SEQ, BATCH, IN, OUT = 8, 3, 12, 20  # SEQ, IN and OUT divisible by 2 and 4
+SEED, STD = 7, 0.5
+
+
+def _full_weight() -> torch.Tensor:
+    weight = torch.empty(OUT, IN, dtype=torch.float64)
+    return layout_independent_normal_(weight, (OUT, IN), slice(0, OUT), slice(None), STD, SEED)
+
+
+def _tensor(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _check_column(rank: int, world: int, sequence_parallel: bool, gather_output: bool) -> None:
+    group = dist.group.WORLD
+    layer = ColumnParallelLinear(IN, OUT, group, gather_output=gather_output,
+                                 sequence_parallel=sequence_parallel, std=STD, seed=SEED,
+                                 dtype=torch.float64)
+    w = _full_weight().requires_grad_()
+    x_full = _tensor(1, SEQ, BATCH, IN).requires_grad_()
+    grad_full = _tensor(2, SEQ, BATCH, OUT)
+    y_full = x_full @ w.t()
+    y_full.backward(grad_full)
+
+    out = slice(rank * OUT // world, (rank + 1) * OUT // world)
+    seq = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
+    x = (x_full.detach()[seq] if sequence_parallel else x_full.detach()).clone()
+    x.requires_grad_()
+    y = layer(x)
+    expected = y_full.detach() if gather_output else y_full.detach()[..., out]
+    torch.testing.assert_close(y, expected)
+    y.backward(grad_full if gather_output else grad_full[..., out])
+    x_grad = x_full.grad[seq] if sequence_parallel else x_full.grad
+    torch.testing.assert_close(x.grad, x_grad)
+    torch.testing.assert_close(layer.weight.grad, w.grad[out])
+
+
+def _check_row(rank: int, world: int, sequence_parallel: bool) -> None:
+    group = dist.group.WORLD
+    layer = RowParallelLinear(OUT, IN, group, sequence_parallel=sequence_parallel,
+                              std=STD, seed=SEED, dtype=torch.float64)
+    w = torch.empty(IN, OUT, dtype=torch.float64)
+    layout_independent_normal_(w, (IN, OUT), slice(0, IN), slice(None), STD, SEED)
+    w.requires_grad_()
+    x_full = _tensor(3, SEQ, BATCH, OUT).requires_grad_()
+    grad_full = _tensor(4, SEQ, BATCH, IN)
+    y_full = x_full @ w.t()
+    y_full.backward(grad_full)
+
+    cols = slice(rank * OUT // world, (rank + 1) * OUT // world)
+    seq = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
+    x = x_full.detach()[..., cols].clone().requires_grad_()
+    y = layer(x)
+    torch.testing.assert_close(y, y_full.detach()[seq] if sequence_parallel else y_full.detach())
+    y.backward(grad_full[seq] if sequence_parallel else grad_full)
+    torch.testing.assert_close(x.grad, x_full.grad[..., cols])
+    torch.testing.assert_close(layer.weight.grad, w.grad[:, cols])
+
+
+@pytest.mark.parametrize("world, sequence_parallel, gather_output", [
+    (2, False, False), (2, True, False), (2, False, True), (2, True, True),
+    (4, False, False), (4, True, False),
+])
+def test_column_parallel_equals_one_process(world, sequence_parallel, gather_output):
+    run_on_ranks(_check_column, world, sequence_parallel, gather_output)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["", "sp"])
+def test_row_parallel_equals_one_process(world, sequence_parallel):
+    run_on_ranks(_check_row, world, sequence_parallel)
+
+
+def test_initialisation_does_not_depend_on_the_slice():
+    """Any row/column slice of the full matrix is what a rank holding it draws."""
+    full = torch.empty(150, 9)
+    layout_independent_normal_(full, (150, 9), slice(0, 150), slice(None), 1.0, 3)
+    for rows, cols in ((slice(0, 75), slice(None)), (slice(75, 150), slice(None)),
+                       (slice(50, 100), slice(3, 6)), (slice(130, 150), slice(0, 9))):
+        height = rows.stop - rows.start
+        width = len(range(9)[cols])
+        part = layout_independent_normal_(torch.empty(height, width), (150, 9), rows, cols,
+                                          1.0, 3)
+        assert torch.equal(part, full[rows, cols])
+    other = layout_independent_normal_(torch.empty(150, 9), (150, 9), slice(0, 150),
+                                       slice(None), 1.0, 4)
+    assert not torch.equal(other, full)
+
+
+def test_sizes_not_divisible_by_tp_are_rejected(monkeypatch):
+    # One process: the check is arithmetic on the group size, so fake a group of 3.
+    import eurocore.parallel.layers as layers
+
+    monkeypatch.setattr(layers, "_tp", lambda group: (3, 0))
+    with pytest.raises(ValueError, match=r"^out_features: 20 is not divisible by tp = 3"):
+        ColumnParallelLinear(IN, 20)
+    with pytest.raises(ValueError, match=r"^in_features: 20 is not divisible by tp = 3"):
+        RowParallelLinear(20, IN)
