@@ -144,3 +144,92 @@ class RowParallelLinear(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_forward_all_gather_backward(partial, self.tp_group, 0)
         return all_reduce_forward_copy_backward(partial, self.tp_group)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
+    """The vocabulary rounded up to a multiple of ``tp · multiple``: every rank then holds
+    the same number of rows. Rows from vocab_size on are padding, never looked up."""
+    unit = tp * multiple
+    return -(-vocab_size // unit) * unit
+
+
+def _vocab_range(vocab_size: int, tp_group) -> tuple[int, int, int]:
+    """(first, last, padded size) of this rank's rows of the padded vocabulary."""
+    tp, rank = _tp(tp_group)
+    padded = padded_vocab_size(vocab_size, tp)
+    local = padded // tp
+    return rank * local, (rank + 1) * local, padded
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the (padded) vocabulary split over the TP group.
+
+    Args:
+        num_embeddings: the real vocabulary size (any; padded to a multiple of tp).
+        embedding_dim: hidden size.
+        tp_group: the tensor-parallel group (None: one rank).
+        sequence_parallel: reduce-scatter the output along the sequence (else all-reduce).
+        std, seed: the layout-independent normal initialisation; padding rows are zero.
+
+    Forward: token ids (seq, batch) in [0, num_embeddings) -> (seq, or seq / tp with
+    sequence parallelism, batch, embedding_dim).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_group=None, *,
+                 sequence_parallel: bool = False, std: float = 0.02, seed: int = 0,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
+        self.first, self.last, self.padded_size = _vocab_range(num_embeddings, tp_group)
+        self.weight = nn.Parameter(torch.zeros(self.last - self.first, embedding_dim,
+                                               device=device, dtype=dtype))
+        real = max(0, min(self.last, num_embeddings) - self.first)
+        if real:
+            layout_independent_normal_(self.weight[:real], (num_embeddings, embedding_dim),
+                                       slice(self.first, self.first + real), slice(None), std,
+                                       seed)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.first) | (ids >= self.last)
+        local = torch.where(outside, 0, ids - self.first)
+        out = nn.functional.embedding(local, self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_forward_all_gather_backward(out, self.tp_group, 0)
+        return all_reduce_forward_copy_backward(out, self.tp_group)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
+                                 tp_group=None, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy over a vocabulary split across the TP group, without gathering it.
+
+    Args:
+        logits: (..., padded_vocab / tp), this rank's columns of the padded vocabulary (the
+            output of a column-parallel head); padding columns are ignored.
+        target: (...) int64 in [0, vocab_size), or ignore_index.
+        vocab_size: the real vocabulary size.
+
+    Returns:
+        The mean loss over the tokens not ignored (fp32 scalar, the same on every rank; 0
+        when every token is ignored), as ``F.cross_entropy(full_logits, target)``.
+    """
+    first, last, _ = _vocab_range(vocab_size, tp_group)
+    logits = logits.float()
+    column = torch.arange(first, last, device=logits.device)
+    logits = logits.masked_fill(column >= vocab_size, float("-inf"))  # padding columns
+    # Shift by the global max for a stable exp; constant for the gradient.
+    local_max = logits.detach().amax(dim=-1)
+    if tp_group is not None:
+        dist.all_reduce(local_max, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = logits - local_max.unsqueeze(-1)
+    sum_exp = all_reduce_forward_copy_backward(shifted.exp().sum(dim=-1), tp_group)
+    mine = (target >= first) & (target < last)
+    index = torch.where(mine, target - first, 0).unsqueeze(-1)
+    picked = shifted.gather(-1, index).squeeze(-1).masked_fill(~mine, 0.0)
+    target_logit = all_reduce_forward_copy_backward(picked, tp_group)
+    losses = torch.log(sum_exp) - target_logit
+    kept = target != ignore_index
+    losses = losses.masked_fill(~kept, 0.0)
+    return losses.sum() / kept.sum().clamp_min(1)

@@ -9,7 +9,10 @@ import torch.distributed as dist
 from eurocore.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
+    VocabParallelEmbedding,
     layout_independent_normal_,
+    padded_vocab_size,
+    vocab_parallel_cross_entropy,
 )
 from tests.parallel.launch import run_on_ranks
 
@@ -111,3 +114,77 @@ def test_sizes_not_divisible_by_tp_are_rejected(monkeypatch):
         ColumnParallelLinear(IN, 20)
     with pytest.raises(ValueError, match=r"^in_features: 20 is not divisible by tp = 3"):
         RowParallelLinear(20, IN)
+
+
+VOCAB, DIM, TOKENS = 13, 6, 10  # 13: divisible by neither 2 nor 4
+
+
+def _check_embedding(rank: int, world: int, sequence_parallel: bool) -> None:
+    group = dist.group.WORLD
+    layer = VocabParallelEmbedding(VOCAB, DIM, group, sequence_parallel=sequence_parallel,
+                                   std=STD, seed=SEED, dtype=torch.float64)
+    full = torch.empty(VOCAB, DIM, dtype=torch.float64)
+    layout_independent_normal_(full, (VOCAB, DIM), slice(0, VOCAB), slice(None), STD, SEED)
+    full.requires_grad_()
+    ids = torch.randint(0, VOCAB, (SEQ, BATCH), generator=torch.Generator().manual_seed(5))
+    grad = _tensor(6, SEQ, BATCH, DIM)
+    expected = torch.nn.functional.embedding(ids, full)
+    expected.backward(grad)
+    seq = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
+    out = layer(ids)
+    torch.testing.assert_close(out, expected.detach()[seq] if sequence_parallel
+                               else expected.detach())
+    out.backward(grad[seq] if sequence_parallel else grad)
+    rows = padded_vocab_size(VOCAB, world) // world
+    real = max(0, min(VOCAB - rank * rows, rows))
+    torch.testing.assert_close(layer.weight.grad[:real], full.grad[rank * rows:][:real])
+    assert torch.equal(layer.weight.grad[real:], torch.zeros_like(layer.weight.grad[real:]))
+    assert torch.equal(layer.weight.detach()[real:], torch.zeros_like(layer.weight[real:]))
+
+
+def _check_cross_entropy(rank: int, world: int) -> None:
+    group = dist.group.WORLD
+    padded = padded_vocab_size(VOCAB, world)
+    logits_full = _tensor(7, TOKENS, VOCAB).requires_grad_()
+    target = torch.randint(0, VOCAB, (TOKENS,), generator=torch.Generator().manual_seed(8))
+    target[[1, 4]] = -100
+    expected = torch.nn.functional.cross_entropy(logits_full, target, ignore_index=-100)
+    expected.backward()
+    # This rank's columns of the padded logits; padding columns hold large garbage.
+    padded_logits = torch.cat([logits_full.detach(), torch.full((TOKENS, padded - VOCAB), 50.0,
+                                                                dtype=torch.float64)], dim=-1)
+    cols = slice(rank * padded // world, (rank + 1) * padded // world)
+    local = padded_logits[:, cols].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, VOCAB, group)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-6, atol=1e-6)
+    loss.backward()
+    full_grad = torch.cat([logits_full.grad, torch.zeros(TOKENS, padded - VOCAB,
+                                                         dtype=torch.float64)], dim=-1)
+    torch.testing.assert_close(local.grad, full_grad[:, cols], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["", "sp"])
+def test_vocab_parallel_embedding_equals_one_process(world, sequence_parallel):
+    run_on_ranks(_check_embedding, world, sequence_parallel)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(world):
+    run_on_ranks(_check_cross_entropy, world)
+
+
+def test_cross_entropy_on_one_process_and_all_ignored():
+    logits = _tensor(9, 5, VOCAB).requires_grad_()
+    target = torch.tensor([0, 12, -100, 3, 7])
+    loss = vocab_parallel_cross_entropy(logits, target, VOCAB)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, target).float())
+    ignored = vocab_parallel_cross_entropy(logits, torch.full((5,), -100), VOCAB)
+    assert ignored.item() == 0.0
+
+
+def test_padded_vocab_size():
+    assert padded_vocab_size(128000, 8) == 128000  # EuroLLM: 125 x 1024, no padding
+    assert padded_vocab_size(128256, 8, multiple=128) == 129024  # Llama 3: 126 x 1024
+    assert padded_vocab_size(128256, 3) == 128256 and padded_vocab_size(128257, 3) == 128259
+    assert padded_vocab_size(13, 4) == 16 and padded_vocab_size(13, 1) == 13
