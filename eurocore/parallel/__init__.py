@@ -1,4 +1,5 @@
-"""Parallelism: process groups and the collectives tensor and sequence parallelism use."""
+"""Parallelism: process groups, the collectives of tensor and sequence parallelism, and the
+tensor-parallel layers built on them."""
 
 from eurocore.parallel.collectives import (
     all_gather_forward_reduce_scatter_backward,
@@ -9,13 +10,25 @@ from eurocore.parallel.collectives import (
     split_forward_all_gather_backward,
 )
 from eurocore.parallel.groups import ParallelGroups
+from eurocore.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    padded_vocab_size,
+    vocab_parallel_cross_entropy,
+)
 
 __all__ = [
+    "ColumnParallelLinear",
     "ParallelGroups",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
     "all_gather_forward_reduce_scatter_backward",
     "all_gather_forward_split_backward",
     "all_reduce_forward_copy_backward",
     "copy_forward_all_reduce_backward",
+    "padded_vocab_size",
     "reduce_scatter_forward_all_gather_backward",
     "split_forward_all_gather_backward",
+    "vocab_parallel_cross_entropy",
 ]
