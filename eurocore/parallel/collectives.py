@@ -100,26 +100,17 @@ class _AllGatherForwardSplitBackward(torch.autograd.Function):
         return _split(grad, ctx.group, ctx.dim), None, None
 
 
-class _AllGatherForwardReduceScatterBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
+class _AllGatherForwardReduceScatterBackward(_AllGatherForwardSplitBackward):
     @staticmethod
     def backward(ctx, grad):
         return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
 
 
-class _ReduceScatterForwardAllGatherBackward(torch.autograd.Function):
+class _ReduceScatterForwardAllGatherBackward(_SplitForwardAllGatherBackward):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
         return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
 
 
 def copy_forward_all_reduce_backward(x: torch.Tensor,
