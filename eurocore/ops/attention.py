@@ -21,6 +21,7 @@ import math
 import torch
 
 from eurocore.ops.backends import resolve_backend
+from eurocore.ops.checks import check_cu_seqlens_shape, cu_seqlens_lengths, reads_allowed
 
 IMPLEMENTED = ("torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -258,15 +259,7 @@ def _check_options(q, causal, softmax_scale, window_size, softcap, deterministic
 
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
     for arg, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{arg}: expected int32 or int64, got {cu.dtype}")
-        if cu.device != q.device:
-            raise ValueError(f"{arg}: is on {cu.device} but q is on {q.device}")
-        if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"{arg}: expected (sequences + 1,) with at least 2 entries, got "
-                             f"shape {tuple(cu.shape)}")
+        check_cu_seqlens_shape(arg, cu, q.device)
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_k: {cu_seqlens_k.shape[0] - 1} sequences but "
                          f"cu_seqlens_q has {cu_seqlens_q.shape[0] - 1}")
@@ -275,19 +268,12 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{arg}: expected >= 0, got {value}")
-    if torch.compiler.is_compiling() or (torch.cuda.is_available()
-                                         and torch.cuda.is_current_stream_capturing()):
+    if not reads_allowed():
         return
     for arg, cu, total, bound, max_arg in (
             ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q"),
             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")):
-        values = cu.tolist()
-        if values[0] != 0 or values[-1] != total:
-            raise ValueError(f"{arg}: must start at 0 and end at the {total} packed tokens, "
-                             f"got {values[0]} .. {values[-1]}")
-        lengths = [b - a for a, b in itertools.pairwise(values)]
-        if min(lengths) < 0:
-            raise ValueError(f"{arg}: must be non-decreasing, got {values}")
+        lengths = cu_seqlens_lengths(arg, cu, total)
         if max(lengths) > bound:
             raise ValueError(f"{max_arg}: {bound} is less than the longest sequence in {arg}, "
                              f"{max(lengths)}")

@@ -16,7 +16,6 @@ The backward is the same rotation with s negated.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +23,12 @@ from typing import Any
 import torch
 
 from eurocore.ops.backends import resolve_backend
+from eurocore.ops.checks import (
+    check_cu_seqlens_shape,
+    check_index_tensor,
+    cu_seqlens_lengths,
+    reads_allowed,
+)
 
 IMPLEMENTED = ("torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -200,7 +205,7 @@ def apply_rotary(
     _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
                 inplace)
     name = resolve_backend("apply_rotary", q.device, backend, IMPLEMENTED)
-    if not (torch.compiler.is_compiling() or _capturing_cuda_graph()):
+    if reads_allowed():
         _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout)
     if name == "torch":
         out_q, out_k = apply_rotary_reference(
@@ -305,10 +310,6 @@ def _as_offsets(seqlen_offsets: int | torch.Tensor, device: torch.device,
     return offsets[index] if index is not None else offsets
 
 
-def _capturing_cuda_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
                 inplace) -> None:
     """Raises ValueError/TypeError naming the first bad argument; reads no device data."""
@@ -370,13 +371,10 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
         if layout != "thd":
             raise ValueError(f"cu_seqlens: only the 'thd' layout takes cu_seqlens, got layout "
                              f"{layout!r}")
-        _check_index_tensor("cu_seqlens", cu_seqlens, q.device)
-        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens: expected (sequences + 1,) with at least 2 entries, "
-                             f"got shape {tuple(cu_seqlens.shape)}")
+        check_cu_seqlens_shape("cu_seqlens", cu_seqlens, q.device)
         batch = cu_seqlens.shape[0] - 1
     if position_ids is not None:
-        _check_index_tensor("position_ids", position_ids, q.device)
+        check_index_tensor("position_ids", position_ids, q.device)
         if cu_seqlens is not None:
             raise ValueError("position_ids: give position_ids or cu_seqlens, not both")
         if not (isinstance(seqlen_offsets, int) and seqlen_offsets == 0):
@@ -392,7 +390,7 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
             raise ValueError(f"position_ids: expected {expected} for q of shape "
                              f"{tuple(q.shape)} in layout {layout!r}, got {shape}")
     if isinstance(seqlen_offsets, torch.Tensor):
-        _check_index_tensor("seqlen_offsets", seqlen_offsets, q.device)
+        check_index_tensor("seqlen_offsets", seqlen_offsets, q.device)
         expected_len = batch if batch is not None else 1
         if tuple(seqlen_offsets.shape) != (expected_len,):
             raise ValueError(f"seqlen_offsets: expected one offset per sequence, shape "
@@ -409,26 +407,11 @@ def _leaf_or_view_of_leaf(tensor: torch.Tensor) -> bool:
     return base.is_leaf and base.requires_grad
 
 
-def _check_index_tensor(arg: str, tensor, device: torch.device) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{arg}: expected int32 or int64, got {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"{arg}: is on {tensor.device} but q is on {device}")
-
-
 def _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout) -> None:
     """The checks that read device data: cu_seqlens well formed, positions inside cos."""
     n_positions = cos.shape[0]
     if cu_seqlens is not None:
-        cu = cu_seqlens.tolist()
-        total = q.shape[0]
-        if cu[0] != 0 or cu[-1] != total:
-            raise ValueError(f"cu_seqlens: must start at 0 and end at total_tokens = {total}, "
-                             f"got {cu[0]} .. {cu[-1]}")
-        if any(b < a for a, b in itertools.pairwise(cu)):
-            raise ValueError(f"cu_seqlens: must be non-decreasing, got {cu}")
+        cu_seqlens_lengths("cu_seqlens", cu_seqlens, q.shape[0])
     if math.prod(q.shape[:-2]) == 0:  # no tokens: no position is asked
         return
     if position_ids is None and cu_seqlens is None and isinstance(seqlen_offsets, int):
@@ -545,6 +528,21 @@ def _rotary_inplace_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offs
     return None
 
 
+def _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved,
+                backend) -> None:
+    """Keeps what the backward rotation needs: the table and the positions."""
+    ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
+    ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+
+
+def _rotate_back(ctx, dq_out, dk_out):
+    """The backward of a rotation: the same rotation with the sine negated, in one launch."""
+    cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
+    return torch.ops.eurocore.rotary(dq_out, dk_out, cos, sin, position_ids, offsets,
+                                     cu_seqlens, ctx.offset, ctx.layout, ctx.interleaved, True,
+                                     ctx.backend)
+
+
 class _ApplyRotary(torch.autograd.Function):
     """Kernel-backend autograd, out of place: the backward rotates the output gradients of q
     and k by the negated angle, in one launch."""
@@ -555,17 +553,14 @@ class _ApplyRotary(torch.autograd.Function):
         out_q, out_k = torch.ops.eurocore.rotary(q, k, cos, sin, position_ids, offsets,
                                                  cu_seqlens, offset, layout, interleaved, False,
                                                  backend)
-        ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
-        ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+        _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                    interleaved, backend)
         ctx.has_k = k is not None
         return out_q, out_k if k is not None else None
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
-        cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
-        dq, dk = torch.ops.eurocore.rotary(
-            dq_out, dk_out if ctx.has_k else None, cos, sin, position_ids, offsets, cu_seqlens,
-            ctx.offset, ctx.layout, ctx.interleaved, True, ctx.backend)
+        dq, dk = _rotate_back(ctx, dq_out, dk_out if ctx.has_k else None)
         return (dq, dk if ctx.has_k else None, *([None] * 9))
 
 
@@ -581,14 +576,11 @@ class _RotatedInPlace(torch.autograd.Function):
     def forward(ctx, x, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
                 interleaved, backend):
         ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
-        ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+        _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
+                    interleaved, backend)
         return x
 
     @staticmethod
     def backward(ctx, dx_out):
-        cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
-        dx, _ = torch.ops.eurocore.rotary(dx_out, None, cos, sin, position_ids, offsets,
-                                          cu_seqlens, ctx.offset, ctx.layout, ctx.interleaved,
-                                          True, ctx.backend)
+        dx, _ = _rotate_back(ctx, dx_out, None)
         return (dx, *([None] * 9))
