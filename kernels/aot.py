@@ -581,8 +581,6 @@ def _rotary_cases() -> list[AotCase]:
 # Flash attention
 # ---------------------------------------------------------------------------------------------
 
-_ATTENTION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
 
 def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
                       dtype: str = "bf16", batch: int = 2, seqlen_q: int = 4096,
@@ -601,7 +599,6 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
     (``flash_attention_varlen``): ``seqlen_q``/``seqlen_k`` are then the packed token counts,
     batch 1, the lse (heads, total_q). ``causal`` and ``window`` as the op takes them.
     """
-    import torch
 
     from eurocore.kernels import flash_attention as m
 
@@ -613,7 +610,7 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
     cfg = m.launch_config(head_dim, vendor, backward=backward, fp32=dtype == "fp32")
     options = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_D",
                                                          "num_warps", "num_stages")}
-    precision = m._precision(torch.empty(0, dtype=getattr(torch, _ATTENTION_DTYPES[dtype])))
+    precision = m.INPUT_PRECISION
     scale, cap, flags = m._scale_args(head_dim ** -0.5, softcap, (left, right))
     varlen = cu_seqlens is not None
 

@@ -22,9 +22,13 @@ over every query block and every query head of its kv group (GQA sums there, in 
 order), one program per query block accumulates dq. Gradients are bitwise reproducible.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+# Full-precision products: fp32 inputs would otherwise go through TF32 (13 mantissa bits
+# lost); fp16/bf16 ignore it. ("tf32" is not even a valid choice on gfx90a.)
+INPUT_PRECISION = "ieee"
 LOG2E = 1.4426950408889634
 
 
@@ -360,8 +364,6 @@ def vendor(device) -> str:
     """"nvidia", "amd" or "interpreter" (CPU tensors under TRITON_INTERPRET)."""
     if device.type != "cuda":
         return "interpreter"
-    import torch
-
     return "amd" if torch.version.hip else "nvidia"
 
 
@@ -402,7 +404,7 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=False, fp32=_is_fp32(q))
+    cfg = launch_config(head_dim, vendor(q.device), backward=False, fp32=q.dtype == torch.float32)
     if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
         return
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
@@ -418,7 +420,7 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
         *qs, *ks, *vs, *os_, *lse_strides,
         seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim,
         scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, PRECISION=_precision(q),
+        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION,
         **cfg,
     )
 
@@ -428,13 +430,11 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
                    window: tuple[int, int], softcap: float) -> None:
     """Launches the backward: δ, then dk and dv, then dq, into preallocated gradients laid
     out like their inputs. Shapes as for :func:`flash_attn_fwd`; do like out."""
-    import torch
-
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=True, fp32=_is_fp32(q))
+    cfg = launch_config(head_dim, vendor(q.device), backward=True, fp32=q.dtype == torch.float32)
     if n_seqs == 0 or heads == 0:
         dk.zero_()
         dv.zero_()
@@ -460,12 +460,12 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qs, *ks, *vs, *dos, *dks, *dvs,
         *lse_strides, *common, kv_heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, **tiles, PRECISION=_precision(q), **launch)
+        VARLEN=varlen, **flags, **tiles, PRECISION=INPUT_PRECISION, **launch)
     _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), n_seqs * heads)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *dqs, *lse_strides,
         *common, heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, **tiles, PRECISION=_precision(q), **launch)
+        VARLEN=varlen, **flags, **tiles, PRECISION=INPUT_PRECISION, **launch)
 
 
 def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):
@@ -473,15 +473,3 @@ def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):
     scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E
     flags = {"HAS_WINDOW": window[0] >= 0 or window[1] >= 0, "SOFTCAP": softcap > 0}
     return float(scale), float(softcap), flags
-
-
-def _precision(q) -> str:
-    """Full-precision products: fp32 inputs would otherwise go through TF32 (13 mantissa bits
-    lost); fp16/bf16 ignore it. ("tf32" is also not a valid choice on gfx90a.)"""
-    return "ieee"
-
-
-def _is_fp32(q) -> bool:
-    import torch
-
-    return q.dtype == torch.float32
