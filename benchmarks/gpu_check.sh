@@ -6,7 +6,11 @@
 # triton, pytest, scikit-build-core, pybind11, cmake and ninja.
 #
 #   benchmarks/gpu_check.sh OUTDIR     (tests: at most 7 minutes; then at most 200 s per op)
-#   PYTHON=python3 BENCH_ARGS="--ops rms_norm" PYTEST_ARGS="-x" benchmarks/gpu_check.sh OUTDIR
+#
+# Environment: PYTHON (default python3); PYTEST_ARGS (extra pytest arguments, paths too);
+# TEST_TIMEOUT (s, default 420; 0 skips the tests); BENCH_OPS (ops to time, default all,
+# "none" for none); BENCH_ARGS (e.g. --quick); BENCH_TIMEOUT (s per op, default 200).
+#   PYTEST_ARGS="-n 8 tests/ops" BENCH_OPS="rms_norm rotary" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$out"
@@ -39,16 +43,19 @@ if ! "$py" -m pip install --no-build-isolation --no-deps -e . "${archs[@]}" >"$o
 fi
 "$py" -m eurocore backends | tee -a "$out/environment.txt"
 
-echo "== tests (compiled Triton, no interpreter)"
-timeout 420 "$py" -m pytest -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" \
-  ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
+if [ "${TEST_TIMEOUT:-420}" != 0 ]; then
+  echo "== tests (compiled Triton, no interpreter)"
+  timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -rs -p no:cacheprovider \
+    --junitxml="$out/tests.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
+fi
 
 # One run per op, each under its own time limit and writing its own JSON (in OUTDIR/<op>/),
 # so an op that runs long loses only its own results.
-ops=$("$py" -c "from eurocore.benchmarks.__main__ import OPS; print(' '.join(OPS))")
+ops=${BENCH_OPS:-$("$py" -c "from eurocore.benchmarks.__main__ import OPS; print(' '.join(OPS))")}
+[ "$ops" = none ] && ops=""
 for op in $ops; do
   echo "== kernel benchmark: $op"
-  timeout 200 "$py" -m eurocore.benchmarks --ops "$op" --out "$out/$op" ${BENCH_ARGS:-} 2>&1 \
+  timeout "${BENCH_TIMEOUT:-200}" "$py" -m eurocore.benchmarks --ops "$op" --out "$out/$op" ${BENCH_ARGS:-} 2>&1 \
     | tee "$out/bench-$op.log" | tail -40 || status=1
 done
 

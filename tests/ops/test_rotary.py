@@ -649,7 +649,10 @@ def test_out_of_table_positions_give_nan_when_unchecked(backend):
         assert torch.equal(out[..., 12:], x[..., 12:])
         good = position_ids.clamp(0, 15)
         expected, _ = apply_rotary_reference(x, None, cos, sin, position_ids=good)
-        assert torch.equal(out[~bad], expected[~bad])
+        expected64, _ = apply_rotary_reference(x.double(), None, cos, sin, position_ids=good)
+        # Not bitwise: compiled kernels contract x*cos - y*sin into one FMA.
+        assert_close_to_reference(out[~bad], expected64[~bad], expected[~bad],
+                                  name=f"{backend} in-table tokens")
 
 
 @pytest.mark.slow
