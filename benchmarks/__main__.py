@@ -2,6 +2,7 @@
 
     python -m eurocore.benchmarks [--ops rms_norm] [--quick] [--out DIR] [--no-json]
     python -m eurocore.benchmarks compile [ARGS...]     # forwarded to eurocore.benchmarks.compile
+    python -m eurocore.benchmarks tune [ARGS...]        # launch-configuration sweeps (a GPU)
 
 Prints the environment, the ceilings measured now on the same device, the results table,
 and the path of the JSON written to ``DIR/<date>-<device>.json`` (default
@@ -73,6 +74,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
         from . import compile as compile_report  # written separately; only this branch needs it
 
         return compile_report.main(argv[1:])
+    if argv and argv[0] == "tune":
+        from . import tune
+
+        return tune.main(argv[1:])
 
     parser = _parser(prog)
     args = parser.parse_args(argv)

@@ -1,10 +1,17 @@
 """The one benchmark harness every kernel plugs into (DESIGN.md, "Performance methodology").
 
 An op module lists :class:`Case` objects; :func:`run_cases` builds and times each one in
-turn and turns it into a :class:`Result`: median milliseconds, GB/s (the fewest bytes the op
+turn and turns it into a :class:`Result`: milliseconds per call, GB/s (the fewest bytes the op
 must move over the time) and the fraction of the copy bandwidth measured by
 :func:`measure_ceilings` on the same device in the same run; TFLOP/s and the fraction of the
 matmul rate where the case counts FLOPs.
+
+On a GPU each case gets two times: ``ms``, the device time per call, the sum of the kernel
+durations the profiler records with L2 flushed before each call (Python and launch overhead
+stay out of the kernel's figure; CUDA events where the profiler cannot run, marked in
+``timing``), and ``host_ms``, the host time per call with calls queued back to back in eager
+mode (what a training loop pays without CUDA graphs). Where ``host_ms`` exceeds ``ms``, the
+eager op is host-bound.
 
 Timing counts only on a GPU. On the CPU the same code runs, with small shapes, so the
 harness itself is tested; those figures are labelled CPU figures wherever they are printed.
@@ -37,7 +44,7 @@ import torch
 # What a case builds: fresh inputs, then the zero-argument callable that is timed.
 Setup = Callable[[], Callable[[], object]]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: host_ms and timing per result
 
 # Ceiling sizes. GPU: a 1 GiB copy is far past any L2, and 8192³ saturates the tensor cores.
 # CPU: sizes that finish in well under a second on two cores.
@@ -110,10 +117,13 @@ class Result:
     copy_fraction: float
     tflops: float | None = None
     matmul_fraction: float | None = None
+    host_ms: float | None = None
+    timing: str = ""
 
     @classmethod
     def from_case(cls, case: Case, ms: float, device: torch.device | str,
-                  ceilings: dict[str, Any]) -> Result:
+                  ceilings: dict[str, Any], *, host_ms: float | None = None,
+                  timing: str = "") -> Result:
         """The result of ``case`` taking ``ms`` milliseconds (median) on ``device``."""
         gbps = case.bytes / ms / 1e6  # bytes per ms / 1e6 = GB/s
         tflops = case.flops / ms / 1e9 if case.flops else None
@@ -124,6 +134,7 @@ class Result:
             copy_fraction=gbps / ceilings["copy_gbps"],
             tflops=tflops,
             matmul_fraction=tflops / ceilings["matmul_tflops"] if tflops is not None else None,
+            host_ms=host_ms, timing=timing,
         )
 
 
@@ -173,12 +184,12 @@ def _synchronize(device: torch.device) -> None:
 
 def time_callable(fn: Callable[[], object], device: torch.device | str, *,
                   budget_s: float = 0.2) -> float:
-    """The median time of one call of ``fn`` in milliseconds.
+    """The median time of one call of ``fn`` in milliseconds, with CUDA events on a GPU.
 
     On a GPU: ``triton.testing.do_bench`` (25 ms warm-up, 100 ms of repetitions, L2 flushed
-    between calls, CUDA events). On the CPU: a warm-up of about a quarter of ``budget_s``,
-    then single calls timed with ``time.perf_counter`` for about ``budget_s`` (5 to 1000 of
-    them), and their median.
+    between calls, CUDA events; host overhead counts where the host is the slower side). On
+    the CPU: a warm-up of about a quarter of ``budget_s``, then single calls timed with
+    ``time.perf_counter`` for about ``budget_s`` (5 to 1000 of them), and their median.
     """
     device = torch.device(device)
     if _is_gpu(device):
@@ -202,6 +213,68 @@ def time_callable(fn: Callable[[], object], device: torch.device | str, *,
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+# Larger than any GPU's L2 (H100 50 MB, H200 60 MB, MI300X 256 MB of Infinity Cache):
+# zeroing it between calls leaves no input in cache, as triton's do_bench does.
+FLUSH_BYTES = 512 * 1024 * 1024
+
+
+def time_device(fn: Callable[[], object], device: torch.device | str,
+                calls: int = 20) -> tuple[float, str]:
+    """(milliseconds per call, how it was timed): the device's own time for ``fn``.
+
+    On a GPU: the durations of the kernels (and device copies) that ``calls`` calls launch,
+    read by the profiler (CUPTI) and averaged per call, so gaps where the device waits for
+    the host stay out. The L2 cache is flushed before each call and the flushes' own time,
+    profiled alone, subtracted. Where the profiler cannot run: :func:`time_callable`'s
+    CUDA-event time (host gaps included). On the CPU: :func:`time_callable`.
+    """
+    device = torch.device(device)
+    if not _is_gpu(device):
+        return time_callable(fn, device), "perf_counter"
+    try:
+        flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+        fn()
+        flush_us = _profiled_device_us(flush.zero_, device, calls)
+
+        def flushed_call() -> None:
+            flush.zero_()
+            fn()
+
+        total_us = _profiled_device_us(flushed_call, device, calls)
+    except Exception:  # no CUPTI (some containers): events, host gaps included
+        return time_callable(fn, device), "cuda events"
+    if total_us - flush_us <= 0:
+        return time_callable(fn, device), "cuda events"
+    return (total_us - flush_us) / calls / 1e3, "kernel sum"
+
+
+def _profiled_device_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Microseconds of device work (kernels, copies, fills) that ``calls`` calls launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        _synchronize(device)
+    return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()
+               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+
+
+def host_time(fn: Callable[[], object], device: torch.device | str, calls: int = 50) -> float:
+    """Host milliseconds per call of ``fn`` with ``calls`` calls queued back to back, one
+    synchronisation after them: what an eager loop pays on the host per call."""
+    device = torch.device(device)
+    fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    _synchronize(device)
+    return elapsed / calls * 1e3
 
 
 def measure_ceilings(device: torch.device | str) -> dict[str, Any]:
@@ -292,12 +365,14 @@ def run_cases(
             fn = case.setup()
             fn()  # the first call compiles (Triton, torch.compile) outside the timing
             _synchronize(device)
-            ms = time_callable(fn, device)
+            ms, timing = time_device(fn, device)
+            host_ms = host_time(fn, device) if _is_gpu(device) else None
         except Exception as err:  # any implementation's failure is reported, not fatal
             skipped.append(Skipped(case.op, case.variant, dict(case.shape), case.impl,
                                    "failed", _first_line(err)))
         else:
-            results.append(Result.from_case(case, ms, device, ceilings))
+            results.append(Result.from_case(case, ms, device, ceilings, host_ms=host_ms,
+                                            timing=timing))
         finally:
             del fn
             _free(device)
@@ -430,15 +505,20 @@ def print_table(results: Sequence[Result], skipped: Sequence[Skipped] = (), *,
         not results and not torch.cuda.is_available())
     if on_cpu:
         print(f"*** {_cpu_banner()} ***", file=file)
-    columns = ("op", "variant", "shape", "dtype", "impl", "ms", "GB/s", "%copy",
+    columns = ("op", "variant", "shape", "dtype", "impl", "ms", "host ms", "GB/s", "%copy",
                "TFLOP/s", "%matmul")
-    rows = [(r.op, r.variant, _format_shape(r.shape), r.dtype, r.impl, f"{r.ms:.4f}",
-             f"{r.gbps:.1f}", f"{100 * r.copy_fraction:.1f}", _fmt(r.tflops, ".2f"),
+    rows = [(r.op, r.variant, _format_shape(r.shape), r.dtype, r.impl,
+             f"{r.ms:.4f}" + ("*" if r.timing == "cuda events" else ""),
+             _fmt(r.host_ms, ".4f"), f"{r.gbps:.1f}", f"{100 * r.copy_fraction:.1f}",
+             _fmt(r.tflops, ".2f"),
              _fmt(None if r.matmul_fraction is None else 100 * r.matmul_fraction, ".1f"))
             for r in results]
     if not any(r.flops for r in results):  # bandwidth-bound ops only: no FLOP columns
         columns = columns[:-2]
         rows = [row[:-2] for row in rows]
+    if not any(r.host_ms is not None for r in results):  # the CPU: host time is the time
+        columns = columns[:6] + columns[7:]
+        rows = [row[:6] + row[7:] for row in rows]
     widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(columns)]
     numeric_from = columns.index("ms")
 
@@ -454,6 +534,12 @@ def print_table(results: Sequence[Result], skipped: Sequence[Skipped] = (), *,
             print(file=file)  # a blank line between variants keeps the table scannable
         previous = (r.op, r.variant)
         print(line(row), file=file)
+    if any(r.timing == "kernel sum" for r in results):
+        print("ms: device time per call (kernel durations from the profiler); host ms: host "
+              "time per call, eager, calls queued back to back", file=file)
+    if any(r.timing == "cuda events" for r in results):
+        print("*: timed with CUDA events (profiler unavailable): host overhead included "
+              "where it dominates", file=file)
     notes = sorted({r.note for r in results if r.note})
     for note in notes:
         print(f"note: {note}", file=file)

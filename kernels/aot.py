@@ -607,9 +607,8 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
     if cu_seqlens:
         batch = 1
     left, right = (window[0], 0) if causal else window  # the op's window for causal
-    cfg = m.launch_config(head_dim, vendor, backward=backward, fp32=dtype == "fp32")
-    options = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_D",
-                                                         "num_warps", "num_stages")}
+    fp32 = dtype == "fp32"
+    cfgs = {kernel: m.launch_config(head_dim, vendor, kernel, fp32) for kernel in m.KERNELS}
     precision = m.INPUT_PRECISION
     scale, cap, flags = m._scale_args(head_dim ** -0.5, softcap, (left, right))
     varlen = cu_seqlens is not None
@@ -628,7 +627,6 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
     scalars = dict(fixed_seqlen_q=seqlen_q, fixed_seqlen_k=seqlen_k, group=heads // kv_heads,
                    head_dim=head_dim, qk_scale=scale, sm_scale=head_dim ** -0.5, softcap=cap,
                    window_left=left, window_right=right)
-    tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
 
     parts = [vendor, f"hd={head_dim}", dtype, f"h={heads}/{kv_heads}"]
     parts.append(f"t={seqlen_q} cu_seqlens:{cu_seqlens[0]}x{cu_seqlens[1]}" if varlen
@@ -644,7 +642,12 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
         parts.append(note)
     label = " ".join(parts)
 
-    def case(kernel_name: str, n_heads: int, kernel_flags: dict[str, Any]) -> AotCase:
+    def case(kernel_name: str, n_heads: int, flags: dict[str, Any], cfg: dict[str, Any],
+             tiles: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_D")) -> AotCase:
+        """One kernel's launch under ``cfg`` (launch_config's: tiles, warps, stages, options)."""
+        kernel_flags = {**flags, **{k: cfg[k] for k in tiles}}
+        options = {k: v for k, v in cfg.items() if k not in ("BLOCK_M", "BLOCK_N", "BLOCK_D",
+                                                             "num_warps", "num_stages")}
         kernel = getattr(m, kernel_name)
         params = kernel_params(kernel)
         args: dict[str, Any] = {}
@@ -664,15 +667,15 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
                 args[name] = scalars[name]
         sig, const, div = specialise(params, args, kernel_flags)
         return AotCase(kernel_name, kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
-                       div, label, dict(options), (vendor,))
+                       div, label, options, (vendor,))
 
-    common = dict(VARLEN=varlen, **flags, **tiles, PRECISION=precision)
+    common = dict(VARLEN=varlen, **flags, PRECISION=precision)
     if not backward:
-        return [case("_attn_fwd_kernel", heads, common)]
-    delta_flags = dict(VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
-    return [case("_attn_bwd_delta_kernel", heads, delta_flags),
-            case("_attn_bwd_dkdv_kernel", kv_heads, common),
-            case("_attn_bwd_dq_kernel", heads, common)]
+        return [case("_attn_fwd_kernel", heads, common, cfgs["forward"])]
+    return [case("_attn_bwd_delta_kernel", heads, dict(VARLEN=varlen), cfgs["dq"],
+                 ("BLOCK_M", "BLOCK_D")),
+            case("_attn_bwd_dkdv_kernel", kv_heads, common, cfgs["dkdv"]),
+            case("_attn_bwd_dq_kernel", heads, common, cfgs["dq"])]
 
 
 def _attention_both(**config: Any) -> list[AotCase]:

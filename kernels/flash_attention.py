@@ -333,28 +333,37 @@ def _attn_bwd_dq_kernel(
              mask=q_mask)
 
 
-# Block sizes per (vendor, head_dim bound): (BLOCK_M, BLOCK_N, num_warps, num_stages) for the
-# forward and for both backward kernels. Pinned, not autotuned: the configuration (and with
-# it the summation order) is a pure function of the device model, the dtype and the shapes,
-# the same on every rank and every run. AMD: one stage (no software pipelining on CDNA),
-# warps counted in 64-wide wavefronts. Chosen so that the ahead-of-time compile for sm_80,
-# sm_90, gfx90a and gfx942 does not spill on the Llama path; not yet timed on a GPU.
+# Block sizes per (vendor, head_dim bound) and kernel: (BLOCK_M, BLOCK_N, num_warps,
+# num_stages). The dk/dv kernel holds a key block and steps over query rows, the dq kernel
+# the reverse, so each gets its own shape (the δ kernel takes dq's BLOCK_M). Pinned, not
+# autotuned: the configuration (and with it the summation order) is a pure function of the
+# device model, the dtype and the shapes, the same on every rank and every run. AMD: one
+# stage (no software pipelining on CDNA), warps counted in 64-wide wavefronts.
 FWD_CONFIGS = {
-    "nvidia": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    # head_dim 128 on an H100 (benchmarks/tune.py, 4 x 4096 tokens, 16 heads, bf16): (64, 64,
+    # 4 warps, 3 stages) took causal 1.040 -> 0.917 ms, non-causal 1.340 -> 1.365 ms.
+    "nvidia": {64: (128, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)},
     "amd": {64: (128, 64, 4, 1), 128: (128, 64, 4, 1), 256: (64, 32, 4, 1)},
 }
 BWD_CONFIGS = {
-    # At head_dim 128, (64, 64) tiles or two stages spilled the dk/dv kernel (255 registers)
-    # on sm_80 and sm_90 with causal or packed GQA; 32 query rows per step do not.
-    "nvidia": {64: (64, 64, 4, 2), 128: (32, 64, 8, 1), 256: (32, 32, 8, 1)},
-    "amd": {64: (64, 64, 4, 1), 128: (64, 64, 4, 1), 256: (32, 32, 4, 1)},
+    # head_dim 128 on an H100 (same sweep): the whole backward took 12.4 ms non-causal and
+    # 6.7 ms causal with (32, 64, 8 warps, 1 stage) for both kernels. 4 warps and 2 stages
+    # cut dk/dv's share by 4.2 / 2.3 ms with (32, 64) (64 query rows: 4.6 / 2.3 ms, but 500
+    # bytes of spills with GQA in the sm_90 compile) and dq's by 4.2 / 2.0 ms with (64, 64).
+    "nvidia": {64: {"dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)},
+               128: {"dkdv": (32, 64, 4, 2), "dq": (64, 64, 4, 2)},
+               256: {"dkdv": (32, 32, 8, 1), "dq": (32, 32, 8, 1)}},
+    "amd": {64: {"dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
+            128: {"dkdv": (64, 64, 4, 1), "dq": (64, 64, 4, 1)},
+            256: {"dkdv": (32, 32, 4, 1), "dq": (32, 32, 4, 1)}},
 }
+KERNELS = ("forward", "dkdv", "dq")
 # Two waves per SIMD cap a program at 256 VGPRs: the forward fits; the backward, holding dk
 # and dv accumulators, spilled 50-330 VGPRs there, and gets one wave (512 VGPRs) instead.
-AMD_WAVES_PER_EU = {"forward": 2, "backward": 1}
+AMD_WAVES_PER_EU = {"forward": 2, "dkdv": 1, "dq": 1}
 # fp32 inputs multiply in full fp32, which Triton emulates with FMAs (no tensor cores):
 # large tiles spilled heavily, so fp32 (a testing dtype) gets small ones everywhere.
-FP32_CONFIGS = {"forward": (32, 32, 4, 1), "backward": (16, 32, 4, 1)}
+FP32_CONFIGS = {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (16, 32, 4, 1)}
 # Triton's CPU interpreter: the smallest tiles tl.dot takes, so odd test shapes span blocks.
 INTERPRETER_CONFIG = (16, 16, 4, 1)
 MAX_HEAD_DIM = 256
@@ -367,22 +376,26 @@ def vendor(device) -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
-def launch_config(head_dim: int, vendor_name: str, backward: bool, fp32: bool = False) -> dict:
-    """Tiles, warps and stages for one head_dim: the single source of launch configurations
-    (the launchers use it; the ahead-of-time compile check enumerates its outputs)."""
+def launch_config(head_dim: int, vendor_name: str, kernel: str, fp32: bool = False) -> dict:
+    """Tiles, warps and stages of ``kernel`` ("forward", "dkdv" or "dq") for one head_dim:
+    the single source of launch configurations (the launchers use it; the ahead-of-time
+    compile check enumerates its outputs)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     if vendor_name == "interpreter":
         block_m, block_n, warps, stages = INTERPRETER_CONFIG
     elif fp32:
-        block_m, block_n, warps, stages = FP32_CONFIGS["backward" if backward else "forward"]
+        block_m, block_n, warps, stages = FP32_CONFIGS[kernel]
     else:
-        table = (BWD_CONFIGS if backward else FWD_CONFIGS)[vendor_name]
+        table = (FWD_CONFIGS if kernel == "forward" else BWD_CONFIGS)[vendor_name]
         bound = next(b for b in sorted(table) if block_d <= b)
-        block_m, block_n, warps, stages = table[bound]
+        entry = table[bound]
+        block_m, block_n, warps, stages = entry if kernel == "forward" else entry[kernel]
     cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
            "num_warps": warps, "num_stages": stages}
     if vendor_name == "amd":
-        cfg["waves_per_eu"] = AMD_WAVES_PER_EU["backward" if backward else "forward"]
+        cfg["waves_per_eu"] = AMD_WAVES_PER_EU[kernel]
     return cfg
 
 
@@ -404,7 +417,7 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=False, fp32=q.dtype == torch.float32)
+    cfg = launch_config(head_dim, vendor(q.device), "forward", fp32=q.dtype == torch.float32)
     if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
         return
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
@@ -434,7 +447,9 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
     n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), backward=True, fp32=q.dtype == torch.float32)
+    fp32 = q.dtype == torch.float32
+    dkdv_cfg, dq_cfg = (launch_config(head_dim, vendor(q.device), kernel, fp32)
+                        for kernel in ("dkdv", "dq"))
     if n_seqs == 0 or heads == 0:
         dk.zero_()
         dv.zero_()
@@ -450,22 +465,26 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     scale, cap, flags = _scale_args(softmax_scale, softcap, window)
-    tiles = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
-    launch = {key: value for key, value in cfg.items() if key not in tiles}
-    _attn_bwd_delta_kernel[(triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), n_seqs * heads)](
+    _attn_bwd_delta_kernel[(triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"]), n_seqs * heads)](
         out, do, delta, cu_q, *os_, *dos, *lse_strides, seqlen_q, heads, head_dim,
-        VARLEN=varlen, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **launch)
+        VARLEN=varlen, **_without(dq_cfg, "BLOCK_N"))
     common = (seqlen_q, seqlen_k)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), cfg["BLOCK_N"]), n_seqs * kv_heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"]),
+                           n_seqs * kv_heads)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qs, *ks, *vs, *dos, *dks, *dvs,
         *lse_strides, *common, kv_heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, **tiles, PRECISION=INPUT_PRECISION, **launch)
-    _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), n_seqs * heads)](
+        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dkdv_cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"]), n_seqs * heads)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *dqs, *lse_strides,
         *common, heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, **tiles, PRECISION=INPUT_PRECISION, **launch)
+        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dq_cfg)
+
+
+def _without(cfg: dict, key: str) -> dict:
+    """``cfg`` less one entry (the δ kernel has no BLOCK_N)."""
+    return {k: v for k, v in cfg.items() if k != key}
 
 
 def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):

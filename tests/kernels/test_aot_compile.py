@@ -618,14 +618,15 @@ def test_attention_cases_cover_every_launch_config():
     without an AOT case fails here."""
     cases = _attention_cases()
     head_dims = range(8, attention_ops.MAX_KERNEL_HEAD_DIM + 1, 8)
-    for vendor, backward in itertools.product(aot.ATTENTION_VENDORS, (False, True)):
-        kernels = ATTENTION_KERNELS[1:] if backward else ATTENTION_KERNELS[:1]
+    config_of = {"_attn_fwd_kernel": "forward", "_attn_bwd_delta_kernel": "dq",
+                 "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
+    for vendor, kernel in itertools.product(aot.ATTENTION_VENDORS, ATTENTION_KERNELS):
         for head_dim in head_dims:
-            cfg = attention_kernels.launch_config(head_dim, vendor, backward)
+            cfg = attention_kernels.launch_config(head_dim, vendor, config_of[kernel])
             options = aot.config_key({k: v for k, v in cfg.items() if k not in (
                 "BLOCK_M", "BLOCK_N", "BLOCK_D", "num_warps", "num_stages")})
             dtypes = ("bf16", "fp16") if head_dim in aot.ATTENTION_FP16_HEAD_DIMS else ("bf16",)
-            for kernel, dtype in itertools.product(kernels, dtypes):
+            for dtype in dtypes:
                 block_n = None if kernel == "_attn_bwd_delta_kernel" else cfg["BLOCK_N"]
                 want = (cfg["BLOCK_M"], block_n, cfg["BLOCK_D"], cfg["num_warps"],
                         cfg["num_stages"], options)
@@ -644,8 +645,8 @@ def test_attention_cases_vary_every_flag_and_specialisation():
         # AMD tuning beside NVIDIA's: waves_per_eu and one stage on AMD only
         if vendor == "amd":
             waves = attention_kernels.AMD_WAVES_PER_EU
-            assert all(c.options == {"waves_per_eu": waves["forward" if c.kernel ==
-                                                            "_attn_fwd_kernel" else "backward"]}
+            config_of = {"_attn_fwd_kernel": "forward", "_attn_bwd_dkdv_kernel": "dkdv"}
+            assert all(c.options == {"waves_per_eu": waves[config_of.get(c.kernel, "dq")]}
                        and c.num_stages == 1 for c in mine)
         else:
             assert all(c.options == {} for c in mine)

@@ -1,0 +1,260 @@
+"""Launch-configuration sweeps on the GPU at hand: ``python -m eurocore.benchmarks tune``.
+
+    python -m eurocore.benchmarks tune [--ops attention rms_norm rotary] [--out DIR]
+
+For each op, every candidate configuration is patched into the kernel module's pinned
+tables, run through the public op (so what is timed is what users call), checked against
+the output of the configuration in the tables now (relative L2 error, bf16 tolerance) and
+timed with the harness. Each row also gives the host time per call (calls queued without
+synchronising): when it exceeds the device time, the op is bound by Python, not the GPU.
+The pinned tables stay the source of truth: a winner found here is copied into them by
+hand, with the device and the measured gain in the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import harness
+
+Run = Callable[[], tuple[torch.Tensor, ...]]
+
+
+@contextlib.contextmanager
+def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """Sets ``obj.name`` (an attribute, or a key when ``obj`` is a dict) for the block."""
+    is_dict = isinstance(obj, dict)
+    old = obj[name] if is_dict else getattr(obj, name)
+    if is_dict:
+        obj[name] = value
+    else:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if is_dict:
+            obj[name] = old
+        else:
+            setattr(obj, name, old)
+
+
+def rel_err(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """The largest ‖a - b‖ / ‖b‖ over the pairs."""
+    return max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+               for a, b in zip(out, ref, strict=True))
+
+
+def sweep(op: str, label: str, make_run: Callable[[], Run], candidates: Sequence[Any],
+          apply: Callable[[Any], contextlib.AbstractContextManager], device: torch.device,
+          tol: float = 2e-2) -> list[dict[str, Any]]:
+    """Times ``make_run()``'s callable under each candidate (``apply(candidate)`` patches it
+    in); the first candidate must be the configuration pinned now, the reference output."""
+    rows = []
+    reference = None
+    for candidate in candidates:
+        row: dict[str, Any] = {"op": op, "case": label, "config": repr(candidate)}
+        try:
+            with apply(candidate):
+                run = make_run()
+                out = tuple(t.detach().clone() for t in run())
+                if reference is None:
+                    reference = out
+                row["rel_err"] = rel_err(out, reference)
+                row["ok"] = row["rel_err"] <= tol and all(bool(t.isfinite().all()) for t in out)
+                row["ms"], row["timing"] = harness.time_device(run, device)
+                row["host_ms"] = harness.host_time(run, device)
+        except Exception as err:  # a configuration that fails to compile is a result too
+            row["error"] = harness._first_line(err)
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    if "error" in row:
+        print(f"{row['op']:10} {row['case']:34} {row['config']:28} ERROR {row['error'][:80]}")
+        return
+    print(f"{row['op']:10} {row['case']:34} {row['config']:28} {row['ms']:8.4f} ms  "
+          f"host {row['host_ms']:7.4f} ms  err {row['rel_err']:.1e}"
+          f"{'' if row['ok'] else '  WRONG'}", flush=True)
+
+
+# --- attention: forward, dk/dv and dq tiles at head_dim 128 ----------------------------------
+
+ATTENTION_FWD = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4),
+                 (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)]
+ATTENTION_DKDV = [(32, 64, 8, 1), (32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2),
+                  (32, 128, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 3),
+                  (16, 128, 4, 3), (32, 64, 4, 3)]
+ATTENTION_DQ = [(32, 64, 8, 1), (64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2),
+                (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 4, 2)]
+
+
+def tune_attention(device: torch.device, shape: dict[str, Any]) -> list[dict[str, Any]]:
+    """Forward, dk/dv and dq candidates, non-causal and causal, at ``shape``."""
+    return [row for causal in (False, True) for row in _tune_attention(device, shape, causal)]
+
+
+def _tune_attention(device: torch.device, shape: dict[str, Any], causal: bool
+                    ) -> list[dict[str, Any]]:
+    from eurocore.kernels import flash_attention as kernels
+    from eurocore.ops import flash_attention
+
+    vendor = kernels.vendor(device)
+    head_dim = shape["head_dim"]
+    bound = next(b for b in sorted(kernels.FWD_CONFIGS[vendor]) if head_dim <= b)
+    label = (f"b{shape['batch']} s{shape['seq']} h{shape['heads']} d{head_dim}"
+             f"{' causal' if causal else ''}")
+    q, k, v = (torch.randn(shape["batch"], shape["seq"], shape["heads"], head_dim,
+                           device=device, dtype=shape.get("dtype", torch.bfloat16))
+               .requires_grad_() for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def forward() -> Run:
+        return lambda: (flash_attention(q, k, v, causal=causal, backend="triton"),)
+
+    def backward() -> Run:
+        out = flash_attention(q, k, v, causal=causal, backend="triton")
+        return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+
+    def bwd_apply(kernel: str) -> Callable[[Any], contextlib.AbstractContextManager]:
+        return lambda c: patched(kernels.BWD_CONFIGS[vendor][bound], kernel, c)
+
+    return (sweep("attn fwd", label, forward, ATTENTION_FWD,
+                  lambda c: patched(kernels.FWD_CONFIGS[vendor], bound, c), device)
+            + sweep("attn dkdv", label, backward, ATTENTION_DKDV, bwd_apply("dkdv"), device)
+            + sweep("attn dq", label, backward, ATTENTION_DQ, bwd_apply("dq"), device))
+
+
+# --- RMSNorm: backward programs per multiprocessor and warps ---------------------------------
+
+RMS_NORM_BWD = [(4, None), (1, None), (2, None), (8, None), (16, None), (4, 4), (8, 4),
+                (2, 16), (4, 16), (8, 8)]  # (programs per SM, warps; None: as pinned)
+
+
+def tune_rms_norm(device: torch.device, shape: dict[str, Any]) -> list[dict[str, Any]]:
+    """Backward grid sizes and warp counts for each hidden size in ``shape``."""
+    return [row for hidden in shape["hidden"]
+            for row in _tune_rms_norm(device, shape["tokens"], hidden)]
+
+
+def _tune_rms_norm(device: torch.device, tokens: int, hidden: int) -> list[dict[str, Any]]:
+    from eurocore.kernels import rms_norm as kernels
+    from eurocore.ops import rms_norm
+
+    pinned_config = kernels.launch_config
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    label = f"tokens {tokens} hidden {hidden}"
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def backward() -> Run:
+        out = rms_norm(x, w, backend="triton")
+        return lambda: torch.autograd.grad(out, (x, w), grad, retain_graph=True)
+
+    def forward() -> Run:
+        return lambda: (rms_norm(x, w, backend="triton"),)
+
+    @contextlib.contextmanager
+    def apply(c: tuple[int, int | None]) -> Iterator[None]:
+        per_sm, warps = c
+
+        def config(n: int) -> dict:
+            cfg = dict(pinned_config(n))
+            if warps is not None:
+                cfg["num_warps"] = warps
+            return cfg
+
+        with (patched(kernels, "backward_programs", lambda n, d: max(1, min(n, per_sm * sms))),
+              patched(kernels, "launch_config", config)):
+            yield
+
+    return (sweep("rms fwd", label, forward, [(4, None)], apply, device)
+            + sweep("rms bwd", label, backward, RMS_NORM_BWD, apply, device))
+
+
+# --- rotary: tile, warps and the program floor -----------------------------------------------
+
+ROTARY = [(1024, 2, 1024), (1024, 4, 1024), (2048, 4, 1024), (2048, 8, 1024), (4096, 8, 1024),
+          (1024, 2, 4096), (2048, 4, 4096), (512, 1, 1024), (4096, 4, 4096)]  # (TILE, warps, min)
+
+
+def tune_rotary(device: torch.device, shape: dict[str, int]) -> list[dict[str, Any]]:
+    """Tile, warp and program-floor candidates, forward and backward, at ``shape``."""
+    from eurocore.kernels import rotary as kernels
+    from eurocore.ops import apply_rotary, rope_cos_sin
+
+    batch, seq = shape["batch"], shape["seq"]
+    head_dim = shape["head_dim"]
+    label = f"b{batch} s{seq} q{shape['q_heads']} k{shape['k_heads']} d{head_dim}"
+    q = torch.randn(batch, seq, shape["q_heads"], head_dim, device=device,
+                    dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, seq, shape["k_heads"], head_dim, device=device,
+                    dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = rope_cos_sin(seq, head_dim, theta=500000.0, device=device)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    def forward() -> Run:
+        return lambda: apply_rotary(q, k, cos, sin, backend="triton")
+
+    def backward() -> Run:
+        out_q, out_k = apply_rotary(q, k, cos, sin, backend="triton")
+        return lambda: torch.autograd.grad((out_q, out_k), (q, k), (gq, gk), retain_graph=True)
+
+    @contextlib.contextmanager
+    def apply(c: tuple[int, int, int]) -> Iterator[None]:
+        tile, warps, min_programs = c
+        with (patched(kernels, "TILE", tile), patched(kernels, "NUM_WARPS", warps),
+              patched(kernels, "MIN_PROGRAMS", min_programs)):
+            yield
+
+    return (sweep("rope fwd", label, forward, ROTARY, apply, device)
+            + sweep("rope bwd", label, backward, ROTARY, apply, device))
+
+
+TUNERS = {
+    "attention": (tune_attention, dict(batch=4, seq=4096, heads=16, head_dim=128)),
+    "rms_norm": (tune_rms_norm, dict(tokens=16384, hidden=(2048, 4096, 8192))),
+    "rotary": (tune_rotary, dict(batch=4, seq=4096, q_heads=32, k_heads=8, head_dim=128)),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the sweeps; writes ``DIR/tune-<device>.json``. Needs a GPU."""
+    parser = argparse.ArgumentParser(prog="python -m eurocore.benchmarks tune",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", default=list(TUNERS), choices=list(TUNERS))
+    parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune: needs a CUDA or ROCm GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    env = harness.environment(device)
+    print(harness.format_environment(env))
+    rows = []
+    for op in args.ops:
+        tuner, shape = TUNERS[op]
+        rows += tuner(device, shape)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"tune-{harness.device_slug(env.get('device_name', 'gpu'))}"
+                                  ".json")
+    with open(path, "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
