@@ -12,6 +12,7 @@ from eurocore.parallel.collectives import (
 from eurocore.parallel.groups import ParallelGroups
 from eurocore.parallel.layers import (
     ColumnParallelLinear,
+    ParallelRMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
     padded_vocab_size,
@@ -21,6 +22,7 @@ from eurocore.parallel.layers import (
 __all__ = [
     "ColumnParallelLinear",
     "ParallelGroups",
+    "ParallelRMSNorm",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "all_gather_forward_reduce_scatter_backward",

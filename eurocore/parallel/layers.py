@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eurocore.ops import rms_norm
 from eurocore.parallel.collectives import (
     all_gather_forward_reduce_scatter_backward,
     all_gather_forward_split_backward,
@@ -42,6 +43,8 @@ def layout_independent_normal_(local: torch.Tensor, full_shape: tuple[int, int],
     """
     n_rows, n_cols = full_shape
     first, last = rows.start or 0, rows.stop if rows.stop is not None else n_rows
+    if local.is_meta:  # shapes only (sizing a model): nothing to draw
+        return local
     with torch.no_grad():
         for block in range(first // INIT_BLOCK_ROWS, math.ceil(last / INIT_BLOCK_ROWS)):
             start = block * INIT_BLOCK_ROWS
@@ -76,6 +79,11 @@ class ColumnParallelLinear(nn.Module):
         gather_output: gather the output features (else each rank keeps its 1/tp).
         sequence_parallel: the input is this rank's sequence slice, gathered here.
         std, seed: the layout-independent normal initialisation of W (bias starts at 0).
+        output_sizes: several projections fused in one matrix (q, k, v; gate, up), summing
+            to out_features, each divisible by tp. Each is split over the TP group on its
+            own, so a rank's rows are [its slice of part 0; its slice of part 1; ...] and
+            :meth:`split_output` cuts the local output back into the parts. Each part is
+            initialised as its own matrix (seeds after the previous part's blocks).
 
     Forward: x (seq or seq / tp with sequence parallelism, batch, in_features) ->
     (seq, batch, out_features / tp), or out_features with ``gather_output``.
@@ -84,21 +92,54 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, tp_group=None, *,
                  bias: bool = False, gather_output: bool = False,
                  sequence_parallel: bool = False, std: float = 0.02, seed: int = 0,
+                 output_sizes: tuple[int, ...] | None = None,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         tp, rank = _tp(tp_group)
-        local_out = _divide("out_features", out_features, tp)
+        output_sizes = tuple(output_sizes) if output_sizes is not None else (out_features,)
+        if sum(output_sizes) != out_features:
+            raise ValueError(f"output_sizes: {output_sizes} sum to {sum(output_sizes)}, "
+                             f"not out_features = {out_features}")
+        self.local_sizes = tuple(_divide(f"output_sizes[{i}]" if len(output_sizes) > 1
+                                         else "out_features", size, tp)
+                                 for i, size in enumerate(output_sizes))
+        if gather_output and len(output_sizes) > 1:
+            raise ValueError("gather_output: not supported with several output_sizes")
         self.in_features, self.out_features = in_features, out_features
         self.tp_group, self.gather_output = tp_group, gather_output
         self.sequence_parallel = sequence_parallel
-        rows = slice(rank * local_out, (rank + 1) * local_out)
-        self.weight = nn.Parameter(torch.empty(local_out, in_features, device=device,
-                                               dtype=dtype))
-        layout_independent_normal_(self.weight, (out_features, in_features), rows,
-                                   slice(None), std, seed)
-        self.bias = (nn.Parameter(torch.zeros(local_out, device=device, dtype=dtype)) if bias
-                     else None)
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features,
+                                               device=device, dtype=dtype))
+        start, part_seed = 0, seed
+        for size, local in zip(output_sizes, self.local_sizes, strict=True):
+            layout_independent_normal_(self.weight[start:start + local], (size, in_features),
+                                       slice(rank * local, (rank + 1) * local), slice(None),
+                                       std, part_seed)
+            start += local
+            part_seed += math.ceil(size / INIT_BLOCK_ROWS)
+        self.bias = (nn.Parameter(torch.zeros(sum(self.local_sizes), device=device,
+                                              dtype=dtype)) if bias else None)
+
+    def local_shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full (out_features, ...) weight or (out_features,) bias laid
+        out like one process's: each output part's slice, concatenated (loading a
+        checkpoint, checking against one process). A full tensor with fewer rows than
+        out_features (an unpadded vocabulary) gets zero rows for the missing ones."""
+        _, rank = _tp(self.tp_group)
+        if full.shape[0] < self.out_features:
+            padding = full.new_zeros(self.out_features - full.shape[0], *full.shape[1:])
+            full = torch.cat([full, padding])
+        parts, start = [], 0
+        for local in self.local_sizes:
+            size = local * (self.out_features // sum(self.local_sizes))
+            parts.append(full[start + rank * local:start + (rank + 1) * local])
+            start += size
+        return torch.cat(parts)
+
+    def split_output(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The local output (..., out_features / tp) cut into its ``output_sizes`` parts."""
+        return torch.split(y, self.local_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -139,11 +180,41 @@ class RowParallelLinear(nn.Module):
         layout_independent_normal_(self.weight, (out_features, in_features),
                                    slice(0, out_features), cols, std, seed)
 
+    def local_shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's columns of a full (out_features, in_features) weight."""
+        tp, rank = _tp(self.tp_group)
+        local = self.in_features // tp
+        return full[:, rank * local:(rank + 1) * local]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = nn.functional.linear(x, self.weight)
         if self.sequence_parallel:
             return reduce_scatter_forward_all_gather_backward(partial, self.tp_group, 0)
         return all_reduce_forward_copy_backward(partial, self.tp_group)
+
+
+class ParallelRMSNorm(nn.Module):
+    """RMSNorm (``eurocore.ops.rms_norm``) with its weight replicated over the TP group.
+
+    With sequence parallelism each rank normalises only its slice of the sequence, so its
+    weight gradient is partial: the weight passes through copy-forward / all-reduce-backward,
+    and every rank ends the backward with the full gradient. Without sequence parallelism
+    every rank sees the whole sequence and nothing is reduced.
+
+    Forward: x (seq or seq / tp, batch, hidden) -> same shape and dtype.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, tp_group=None, *,
+                 sequence_parallel: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps, self.tp_group, self.sequence_parallel = eps, tp_group, sequence_parallel
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (copy_forward_all_reduce_backward(self.weight, self.tp_group)
+                  if self.sequence_parallel else self.weight)
+        return rms_norm(x, weight, self.eps)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
@@ -190,6 +261,14 @@ class VocabParallelEmbedding(nn.Module):
             layout_independent_normal_(self.weight[:real], (num_embeddings, embedding_dim),
                                        slice(self.first, self.first + real), slice(None), std,
                                        seed)
+
+    def local_shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full (num_embeddings, dim) table, padding rows zero."""
+        local = torch.zeros(self.last - self.first, *full.shape[1:], dtype=full.dtype,
+                            device=full.device)
+        real = max(0, min(self.last, self.num_embeddings) - self.first)
+        local[:real] = full[self.first:self.first + real]
+        return local
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.first) | (ids >= self.last)

@@ -188,3 +188,19 @@ def test_padded_vocab_size():
     assert padded_vocab_size(128256, 8, multiple=128) == 129024  # Llama 3: 126 x 1024
     assert padded_vocab_size(128256, 3) == 128256 and padded_vocab_size(128257, 3) == 128259
     assert padded_vocab_size(13, 4) == 16 and padded_vocab_size(13, 1) == 13
+
+
+def test_fused_column_parts_are_their_own_matrices():
+    """One process: a fused (q, k) layer holds the two parts as initialised on their own,
+    and split_output cuts its output back into them."""
+    fused = ColumnParallelLinear(IN, 12 + 8, output_sizes=(12, 8), std=STD, seed=SEED,
+                                 dtype=torch.float64)
+    q = ColumnParallelLinear(IN, 12, std=STD, seed=SEED, dtype=torch.float64)
+    k = ColumnParallelLinear(IN, 8, std=STD, seed=SEED + 1, dtype=torch.float64)  # 1 block
+    torch.testing.assert_close(fused.weight, torch.cat([q.weight, k.weight]), rtol=0, atol=0)
+    x = _tensor(4, 5, 2, IN)
+    out_q, out_k = fused.split_output(fused(x))
+    torch.testing.assert_close(out_q, q(x))
+    torch.testing.assert_close(out_k, k(x))
+    with pytest.raises(ValueError, match=r"^output_sizes\b"):
+        ColumnParallelLinear(IN, 21, output_sizes=(12, 8))

@@ -1,0 +1,116 @@
+"""Model configurations: one frozen dataclass, and named presets.
+
+    config = preset("eurollm-9b")                    # DESIGN.md, Reference model shapes
+    config = preset("tiny", num_layers=4)            # any field overridden by name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder: pre-RMSNorm, RoPE (rotate-half), GQA attention, SwiGLU MLP.
+
+    Sizes are the full model's; the tensor-parallel degree divides heads, kv heads and the
+    MLP width (see :meth:`check_layout`). ``seed`` fixes every initial weight, whatever the
+    layout.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "ffn_hidden_size", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads "
+                             f"= {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads = "
+                             f"{self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"hidden_size: head_dim = {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def check_layout(self, tp: int, sequence_parallel: bool = False,
+                     seq_len: int | None = None) -> None:
+        """Raises ValueError, saying what to change, when ``tp`` cannot split this model.
+
+        tp must divide the query heads, the kv heads (each rank keeps whole GQA groups) and
+        the MLP width; with sequence parallelism it must also divide the sequence length.
+        """
+        valid = [t for t in range(1, self.num_kv_heads + 1)
+                 if self.num_heads % t == 0 and self.num_kv_heads % t == 0
+                 and self.ffn_hidden_size % t == 0]
+        for what, value in (("num_heads", self.num_heads), ("num_kv_heads", self.num_kv_heads),
+                            ("ffn_hidden_size", self.ffn_hidden_size)):
+            if value % tp:
+                raise ValueError(f"tp: {tp} does not divide {what} = {value}; this model "
+                                 f"splits over tp in {valid}")
+        if sequence_parallel and seq_len is not None and seq_len % tp:
+            raise ValueError(f"seq_len: {seq_len} is not divisible by tp = {tp}, as sequence "
+                             f"parallelism needs; use a multiple of {tp} or turn it off")
+
+    def num_parameters(self) -> int:
+        """Parameters of the full model (vocabulary unpadded)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        per_layer = (h * (h + 2 * kv) + h * h        # q, k, v and the output projection
+                     + 3 * h * self.ffn_hidden_size  # gate, up, down
+                     + 2 * h)                        # two norms
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + h
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains in about a minute on a laptop CPU. 250 tokens: not divisible by 4 or 8, so
+    # every TP run exercises vocabulary padding; 8 heads and 4 kv heads allow tp = 4.
+    "tiny": ModelConfig(vocab_size=250, hidden_size=64, num_layers=2, num_heads=8,
+                        num_kv_heads=4, ffn_hidden_size=176, max_seq_len=256),
+    # Llama-3.2-1B's shapes: tied embeddings, llama3 RoPE scaling.
+    "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                            num_kv_heads=8, ffn_hidden_size=8192, max_seq_len=8192,
+                            rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                            tie_embeddings=True),
+    "llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32,
+                             num_kv_heads=8, ffn_hidden_size=14336, max_seq_len=8192,
+                             rope_theta=500000.0),
+    "eurollm-9b": ModelConfig(vocab_size=128000, hidden_size=4096, num_layers=42, num_heads=32,
+                              num_kv_heads=8, ffn_hidden_size=12288, max_seq_len=4096,
+                              rope_theta=10000.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset with ``overrides`` applied (any ModelConfig field)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {', '.join(PRESETS)}, got {name!r}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: not a ModelConfig field; fields: "
+                         f"{', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[name], **overrides)

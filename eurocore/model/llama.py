@@ -1,0 +1,245 @@
+"""The Llama-style decoder, tensor- and sequence-parallel (Megatron-LM layout).
+
+Activations between the layers are sequence-first, (seq, batch, hidden), and with sequence
+parallelism each rank of the TP group holds seq / tp of them. Per decoder layer:
+
+    x ─ norm ─ qkv (column) ─ RoPE ─ attention ─ out (row) ─ + ─ norm ─ gate,up (column)
+    │                                                        │   ─ SwiGLU ─ down (row) ─ +
+    └────────────────────────────────────────────────────────┘ (residuals)
+
+Attention always runs on packed sequences (``eurocore.ops.flash_attention_varlen``): a row
+of the batch may hold several documents, marked by ``position_ids`` that restart at 0 where
+each document starts; RoPE uses those positions and no token attends across a boundary.
+Without ``position_ids`` each row is one document.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eurocore.model.config import ModelConfig
+from eurocore.nn import FlashAttention, RotaryEmbedding
+from eurocore.parallel import (
+    ColumnParallelLinear,
+    ParallelGroups,
+    ParallelRMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    padded_vocab_size,
+    vocab_parallel_cross_entropy,
+)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Where the documents of a (batch, seq) token block start and end, shared by all layers.
+
+    position_ids: (batch · seq,) int64, each token's position in its document.
+    cu_seqlens: (documents + 1,) int32, document bounds in the batch-major flattened tokens.
+    max_seqlen: the longest document.
+    """
+
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor | None, batch: int, seq: int,
+                          device: torch.device) -> PackedBatch:
+        """Documents from ``position_ids`` (batch, seq) restarting at 0 at each document's
+        first token; None: each row is one document. Reads the device once when given."""
+        if position_ids is None:
+            positions = torch.arange(seq, device=device).repeat(batch)
+            cu = torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
+            return cls(positions, cu, seq)
+        if position_ids.shape != (batch, seq):
+            raise ValueError(f"position_ids: expected shape {(batch, seq)} like tokens, got "
+                             f"{tuple(position_ids.shape)}")
+        if bool((position_ids[:, 0] != 0).any()):
+            raise ValueError("position_ids: every row must start a document (position 0)")
+        flat = position_ids.reshape(-1).to(device=device, dtype=torch.int64)
+        starts = torch.nonzero(flat == 0).flatten()
+        cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+        return cls(flat, cu, int((cu[1:] - cu[:-1]).max()))
+
+
+def _seed(config: ModelConfig, layer: int, role: int) -> int:
+    """The initialisation seed of one weight: disjoint block ranges for every (layer, role)
+    (a matrix uses ``seed .. seed + rows / 64``; 2**20 blocks is 67M rows)."""
+    return config.seed * 2**32 + (layer + 1) * 2**24 + role * 2**20
+
+
+class Attention(nn.Module):
+    """GQA self-attention over this rank's heads: fused q/k/v (column), RoPE, flash
+    attention on packed documents, output projection (row).
+
+    Forward: x (seq or seq / tp, batch, hidden) -> same shape.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, tp_group=None, *,
+                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        tp = 1 if tp_group is None else torch.distributed.get_world_size(tp_group)
+        hd = config.head_dim
+        self.local_heads, self.local_kv_heads = config.num_heads // tp, config.num_kv_heads // tp
+        self.head_dim = hd
+        self.qkv = ColumnParallelLinear(
+            config.hidden_size, (config.num_heads + 2 * config.num_kv_heads) * hd, tp_group,
+            output_sizes=(config.num_heads * hd, config.num_kv_heads * hd,
+                          config.num_kv_heads * hd),
+            sequence_parallel=sequence_parallel, std=config.init_std,
+            seed=_seed(config, layer, 0), device=device, dtype=dtype)
+        self.out = RowParallelLinear(
+            config.num_heads * hd, config.hidden_size, tp_group,
+            sequence_parallel=sequence_parallel,
+            std=config.init_std / math.sqrt(2 * config.num_layers),
+            seed=_seed(config, layer, 1), device=device, dtype=dtype)
+        self.core = FlashAttention(causal=True)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch
+                ) -> torch.Tensor:
+        q, k, v = self.qkv.split_output(self.qkv(x))     # (seq, batch, local heads · hd)
+        seq, batch = q.shape[0], q.shape[1]
+
+        def tokens_first(t: torch.Tensor, heads: int) -> torch.Tensor:
+            # (seq, batch, ...) -> (batch · seq, heads, hd): batch-major packed tokens
+            return t.transpose(0, 1).reshape(batch * seq, heads, self.head_dim)
+
+        q = tokens_first(q, self.local_heads)
+        k = tokens_first(k, self.local_kv_heads)
+        v = tokens_first(v, self.local_kv_heads)
+        q, k = rotary(q, k, position_ids=packed.position_ids)
+        o = self.core(q, k, v, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
+        o = o.reshape(batch, seq, self.local_heads * self.head_dim).transpose(0, 1)
+        return self.out(o)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x)), gate and up fused in one column-parallel matrix.
+
+    Forward: x (seq or seq / tp, batch, hidden) -> same shape.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, tp_group=None, *,
+                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        ffn = config.ffn_hidden_size
+        self.gate_up = ColumnParallelLinear(
+            config.hidden_size, 2 * ffn, tp_group, output_sizes=(ffn, ffn),
+            sequence_parallel=sequence_parallel, std=config.init_std,
+            seed=_seed(config, layer, 2), device=device, dtype=dtype)
+        self.down = RowParallelLinear(
+            ffn, config.hidden_size, tp_group, sequence_parallel=sequence_parallel,
+            std=config.init_std / math.sqrt(2 * config.num_layers),
+            seed=_seed(config, layer, 3), device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up.split_output(self.gate_up(x))
+        return self.down(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer: int, tp_group=None, *,
+                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        parallel = {"sequence_parallel": sequence_parallel, "device": device, "dtype": dtype}
+        self.attention_norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
+                                              **parallel)
+        self.attention = Attention(config, layer, tp_group, **parallel)
+        self.mlp_norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
+                                        **parallel)
+        self.mlp = MLP(config, layer, tp_group, **parallel)
+
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch
+                ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotary, packed)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class LlamaModel(nn.Module):
+    """The decoder with its embedding, final norm and (untied or tied) output head.
+
+    Args:
+        config: the model's sizes (``eurocore.model.preset``).
+        groups: the process groups; only the tensor-parallel group is used here (None or
+            ``ParallelGroups.single()``: one process).
+        sequence_parallel: split the activations between the TP regions along the sequence.
+        device, dtype: where and in which dtype the parameters are made. On the ``meta``
+            device nothing is drawn (sizing a model costs no memory).
+
+    Each rank holds only its shard; every weight is drawn from ``config.seed`` in fixed
+    blocks, so every TP degree starts from the same model (padding rows of the vocabulary
+    start at zero and never receive a gradient).
+    """
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups | None = None, *,
+                 sequence_parallel: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        groups = groups or ParallelGroups.single()
+        config.check_layout(groups.tp_size, sequence_parallel)
+        self.config, self.sequence_parallel = config, sequence_parallel
+        self.tp_group, self.tp_size = groups.tp_group, groups.tp_size
+        tp_group = groups.tp_group
+        parallel = {"sequence_parallel": sequence_parallel, "device": device, "dtype": dtype}
+        self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                tp_group, std=config.init_std,
+                                                seed=_seed(config, -1, 0), **parallel)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp_group, **parallel)
+                                    for i in range(config.num_layers))
+        self.norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group, **parallel)
+        padded = padded_vocab_size(config.vocab_size, groups.tp_size)
+        self.head = ColumnParallelLinear(config.hidden_size, padded, tp_group,
+                                         std=config.init_std, seed=_seed(config, -1, 1),
+                                         **parallel)
+        if config.tie_embeddings:
+            self.head.weight = self.embedding.weight
+        else:
+            with torch.no_grad():  # padding rows: zero, like the embedding's
+                real = max(0, min(self.embedding.last, config.vocab_size) - self.embedding.first)
+                self.head.weight[real:].zero_()
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len,
+                                      theta=config.rope_theta, scaling=config.rope_scaling,
+                                      layout="thd", device=device)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean next-token loss, or this rank's logits without labels.
+
+        Args:
+            tokens: (batch, seq) int64 token ids, the same on every rank of the TP group;
+                seq divisible by tp with sequence parallelism.
+            labels: (batch, seq) int64 targets (-100: ignored), or None.
+            position_ids: (batch, seq) positions restarting at 0 at each document (packed
+                documents), or None (each row is one document).
+
+        Returns:
+            With labels: the fp32 mean loss over the tokens not ignored, the same on every
+            TP rank. Without: logits (seq, batch, padded_vocab / tp) of this rank's
+            vocabulary slice (padding columns included).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: expected (batch, seq), got shape {tuple(tokens.shape)}")
+        batch, seq = tokens.shape
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"tokens: seq {seq} exceeds max_seq_len = "
+                             f"{self.config.max_seq_len}")
+        self.config.check_layout(self.tp_size, self.sequence_parallel, seq)
+        packed = PackedBatch.from_position_ids(position_ids, batch, seq, tokens.device)
+        x = self.embedding(tokens.t())                  # (seq [/ tp], batch, hidden)
+        for layer in self.layers:
+            x = layer(x, self.rotary, packed)
+        logits = self.head(self.norm(x))                # (seq, batch, padded vocab / tp)
+        if labels is None:
+            return logits
+        if labels.shape != tokens.shape:
+            raise ValueError(f"labels: expected shape {tuple(tokens.shape)} like tokens, got "
+                             f"{tuple(labels.shape)}")
+        return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size,
+                                            self.tp_group)
