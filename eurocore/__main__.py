@@ -1,5 +1,6 @@
 """The ``eurocore`` command (also ``python -m eurocore``).
 
+    eurocore train [ARGS...]     the training run (python -m eurocore.train ARGS; torchrun too)
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
     eurocore backends            which backends this machine can run, and why (not)
 
@@ -18,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eurocore", description="eurocore: fused kernels for LLM training.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # Listed for --help only: main() forwards everything after "bench" untouched.
+    # Listed for --help only: main() forwards everything after "train"/"bench" untouched.
+    sub.add_parser("train", help="train the model (see 'eurocore train --help')",
+                   add_help=False)
     sub.add_parser("bench", help="kernel benchmarks (see 'eurocore bench --help')",
                    add_help=False)
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
@@ -37,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``eurocore`` command with ``argv`` (default ``sys.argv[1:]``); returns the
     exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from eurocore.train.__main__ import main as train_main
+
+        return train_main(argv[1:], prog="eurocore train")
     if argv and argv[0] == "bench":
         from eurocore.benchmarks.__main__ import main as bench_main
 

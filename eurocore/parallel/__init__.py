@@ -9,6 +9,7 @@ from eurocore.parallel.collectives import (
     reduce_scatter_forward_all_gather_backward,
     split_forward_all_gather_backward,
 )
+from eurocore.parallel.grads import clip_grad_norm_, global_grad_norm, mark_replicated_over_tp
 from eurocore.parallel.groups import ParallelGroups
 from eurocore.parallel.layers import (
     ColumnParallelLinear,
@@ -28,7 +29,10 @@ __all__ = [
     "all_gather_forward_reduce_scatter_backward",
     "all_gather_forward_split_backward",
     "all_reduce_forward_copy_backward",
+    "clip_grad_norm_",
     "copy_forward_all_reduce_backward",
+    "global_grad_norm",
+    "mark_replicated_over_tp",
     "padded_vocab_size",
     "reduce_scatter_forward_all_gather_backward",
     "split_forward_all_gather_backward",

@@ -28,6 +28,7 @@ from eurocore.parallel.collectives import (
     copy_forward_all_reduce_backward,
     reduce_scatter_forward_all_gather_backward,
 )
+from eurocore.parallel.grads import mark_replicated_over_tp
 
 # Rows drawn per generator: the unit of layout-independent initialisation.
 INIT_BLOCK_ROWS = 64
@@ -209,7 +210,8 @@ class ParallelRMSNorm(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.eps, self.tp_group, self.sequence_parallel = eps, tp_group, sequence_parallel
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.weight = mark_replicated_over_tp(
+            nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = (copy_forward_all_reduce_backward(self.weight, self.tp_group)

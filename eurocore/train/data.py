@@ -1,0 +1,141 @@
+"""Synthetic training data with a known loss floor: a seeded sparse Markov source.
+
+Each token t has ``branching`` possible successors s_1..s_k (distinct, drawn at random)
+with probabilities P_t (a flat Dirichlet draw). Documents start in the stationary
+distribution π of the chain and follow it, so every next-token prediction inside a document
+faces the conditional distribution of a stationary chain, and no model can do better in
+expectation than its entropy rate
+
+    H = Σ_t π_t · H(P_t) = -Σ_t π_t Σ_j P_t,j · log P_t,j     (nats per token)
+
+which is what :meth:`MarkovSource.entropy_rate` returns: the floor the training log shows
+the loss approaching. Rows of a batch pack several documents (lengths drawn uniformly from
+``min_doc_len .. seq``); ``position_ids`` restart at each document and the label of each
+document's last token is -100 (its successor starts an unrelated document).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """tokens, labels, position_ids: (batch, seq) int64 on one device."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+
+
+class MarkovSource:
+    """The chain of one ``seed``: successors (vocab, k), their probabilities and cumulative
+    probabilities (vocab, k) fp64, and the stationary distribution π (vocab,) fp64.
+
+    Args:
+        vocab_size: tokens of the chain (the model's vocabulary).
+        branching: successors per token, k in [1, vocab_size].
+        seed: fixes the chain.
+    """
+
+    def __init__(self, vocab_size: int, branching: int = 4, seed: int = 0) -> None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
+        if (isinstance(branching, bool) or not isinstance(branching, int)
+                or not 1 <= branching <= vocab_size):
+            raise ValueError(f"branching: expected an int in [1, {vocab_size}], got "
+                             f"{branching!r}")
+        gen = torch.Generator().manual_seed(seed)
+        self.vocab_size, self.branching, self.seed = vocab_size, branching, seed
+        # k distinct successors per token: the first k of a random permutation's scores
+        scores = torch.rand(vocab_size, vocab_size, generator=gen) if vocab_size <= 4096 \
+            else None
+        if scores is not None:
+            self.successors = scores.topk(branching, dim=1).indices
+        else:  # large vocabularies: random draws, collisions re-drawn until distinct
+            self.successors = _distinct_successors(vocab_size, branching, gen)
+        gamma = -torch.log(torch.rand(vocab_size, branching, generator=gen, dtype=torch.float64))
+        self.probs = gamma / gamma.sum(dim=1, keepdim=True)  # flat Dirichlet
+        self.cumulative = self.probs.cumsum(dim=1)
+        self.stationary = self._stationary()
+
+    def _stationary(self, iterations: int = 10000, tol: float = 1e-13) -> torch.Tensor:
+        """π = π P by power iteration on the sparse transition matrix (lazy chain
+        ½(I + P): same π, and it converges even when P is periodic)."""
+        pi = torch.full((self.vocab_size,), 1.0 / self.vocab_size, dtype=torch.float64)
+        flat_succ = self.successors.flatten()
+        for _ in range(iterations):
+            step = torch.zeros_like(pi).index_add_(0, flat_succ,
+                                                   (pi[:, None] * self.probs).flatten())
+            new = 0.5 * (pi + step)
+            if (new - pi).abs().sum() < tol:
+                return new / new.sum()
+            pi = new
+        return pi / pi.sum()
+
+    def entropy_rate(self) -> float:
+        """H = Σ_t π_t H(P_t) in nats per token: the expected loss of the true chain."""
+        per_token = -(self.probs * self.probs.log()).sum(dim=1)
+        return float((self.stationary * per_token).sum())
+
+    def batch(self, batch: int, seq: int, step: int, *, stream: int = 0,
+              min_doc_len: int | None = None, device: torch.device | str = "cpu") -> Batch:
+        """Batch ``step`` of data stream ``stream`` (a data-parallel rank): a pure function
+        of (seed, stream, step, shapes), the same on every rank of a TP group.
+
+        Rows pack documents of lengths drawn from [min_doc_len, seq] (default seq // 4).
+        """
+        min_doc_len = max(2, seq // 4) if min_doc_len is None else min_doc_len
+        if not 1 <= min_doc_len <= seq:
+            raise ValueError(f"min_doc_len: expected an int in [1, {seq}], got {min_doc_len}")
+        gen = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + stream) * 1_000_033 + step)
+        positions = _document_positions(batch, seq, min_doc_len, gen)
+        starts = positions == 0
+        first_tokens = torch.multinomial(self.stationary, batch * seq, replacement=True,
+                                         generator=gen).view(batch, seq)
+        uniforms = torch.rand(batch, seq, generator=gen, dtype=torch.float64)
+        tokens = torch.empty(batch, seq, dtype=torch.int64)
+        current = first_tokens[:, 0]
+        tokens[:, 0] = current
+        for i in range(1, seq):
+            choice = (uniforms[:, i, None] > self.cumulative[current]).sum(dim=1)
+            following = self.successors[current, choice.clamp_max(self.branching - 1)]
+            current = torch.where(starts[:, i], first_tokens[:, i], following)
+            tokens[:, i] = current
+        labels = torch.roll(tokens, -1, dims=1)
+        labels[torch.roll(starts, -1, dims=1)] = -100  # a document's last token
+        return Batch(tokens.to(device), labels.to(device), positions.to(device))
+
+
+def _document_positions(batch: int, seq: int, min_doc_len: int,
+                        gen: torch.Generator) -> torch.Tensor:
+    """(batch, seq) positions restarting at 0 at each document of a packed row."""
+    rows = []
+    for _ in range(batch):
+        row, filled = [], 0
+        while filled < seq:
+            length = int(torch.randint(min_doc_len, seq + 1, (1,), generator=gen))
+            length = min(length, seq - filled)
+            row.append(torch.arange(length))
+            filled += length
+        rows.append(torch.cat(row))
+    return torch.stack(rows)
+
+
+def _distinct_successors(vocab_size: int, branching: int, gen: torch.Generator) -> torch.Tensor:
+    succ = torch.randint(0, vocab_size, (vocab_size, branching), generator=gen)
+    while True:
+        ordered = succ.sort(dim=1).values
+        dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not dup.any():
+            return succ
+        succ[dup] = torch.randint(0, vocab_size, (int(dup.sum()), branching), generator=gen)
+
+
+def uniform_loss(vocab_size: int) -> float:
+    """log(vocab): the loss of a model that knows nothing, the start of the curve."""
+    return math.log(vocab_size)

@@ -1,0 +1,126 @@
+"""The training loop: model, synthetic data, AdamW, schedule, clipping, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eurocore.model import LlamaModel, preset
+from eurocore.parallel import ParallelGroups, clip_grad_norm_
+from eurocore.train.data import MarkovSource, uniform_loss
+from eurocore.train.distributed import Process
+from eurocore.train.optim import adamw, learning_rate
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Batch sizes count sequences per optimizer step.
+
+    bf16: autocast matrix products to bfloat16 (parameters, optimizer state and gradients
+    stay fp32); None: on GPUs only. warmup_steps None: a tenth of the steps.
+    """
+
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    tp: int = 1
+    sequence_parallel: bool = False
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    markov_branching: int = 4
+    data_seed: int = 0
+    log_every: int = 10
+    bf16: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "steps", "batch_size", "seq_len", "log_every", "markov_branching"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps: expected 0 .. steps ({self.steps}), got "
+                             f"{self.warmup_steps}")
+
+
+def train(config: TrainConfig, process: Process,
+          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+    """Trains one model as ``config`` says on the processes of ``process``'s world.
+
+    Every rank returns the metrics of each logged step (step, loss, lr, grad_norm,
+    tokens_per_s, step_ms); only rank 0 calls ``log``.
+    """
+    model_config = preset(config.preset, **config.model_overrides)
+    model_config.check_layout(config.tp, config.sequence_parallel, config.seq_len)
+    if config.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len: {config.seq_len} exceeds the model's max_seq_len "
+                         f"{model_config.max_seq_len}")
+    groups = ParallelGroups.build(tp=config.tp, device_type=process.device.type)
+    if groups.dp_size != 1 or groups.pp_size != 1:
+        raise ValueError(f"tp: {config.tp} x 1 pipeline stage covers {config.tp} of the "
+                         f"{process.world_size} processes; data and pipeline parallelism are "
+                         f"not built yet: launch tp processes")
+    model = LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
+                       device=process.device)
+    optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
+    source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
+    floor = source.entropy_rate()
+    bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
+    autocast = (torch.autocast(process.device.type, dtype=torch.bfloat16) if bf16
+                else contextlib.nullcontext())
+    say = log if process.rank == 0 else (lambda _: None)
+    local_params = sum(p.numel() for p in model.parameters())
+    say(f"eurocore train: {config.preset} ({model_config.num_parameters() / 1e6:.2f}M "
+        f"parameters, {local_params / 1e6:.2f}M on each of {config.tp} TP ranks"
+        f"{', sequence parallel' if config.sequence_parallel else ''}) on "
+        f"{process.world_size} x {process.device.type}{', bf16 autocast' if bf16 else ''}")
+    say(f"data: Markov source over {model_config.vocab_size} tokens, {config.markov_branching} "
+        f"successors each; loss floor (entropy rate) {floor:.4f}, uniform "
+        f"{uniform_loss(model_config.vocab_size):.4f} nats")
+    tokens_per_step = config.batch_size * config.seq_len
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    warmup_steps = config.steps // 10 if config.warmup_steps is None else config.warmup_steps
+    history = []
+    last_time, last_step = time.perf_counter(), -1
+    for step in range(config.steps):
+        lr = learning_rate(step, peak=config.lr, warmup_steps=warmup_steps,
+                           total_steps=config.steps, minimum=min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = source.batch(config.batch_size, config.seq_len, step,
+                             stream=groups.dp_rank, device=process.device)
+        with autocast:
+            loss = model(batch.tokens, batch.labels, position_ids=batch.position_ids)
+        loss.backward()
+        grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip, groups)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == config.steps - 1:
+            loss_value, norm_value = loss.item(), grad_norm.item()  # waits for the step
+            now = time.perf_counter()
+            # averaged over the steps since the last log: the device runs ahead in between
+            per_step = (now - last_time) / (step - last_step)
+            last_time, last_step = now, step
+            metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                       "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
+            history.append(metrics)
+            say(f"step {step:5d} | loss {loss_value:.4f} (floor {floor:.4f}) | lr {lr:.2e} | "
+                f"grad norm {norm_value:.3f} | {metrics['tokens_per_s']:,.0f} tokens/s | "
+                f"{metrics['step_ms']:.1f} ms")
+    if history:
+        say(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in "
+            f"{config.steps} steps (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} "
+            f"above it)")
+    return history

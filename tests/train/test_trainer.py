@@ -1,0 +1,84 @@
+"""The training run: the loss falls toward the floor, a TP=2 run (sequence parallel) takes
+the same steps as one process, and the torchrun command of the README works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eurocore.train.distributed import Process
+from eurocore.train.trainer import TrainConfig, train
+from tests.parallel.launch import run_on_ranks
+
+CPU = Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+SHORT = {"steps": 6, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "log_every": 1}
+
+
+def test_loss_falls_toward_the_floor():
+    lines: list[str] = []
+    history = train(TrainConfig(steps=60, batch_size=8, seq_len=64, warmup_steps=10,
+                                log_every=10), CPU, log=lines.append)
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert first > 5.0 and last < 0.6 * first, (first, last)
+    assert any("floor" in line for line in lines) and lines[-1].startswith("done")
+    assert all(m["tokens_per_s"] > 0 and m["step_ms"] > 0 for m in history)
+
+
+def _run_tp(rank: int, world: int, expected: list[dict], sequence_parallel: bool) -> None:
+    process = Process(rank, world, rank, torch.device("cpu"))
+    history = train(TrainConfig(tp=world, sequence_parallel=sequence_parallel, **SHORT),
+                    process, log=lambda _: None)
+    for got, want in zip(history, expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (rank, got, want)
+        # the clipping norm is the whole model's, shards and replicated weights counted once
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (rank, got, want)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_tensor_parallel_run_takes_the_same_steps(sequence_parallel):
+    expected = train(TrainConfig(**SHORT), CPU, log=lambda _: None)
+    run_on_ranks(_run_tp, 2, expected, sequence_parallel)
+
+
+@pytest.mark.parametrize("kwargs, arg", [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
+                                         ({"warmup_steps": 400}, "warmup_steps"),
+                                         ({"tp": True}, "tp")])
+def test_bad_config_is_named(kwargs, arg):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        TrainConfig(**kwargs)
+
+
+def test_tp_the_model_cannot_split_is_rejected():
+    with pytest.raises(ValueError, match=r"^tp: 3 does not divide num_heads"):
+        train(TrainConfig(tp=3, **SHORT), CPU)  # tiny has 8 heads
+
+
+def test_tp_larger_than_the_world_is_rejected():
+    with pytest.raises(ValueError, match=r"^tp: .* does not divide the world size 1"):
+        train(TrainConfig(tp=2, **SHORT), CPU)
+
+
+def test_seq_len_beyond_the_model_is_rejected():
+    with pytest.raises(ValueError, match=r"^seq_len\b"):
+        train(TrainConfig(**{**SHORT, "seq_len": 512}), CPU)
+
+
+@pytest.mark.slow
+def test_torchrun_command(tmp_path):
+    """The README's command, shortened: torchrun, 2 ranks, TP=2 with sequence parallelism."""
+    metrics = tmp_path / "metrics.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "eurocore.train", "--tp", "2", "--sequence-parallel", "--steps", "8",
+         "--log-every", "4", "--metrics-json", str(metrics)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 x cpu" in result.stdout and "floor" in result.stdout
+    history = json.loads(metrics.read_text())
+    assert [m["step"] for m in history] == [0, 4, 7]
