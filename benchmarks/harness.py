@@ -577,7 +577,15 @@ def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[st
         "results": [dataclasses.asdict(r) for r in results],
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
+    return write_json_atomically(payload, path)
+
+
+def write_json_atomically(payload: Any, path: str | os.PathLike[str]) -> Path:
+    """Writes ``payload`` as JSON to ``path`` through a temporary file in the same folder
+    renamed over it, so a reader never sees half a file; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)

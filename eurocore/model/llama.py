@@ -111,7 +111,8 @@ class Attention(nn.Module):
 
         q = tokens_first(q, self.local_heads)
         k = tokens_first(k, self.local_kv_heads)
-        v = tokens_first(v, self.local_kv_heads)
+        # A copy: the core saves v, and a view would keep all of qkv's output alive.
+        v = tokens_first(v, self.local_kv_heads).contiguous()
         q, k = rotary(q, k, position_ids=packed.position_ids)
         o = self.core(q, k, v, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
         o = o.reshape(batch, seq, self.local_heads * self.head_dim).transpose(0, 1)

@@ -22,7 +22,8 @@ from torch import nn
 
 from eurocore.ops import rms_norm
 from eurocore.parallel.collectives import (
-    all_gather_forward_reduce_scatter_backward,
+    _all_gather,
+    _reduce_scatter,
     all_gather_forward_split_backward,
     all_reduce_forward_copy_backward,
     copy_forward_all_reduce_backward,
@@ -68,6 +69,35 @@ def _divide(what: str, value: int, tp: int) -> int:
     if value % tp:
         raise ValueError(f"{what}: {value} is not divisible by tp = {tp}")
     return value // tp
+
+
+class _AllGatherLinear(torch.autograd.Function):
+    """y = all_gather_seq(x) Wᵀ (+ b) for a sequence-parallel input x (seq / tp, ...).
+
+    Saves x's shard, not the gathered input, and gathers it again in the backward for the
+    weight gradient (Megatron-LM's choice): s·b·h / tp bytes held per layer instead of
+    s·b·h, for one more all-gather. The input gradient is reduce-scattered back to shards.
+    The backward multiplies in the incoming gradient's dtype (bf16 under autocast, as the
+    forward did) and returns the weight gradient in the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.has_bias, ctx.x_dtype = group, bias is not None, x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # gather and keep what the GEMM reads
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x, weight)
+        return nn.functional.linear(_all_gather(x, group, 0), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        x_full = _all_gather(x, ctx.group, 0).to(grad.dtype)
+        grad_x = _reduce_scatter(grad @ weight.to(grad.dtype), ctx.group, 0)
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        grad_w = (flat_grad.t() @ x_full.reshape(-1, x_full.shape[-1])).to(weight.dtype)
+        grad_b = flat_grad.sum(dim=0).to(weight.dtype) if ctx.has_bias else None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -143,11 +173,11 @@ class ColumnParallelLinear(nn.Module):
         return torch.split(y, self.local_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = all_gather_forward_reduce_scatter_backward(x, self.tp_group, 0)
+        if self.sequence_parallel and self.tp_group is not None and _tp(self.tp_group)[0] > 1:
+            y = _AllGatherLinear.apply(x, self.weight, self.bias, self.tp_group)
         else:
             x = copy_forward_all_reduce_backward(x, self.tp_group)
-        y = nn.functional.linear(x, self.weight, self.bias)
+            y = nn.functional.linear(x, self.weight, self.bias)
         return all_gather_forward_split_backward(y, self.tp_group, -1) if self.gather_output \
             else y
 
