@@ -5,6 +5,8 @@ rank of the TP group holds the whole activation; with it, each holds a 1/tp slic
 sequence between the parallel regions, and the collectives around the layers change:
 
     column-parallel in:   copy fwd / all-reduce bwd     SP: all-gather fwd / reduce-scatter bwd
+                                                            (and an all-gather of the saved
+                                                            input shard for the weight grad)
     row-parallel out:     all-reduce fwd / copy bwd     SP: reduce-scatter fwd / all-gather bwd
 
 Weights are initialised so that every TP degree starts from the same model: the full matrix
