@@ -16,6 +16,7 @@ Without ``position_ids`` each row is one document.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -164,66 +165,110 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The decoder with its embedding, final norm and (untied or tied) output head.
+    """The decoder with its embedding, final norm and (untied or tied) output head, or one
+    pipeline stage of it.
 
     Args:
         config: the model's sizes (``eurocore.model.preset``).
-        groups: the process groups; only the tensor-parallel group is used here (None or
+        groups: the process groups; the tensor-parallel group is used here (None or
             ``ParallelGroups.single()``: one process).
         sequence_parallel: split the activations between the TP regions along the sequence.
+        layers: the decoder layers this module holds, by global index (default: all); they
+            are registered under ``layers.<index>``, so parameter names are the same in
+            every pipeline layout.
+        pre_process: hold the embedding (the first pipeline stage).
+        post_process: hold the final norm, the head and the loss (the last stage). A last
+            stage without the embedding but with tied embeddings holds a copy of it as the
+            head, initialised equal; :meth:`tied_embedding_weight` names the weight whose
+            gradient the first and last stages must sum.
         device, dtype: where and in which dtype the parameters are made. On the ``meta``
             device nothing is drawn (sizing a model costs no memory).
 
     Each rank holds only its shard; every weight is drawn from ``config.seed`` in fixed
-    blocks, so every TP degree starts from the same model (padding rows of the vocabulary
-    start at zero and never receive a gradient).
+    blocks, so every TP and PP layout starts from the same model (padding rows of the
+    vocabulary start at zero and never receive a gradient).
     """
 
     def __init__(self, config: ModelConfig, groups: ParallelGroups | None = None, *,
-                 sequence_parallel: bool = False, device: torch.device | str | None = None,
+                 sequence_parallel: bool = False, layers: Sequence[int] | None = None,
+                 pre_process: bool = True, post_process: bool = True,
+                 device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         groups = groups or ParallelGroups.single()
         config.check_layout(groups.tp_size, sequence_parallel)
         self.config, self.sequence_parallel = config, sequence_parallel
+        self.pre_process, self.post_process = pre_process, post_process
         self.tp_group, self.tp_size = groups.tp_group, groups.tp_size
         tp_group = groups.tp_group
         parallel = {"sequence_parallel": sequence_parallel, "device": device, "dtype": dtype}
-        self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                tp_group, std=config.init_std,
-                                                seed=_seed(config, -1, 0), **parallel)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, tp_group, **parallel)
-                                    for i in range(config.num_layers))
-        self.norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group, **parallel)
-        padded = padded_vocab_size(config.vocab_size, groups.tp_size)
-        self.head = ColumnParallelLinear(config.hidden_size, padded, tp_group,
-                                         std=config.init_std, seed=_seed(config, -1, 1),
-                                         **parallel)
-        if config.tie_embeddings:
-            self.head.weight = self.embedding.weight
-        else:
-            with torch.no_grad():  # padding rows: zero, like the embedding's
-                real = max(0, min(self.embedding.last, config.vocab_size) - self.embedding.first)
-                self.head.weight[real:].zero_()
+        layers = range(config.num_layers) if layers is None else list(layers)
+        if any(not 0 <= i < config.num_layers for i in layers):
+            raise ValueError(f"layers: expected indices in 0 .. {config.num_layers - 1}, got "
+                             f"{list(layers)}")
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, tp_group, **parallel)
+                                     for i in layers})
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len,
                                       theta=config.rope_theta, scaling=config.rope_scaling,
                                       layout="thd", device=device)
+        self._tied_copy = False
+        if pre_process:
+            self.embedding = self._embedding(tp_group, parallel)
+        if post_process:
+            self.norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
+                                        **parallel)
+            padded = padded_vocab_size(config.vocab_size, groups.tp_size)
+            self.head = ColumnParallelLinear(config.hidden_size, padded, tp_group,
+                                             std=config.init_std, seed=_seed(config, -1, 1),
+                                             **parallel)
+            if config.tie_embeddings and pre_process:
+                self.head.weight = self.embedding.weight
+            elif config.tie_embeddings:  # the last stage's copy of the first stage's table
+                with torch.no_grad():
+                    self.head.weight.copy_(self._embedding(tp_group, parallel).weight)
+                self._tied_copy = True
+            else:
+                with torch.no_grad():  # padding rows: zero, like the embedding's
+                    first, _, _ = _vocab_rows(config.vocab_size, groups)
+                    real = max(0, min(config.vocab_size - first, self.head.weight.shape[0]))
+                    self.head.weight[real:].zero_()
+
+    def _embedding(self, tp_group, parallel: dict) -> VocabParallelEmbedding:
+        return VocabParallelEmbedding(self.config.vocab_size, self.config.hidden_size, tp_group,
+                                      std=self.config.init_std, seed=_seed(self.config, -1, 0),
+                                      **parallel)
+
+    def tied_embedding_weight(self) -> nn.Parameter | None:
+        """With tied embeddings split over pipeline stages: the first stage's embedding or
+        the last stage's copy of it (their gradients must be summed over the two stages
+        before the optimizer step); None otherwise."""
+        if not self.config.tie_embeddings or (self.pre_process and self.post_process):
+            return None
+        if self.pre_process:
+            return self.embedding.weight
+        return self.head.weight if self._tied_copy else None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The mean next-token loss, or this rank's logits without labels.
+                position_ids: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean next-token loss, this rank's logits, or (not the last stage) the hidden
+        states for the next stage.
 
         Args:
             tokens: (batch, seq) int64 token ids, the same on every rank of the TP group;
-                seq divisible by tp with sequence parallelism.
+                seq divisible by tp with sequence parallelism. Later pipeline stages use
+                only their shape.
             labels: (batch, seq) int64 targets (-100: ignored), or None.
             position_ids: (batch, seq) positions restarting at 0 at each document (packed
                 documents), or None (each row is one document).
+            hidden_states: not the first stage: the previous stage's output (seq, or
+                seq / tp with sequence parallelism, batch, hidden).
 
         Returns:
-            With labels: the fp32 mean loss over the tokens not ignored, the same on every
-            TP rank. Without: logits (seq, batch, padded_vocab / tp) of this rank's
-            vocabulary slice (padding columns included).
+            Last stage, with labels: the fp32 mean loss over the tokens not ignored, the
+            same on every TP rank; without: logits (seq, batch, padded_vocab / tp) of this
+            rank's vocabulary slice (padding columns included). Other stages: hidden states
+            (seq [/ tp], batch, hidden).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected (batch, seq), got shape {tuple(tokens.shape)}")
@@ -231,11 +276,16 @@ class LlamaModel(nn.Module):
         if seq > self.config.max_seq_len:
             raise ValueError(f"tokens: seq {seq} exceeds max_seq_len = "
                              f"{self.config.max_seq_len}")
+        if (hidden_states is None) != self.pre_process:
+            raise ValueError("hidden_states: expected on stages without the embedding, and "
+                             "only there")
         self.config.check_layout(self.tp_size, self.sequence_parallel, seq)
         packed = PackedBatch.from_position_ids(position_ids, batch, seq, tokens.device)
-        x = self.embedding(tokens.t())                  # (seq [/ tp], batch, hidden)
-        for layer in self.layers:
+        x = self.embedding(tokens.t()) if self.pre_process else hidden_states
+        for layer in self.layers.values():
             x = layer(x, self.rotary, packed)
+        if not self.post_process:
+            return x
         logits = self.head(self.norm(x))                # (seq, batch, padded vocab / tp)
         if labels is None:
             return logits
@@ -244,3 +294,10 @@ class LlamaModel(nn.Module):
                              f"{tuple(labels.shape)}")
         return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size,
                                             self.tp_group)
+
+
+def _vocab_rows(vocab_size: int, groups: ParallelGroups) -> tuple[int, int, int]:
+    """(first, last, padded size) of this TP rank's rows of the padded vocabulary."""
+    padded = padded_vocab_size(vocab_size, groups.tp_size)
+    local = padded // groups.tp_size
+    return groups.tp_rank * local, (groups.tp_rank + 1) * local, padded

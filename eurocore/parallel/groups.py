@@ -32,6 +32,13 @@ class ParallelGroups:
     pp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     mesh: DeviceMesh | None = None
+    # pp > 1: a second group over the same pipeline ranks that carries gradients only (NCCL
+    # matches point-to-point messages per communicator in issue order, so activations and
+    # gradients travelling between the same two ranks must not share one), and the group of
+    # the first and last stages, which share a tied embedding.
+    pp_grad_group: dist.ProcessGroup | None = None
+    embedding_group: dist.ProcessGroup | None = None
+    pp_ranks: tuple[int, ...] = ()
 
     @classmethod
     def single(cls) -> ParallelGroups:
@@ -71,11 +78,22 @@ class ParallelGroups:
         def group(name: str, size: int) -> dist.ProcessGroup | None:
             return mesh[name].get_group() if size > 1 else None
 
+        dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+        pp_ranks = tuple(mesh.mesh[:, dp_rank, tp_rank].tolist())
+        pp_grad_group = embedding_group = None
+        if pp > 1:  # every rank creates every group, in the same order
+            for d in range(dp):
+                for t in range(tp):
+                    ranks = mesh.mesh[:, d, t].tolist()
+                    grad_group = dist.new_group(ranks)
+                    tied_group = dist.new_group([ranks[0], ranks[-1]])
+                    if (d, t) == (dp_rank, tp_rank):
+                        pp_grad_group, embedding_group = grad_group, tied_group
         return cls(tp_size=tp, pp_size=pp, dp_size=dp,
-                   tp_rank=mesh.get_local_rank("tp"), pp_rank=mesh.get_local_rank("pp"),
-                   dp_rank=mesh.get_local_rank("dp"),
+                   tp_rank=tp_rank, pp_rank=mesh.get_local_rank("pp"), dp_rank=dp_rank,
                    tp_group=group("tp", tp), pp_group=group("pp", pp), dp_group=group("dp", dp),
-                   mesh=mesh)
+                   mesh=mesh, pp_grad_group=pp_grad_group, embedding_group=embedding_group,
+                   pp_ranks=pp_ranks)
 
     def require_divisible_by_tp(self, what: str, value: int) -> None:
         """Raises ValueError naming ``what`` when ``value`` does not split over tp."""
