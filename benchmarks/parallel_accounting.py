@@ -108,7 +108,6 @@ import socket
 import sys
 import tempfile
 import types
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +125,7 @@ from eurocore.nn import RotaryEmbedding
 from eurocore.ops import attention as attention_op
 from eurocore.ops import normalization as normalization_op
 from eurocore.ops import rotary as rotary_op
+from eurocore.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 
 from . import harness
 
@@ -136,7 +136,9 @@ DEFAULT_SHAPE = {"hidden_size": 1024, "num_heads": 16, "num_kv_heads": 8,
                  "ffn_hidden_size": 2816}
 DEFAULT_SEQ, DEFAULT_BATCH, DEFAULT_TP = 512, 1, (1, 2, 4)
 DTYPE = torch.bfloat16
-COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
+# The torch.distributed functions eurocore's collectives call, by the name reported here.
+COLLECTIVES = {"all_reduce": "all_reduce", ALL_GATHER: "all_gather_into_tensor",
+               REDUCE_SCATTER: "reduce_scatter_tensor"}
 NORM_WEIGHT_ALL_REDUCE = "all_reduce[norm weight]"
 
 
@@ -407,7 +409,9 @@ class CollectiveCounter:
         entry["bytes"] += nbytes
         entry["ring_bytes"] += ring
 
-    def _wrap(self, op: str, original: Callable) -> Callable:
+    def _wrap(self, function: str, original: Callable) -> Callable:
+        op = COLLECTIVES[function]
+
         def counted(*args, **kwargs):
             if op == "all_reduce":
                 full = args[0] if args else kwargs["tensor"]
@@ -424,8 +428,9 @@ class CollectiveCounter:
     def active(self) -> Iterator[CollectiveCounter]:
         """Counts inside the block."""
         with contextlib.ExitStack() as stack:
-            for op in COLLECTIVES:
-                stack.enter_context(mock.patch.object(dist, op, self._wrap(op, getattr(dist, op))))
+            for function in COLLECTIVES:
+                counted = self._wrap(function, getattr(dist, function))
+                stack.enter_context(mock.patch.object(dist, function, counted))
             yield self
 
 
@@ -486,7 +491,6 @@ def _worker(rank: int, world_size: int, port: int, config: ModelConfig, seq: int
             modes: Sequence[bool], out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         results = [measure_setting(config, seq, batch, dist.group.WORLD, sp) for sp in modes]

@@ -30,6 +30,7 @@ from eurocore.parallel import (
     ParallelRMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    mark_pipeline_copy,
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
@@ -226,6 +227,7 @@ class LlamaModel(nn.Module):
             elif config.tie_embeddings:  # the last stage's copy of the first stage's table
                 with torch.no_grad():
                     self.head.weight.copy_(self._embedding(tp_group, parallel).weight)
+                mark_pipeline_copy(self.head.weight)
                 self._tied_copy = True
             else:
                 with torch.no_grad():  # padding rows: zero, like the embedding's

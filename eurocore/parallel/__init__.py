@@ -9,7 +9,12 @@ from eurocore.parallel.collectives import (
     reduce_scatter_forward_all_gather_backward,
     split_forward_all_gather_backward,
 )
-from eurocore.parallel.grads import clip_grad_norm_, global_grad_norm, mark_replicated_over_tp
+from eurocore.parallel.grads import (
+    clip_grad_norm_,
+    global_grad_norm,
+    mark_pipeline_copy,
+    mark_replicated_over_tp,
+)
 from eurocore.parallel.groups import ParallelGroups
 from eurocore.parallel.layers import (
     ColumnParallelLinear,
@@ -32,6 +37,7 @@ __all__ = [
     "clip_grad_norm_",
     "copy_forward_all_reduce_backward",
     "global_grad_norm",
+    "mark_pipeline_copy",
     "mark_replicated_over_tp",
     "padded_vocab_size",
     "reduce_scatter_forward_all_gather_backward",

@@ -38,11 +38,19 @@ def _split(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     return x.chunk(size, dim)[dist.get_rank(group)].contiguous()
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn there); older
+# releases have only the old names. Looked up at each call, so a test can wrap them.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") \
+    else "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") \
+    else "reduce_scatter_tensor"
+
+
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     size = _size(group)
     local = x.movedim(dim, 0).contiguous()
     out = local.new_empty((size * local.shape[0], *local.shape[1:]))
-    dist.all_gather_into_tensor(out, local, group=group)
+    getattr(dist, ALL_GATHER)(out, local, group=group)
     return out.movedim(0, dim)
 
 
@@ -53,7 +61,7 @@ def _reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
                          f"{size} ranks")
     full = x.movedim(dim, 0).contiguous()
     out = full.new_empty((full.shape[0] // size, *full.shape[1:]))
-    dist.reduce_scatter_tensor(out, full, group=group)
+    getattr(dist, REDUCE_SCATTER)(out, full, group=group)
     return out.movedim(0, dim)
 
 

@@ -1,8 +1,10 @@
 """Gradient norms over sharded parameters.
 
 Under tensor parallelism most parameters are split across the TP group (each rank holds a
-different slice) while a few are replicated (the RMSNorm weights): the global norm sums
-every shard's squares once and each replicated parameter once, not tp times.
+different slice) while a few are replicated (the RMSNorm weights); under pipeline
+parallelism each stage holds different layers, and a tied embedding has a copy on the last
+stage. The global norm sums every shard's squares once, each replicated parameter once (not
+tp times) and skips the pipeline copy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from eurocore.parallel.groups import ParallelGroups
 
 # Set on a parameter that every rank of the TP group holds whole (and keeps identical).
 REPLICATED_OVER_TP = "replicated_over_tp"
+# Set on a copy of a parameter that another pipeline stage holds (the tied embedding on the
+# last stage): after the two stages sum their gradients, it is counted there.
+PIPELINE_COPY = "pipeline_copy"
 
 
 def mark_replicated_over_tp(param: torch.nn.Parameter) -> torch.nn.Parameter:
@@ -24,26 +29,35 @@ def mark_replicated_over_tp(param: torch.nn.Parameter) -> torch.nn.Parameter:
     return param
 
 
-def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroups) -> torch.Tensor:
-    """The L2 norm of the full model's gradient (fp32 scalar, the same on every TP rank).
+def mark_pipeline_copy(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Marks ``param`` as a copy of a parameter another pipeline stage holds."""
+    setattr(param, PIPELINE_COPY, True)
+    return param
 
-    Shards count on every rank; parameters marked :func:`mark_replicated_over_tp` count on
-    TP rank 0 only. Parameters without a gradient count as zero.
+
+def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroups) -> torch.Tensor:
+    """The L2 norm of the full model's gradient (fp32 scalar, the same on every TP and PP
+    rank): squares summed over this rank's parameters, then over the TP and PP groups.
+
+    Parameters marked :func:`mark_replicated_over_tp` count on TP rank 0 only, those marked
+    :func:`mark_pipeline_copy` not at all. Parameters without a gradient count as zero.
     """
     params = list(params)
     total = None
     for param in params:
         if param.grad is None:
             continue
-        if getattr(param, REPLICATED_OVER_TP, False) and groups.tp_rank != 0:
+        if getattr(param, PIPELINE_COPY, False) or (
+                getattr(param, REPLICATED_OVER_TP, False) and groups.tp_rank != 0):
             continue
         square = param.grad.detach().float().pow(2).sum()
         total = square if total is None else total + square
     if total is None:
         total = torch.zeros((), dtype=torch.float32,
                             device=params[0].device if params else None)
-    if groups.tp_group is not None:
-        dist.all_reduce(total, group=groups.tp_group)
+    for group in (groups.tp_group, groups.pp_group):
+        if group is not None:
+            dist.all_reduce(total, group=group)
     return total.sqrt()
 
 

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from eurocore.model import LlamaModel, preset
+from eurocore.model import LlamaModel, ModelConfig, preset
 from eurocore.parallel import ParallelGroups, clip_grad_norm_
+from eurocore.parallel.pipeline import run_schedule, stage_layers
+from eurocore.parallel.schedules import bubble_fraction, schedule
 from eurocore.train.data import MarkovSource, uniform_loss
 from eurocore.train.distributed import Process
 from eurocore.train.optim import adamw, learning_rate
@@ -19,7 +22,10 @@ from eurocore.train.optim import adamw, learning_rate
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Batch sizes count sequences per optimizer step.
+    """One training run. ``batch_size`` counts sequences per optimizer step (the global
+    batch), split into microbatches of ``micro_batch_size`` (default: one microbatch) whose
+    gradients accumulate; their losses are averaged with equal weights. ``vpp`` virtual
+    stages per pipeline rank select the interleaved 1F1B schedule.
 
     bf16: autocast matrix products to bfloat16 (parameters, optimizer state and gradients
     stay fp32); None: on GPUs only. warmup_steps None: a tenth of the steps.
@@ -28,9 +34,13 @@ class TrainConfig:
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    layers_per_stage: tuple[int, ...] | None = None
     sequence_parallel: bool = False
     steps: int = 300
     batch_size: int = 16
+    micro_batch_size: int | None = None
     seq_len: int = 128
     lr: float = 3e-3
     min_lr: float | None = None
@@ -43,13 +53,19 @@ class TrainConfig:
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "steps", "batch_size", "seq_len", "log_every", "markov_branching"):
+        for name in ("tp", "pp", "vpp", "steps", "batch_size", "seq_len", "log_every",
+                     "markov_branching"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         for name in ("lr", "grad_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
+        micro = self.micro_batch_size
+        if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int)
+                                  or micro < 1 or self.batch_size % micro):
+            raise ValueError(f"micro_batch_size: expected an int >= 1 dividing batch_size "
+                             f"{self.batch_size}, got {micro!r}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps: expected 0 .. steps ({self.steps}), got "
                              f"{self.warmup_steps}")
@@ -67,13 +83,18 @@ def train(config: TrainConfig, process: Process,
     if config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len: {config.seq_len} exceeds the model's max_seq_len "
                          f"{model_config.max_seq_len}")
-    groups = ParallelGroups.build(tp=config.tp, device_type=process.device.type)
-    if groups.dp_size != 1 or groups.pp_size != 1:
-        raise ValueError(f"tp: {config.tp} x 1 pipeline stage covers {config.tp} of the "
-                         f"{process.world_size} processes; data and pipeline parallelism are "
-                         f"not built yet: launch tp processes")
-    model = LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
-                       device=process.device)
+    groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
+                                  device_type=process.device.type)
+    if groups.dp_size != 1:
+        raise ValueError(f"tp: tp x pp = {config.tp} x {config.pp} covers "
+                         f"{config.tp * config.pp} of the {process.world_size} processes; data "
+                         f"parallelism is not built yet: launch tp x pp processes")
+    micro = config.micro_batch_size or config.batch_size
+    num_microbatches = config.batch_size // micro
+    schedule_name = "interleaved-1f1b" if config.vpp > 1 else "1f1b"
+    schedule_steps = schedule(schedule_name, groups.pp_rank, config.pp, num_microbatches,
+                              config.vpp)
+    model = _stage_chunks(model_config, config, groups, process.device)
     optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
     source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
     floor = source.entropy_rate()
@@ -83,13 +104,20 @@ def train(config: TrainConfig, process: Process,
     say = log if process.rank == 0 else (lambda _: None)
     local_params = sum(p.numel() for p in model.parameters())
     say(f"eurocore train: {config.preset} ({model_config.num_parameters() / 1e6:.2f}M "
-        f"parameters, {local_params / 1e6:.2f}M on each of {config.tp} TP ranks"
-        f"{', sequence parallel' if config.sequence_parallel else ''}) on "
-        f"{process.world_size} x {process.device.type}{', bf16 autocast' if bf16 else ''}")
+        f"parameters; {local_params / 1e6:.2f}M on rank 0) on {process.world_size} x "
+        f"{process.device.type}{', bf16 autocast' if bf16 else ''}")
+    say(f"layout: tp {config.tp}{' (sequence parallel)' if config.sequence_parallel else ''} "
+        f"x pp {config.pp}{f' ({config.vpp} virtual stages each)' if config.vpp > 1 else ''}"
+        f" x dp 1; {num_microbatches} microbatches of {micro} x {config.seq_len} tokens; "
+        f"schedule {schedule_name}; expected pipeline bubble "
+        f"{bubble_fraction(config.pp, num_microbatches, config.vpp):.1%}")
     say(f"data: Markov source over {model_config.vocab_size} tokens, {config.markov_branching} "
         f"successors each; loss floor (entropy rate) {floor:.4f}, uniform "
         f"{uniform_loss(model_config.vocab_size):.4f} nats")
     tokens_per_step = config.batch_size * config.seq_len
+    seq_shard = config.seq_len // config.tp if config.sequence_parallel else config.seq_len
+    activation_shape = (seq_shard, micro, model_config.hidden_size)
+    activation_dtype = next(model.parameters()).dtype
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     warmup_steps = config.steps // 10 if config.warmup_steps is None else config.warmup_steps
     history = []
@@ -101,9 +129,23 @@ def train(config: TrainConfig, process: Process,
             group["lr"] = lr
         batch = source.batch(config.batch_size, config.seq_len, step,
                              stream=groups.dp_rank, device=process.device)
-        with autocast:
-            loss = model(batch.tokens, batch.labels, position_ids=batch.position_ids)
-        loss.backward()
+        parts = [t.split(micro) for t in (batch.tokens, batch.labels, batch.position_ids)]
+
+        def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None,
+                         parts=parts) -> torch.Tensor:
+            tokens, labels, positions = (part[mb] for part in parts)
+            with autocast:
+                return model[chunk](tokens, labels, position_ids=positions,
+                                    hidden_states=hidden)
+
+        loss = run_schedule(schedule_steps, forward_step, groups, num_chunks=config.vpp,
+                            num_microbatches=num_microbatches,
+                            activation_shape=activation_shape, dtype=activation_dtype,
+                            device=process.device)
+        for chunk in model:  # a tied embedding split over the first and last stages
+            tied = chunk.tied_embedding_weight()
+            if tied is not None:
+                torch.distributed.all_reduce(tied.grad, group=groups.embedding_group)
         grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip, groups)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -124,3 +166,18 @@ def train(config: TrainConfig, process: Process,
             f"{config.steps} steps (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} "
             f"above it)")
     return history
+
+
+def _stage_chunks(model_config: ModelConfig, config: TrainConfig, groups: ParallelGroups,
+                  device: torch.device) -> nn.ModuleList:
+    """This rank's model chunks: one per virtual stage it holds (the whole model without
+    pipeline parallelism)."""
+    num_stages = config.pp * config.vpp
+    splits = stage_layers(model_config.num_layers, num_stages, config.layers_per_stage)
+    chunks = []
+    for chunk in range(config.vpp):
+        stage = chunk * config.pp + groups.pp_rank
+        chunks.append(LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
+                                 layers=splits[stage], pre_process=stage == 0,
+                                 post_process=stage == num_stages - 1, device=device))
+    return nn.ModuleList(chunks)

@@ -29,10 +29,9 @@ def test_loss_falls_toward_the_floor():
     assert all(m["tokens_per_s"] > 0 and m["step_ms"] > 0 for m in history)
 
 
-def _run_tp(rank: int, world: int, expected: list[dict], sequence_parallel: bool) -> None:
+def _run_layout(rank: int, world: int, expected: list[dict], layout: dict) -> None:
     process = Process(rank, world, rank, torch.device("cpu"))
-    history = train(TrainConfig(tp=world, sequence_parallel=sequence_parallel, **SHORT),
-                    process, log=lambda _: None)
+    history = train(TrainConfig(**layout, **SHORT), process, log=lambda _: None)
     for got, want in zip(history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (rank, got, want)
         # the clipping norm is the whole model's, shards and replicated weights counted once
@@ -42,7 +41,27 @@ def _run_tp(rank: int, world: int, expected: list[dict], sequence_parallel: bool
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_tensor_parallel_run_takes_the_same_steps(sequence_parallel):
     expected = train(TrainConfig(**SHORT), CPU, log=lambda _: None)
-    run_on_ranks(_run_tp, 2, expected, sequence_parallel)
+    run_on_ranks(_run_layout, 2, expected, {"tp": 2, "sequence_parallel": sequence_parallel})
+
+
+FOUR_LAYERS = {"model_overrides": {"num_layers": 4}, "micro_batch_size": 1}
+
+
+@pytest.mark.parametrize("layout, world", [
+    ({"pp": 2}, 2),
+    ({"pp": 2, "vpp": 2}, 2),
+    ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4),
+])
+def test_pipeline_run_takes_the_same_steps(layout, world):
+    """Four microbatches accumulated: the same losses and clipping norms as one process
+    running them one after the other."""
+    expected = train(TrainConfig(**FOUR_LAYERS, **SHORT), CPU, log=lambda _: None)
+    run_on_ranks(_run_layout, world, expected, {**FOUR_LAYERS, **layout})
+
+
+def test_microbatches_must_divide_the_batch():
+    with pytest.raises(ValueError, match=r"^micro_batch_size\b"):
+        TrainConfig(batch_size=4, micro_batch_size=3)
 
 
 @pytest.mark.parametrize("kwargs, arg", [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
@@ -66,6 +85,22 @@ def test_tp_larger_than_the_world_is_rejected():
 def test_seq_len_beyond_the_model_is_rejected():
     with pytest.raises(ValueError, match=r"^seq_len\b"):
         train(TrainConfig(**{**SHORT, "seq_len": 512}), CPU)
+
+
+@pytest.mark.slow
+def test_torchrun_tp_and_pp_on_four_ranks(tmp_path):
+    """The README's 4-rank command, shortened: TP=2 x PP=2 with 4 microbatches."""
+    metrics = tmp_path / "metrics.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+         "-m", "eurocore.train", "--tp", "2", "--pp", "2", "--sequence-parallel",
+         "--micro-batch-size", "4", "--steps", "3", "--log-every", "1",
+         "--metrics-json", str(metrics)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tp 2 (sequence parallel) x pp 2" in result.stdout
+    assert "expected pipeline bubble 20.0%" in result.stdout  # (2 - 1) / (4 + 2 - 1)
+    assert len(json.loads(metrics.read_text())) == 3
 
 
 @pytest.mark.slow
