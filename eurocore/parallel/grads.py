@@ -36,8 +36,9 @@ def mark_pipeline_copy(param: torch.nn.Parameter) -> torch.nn.Parameter:
 
 
 def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroups) -> torch.Tensor:
-    """The L2 norm of the full model's gradient (fp32 scalar, the same on every TP and PP
-    rank): squares summed over this rank's parameters, then over the TP and PP groups.
+    """The L2 norm of the full model's gradient (fp32 scalar, the same on every rank):
+    squares summed over this rank's parameters, then over the TP and PP groups, and over
+    the DP group when FSDP shards the gradients there (DTensors).
 
     Parameters marked :func:`mark_replicated_over_tp` count on TP rank 0 only, those marked
     :func:`mark_pipeline_copy` not at all. Parameters without a gradient count as zero.
@@ -50,12 +51,16 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroup
         if getattr(param, PIPELINE_COPY, False) or (
                 getattr(param, REPLICATED_OVER_TP, False) and groups.tp_rank != 0):
             continue
-        square = param.grad.detach().float().pow(2).sum()
+        grad = param.grad.detach()
+        grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: DP shards
+        square = grad.float().pow(2).sum()
         total = square if total is None else total + square
     if total is None:
         total = torch.zeros((), dtype=torch.float32,
                             device=params[0].device if params else None)
-    for group in (groups.tp_group, groups.pp_group):
+    sharded_over_dp = any(hasattr(p.grad, "to_local") for p in params if p.grad is not None)
+    for group in (groups.tp_group, groups.pp_group,
+                  groups.dp_group if sharded_over_dp else None):
         if group is not None:
             dist.all_reduce(total, group=group)
     return total.sqrt()
@@ -64,10 +69,13 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroup
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
                     groups: ParallelGroups) -> torch.Tensor:
     """Scales every gradient by min(1, max_norm / global norm) in place; returns the norm
-    before clipping (as ``torch.nn.utils.clip_grad_norm_``, over all TP shards)."""
+    before clipping (as ``torch.nn.utils.clip_grad_norm_``, over all TP, PP and DP
+    shards)."""
     params = [p for p in params if p.grad is not None]
     norm = global_grad_norm(params, groups)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for param in params:
-        param.grad.detach().mul_(scale.to(param.grad.dtype))
+        grad = param.grad.detach()
+        grad = grad.to_local() if hasattr(grad, "to_local") else grad
+        grad.mul_(scale.to(grad.dtype))
     return norm

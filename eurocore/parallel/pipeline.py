@@ -57,7 +57,8 @@ def stage_layers(num_layers: int, num_virtual_stages: int,
 
 def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: ParallelGroups, *,
                  num_chunks: int, num_microbatches: int, activation_shape: Sequence[int],
-                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+                 dtype: torch.dtype, device: torch.device,
+                 before_backward: Callable[[int, bool], None] | None = None) -> torch.Tensor:
     """Runs this rank's ``steps``; gradients accumulate in the chunks' parameters.
 
     Args:
@@ -69,6 +70,8 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
         activation_shape, dtype: of the tensors passed between stages (every stage's
             output has this shape: (seq, or seq / tp with sequence parallelism, batch,
             hidden)).
+        before_backward: called as (chunk, last) before each backward step, ``last`` on the
+            chunk's final one (data parallelism reduces gradients then).
 
     Returns:
         The mean loss over the microbatches (fp32 scalar, detached), on every rank of the
@@ -89,7 +92,8 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
         dist.irecv(buffer, groups.pp_ranks[from_rank], group=group).wait()
         return buffer
 
-    for step in steps:
+    final_backward = {step.chunk: i for i, step in enumerate(steps) if step.kind == "B"}
+    for index, step in enumerate(steps):
         stage = step.chunk * p + rank
         key = (step.microbatch, step.chunk)
         if step.kind == "F":
@@ -104,6 +108,8 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
             saved[key] = (x, out)
         else:
             x, out = saved.pop(key)
+            if before_backward is not None:
+                before_backward(step.chunk, index == final_backward[step.chunk])
             if stage == last:
                 torch.autograd.backward(out / num_microbatches)
             else:

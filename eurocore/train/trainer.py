@@ -13,6 +13,7 @@ from torch import nn
 
 from eurocore.model import LlamaModel, ModelConfig, preset
 from eurocore.parallel import ParallelGroups, clip_grad_norm_
+from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
 from eurocore.parallel.pipeline import run_schedule, stage_layers
 from eurocore.parallel.schedules import bubble_fraction, schedule
 from eurocore.train.data import MarkovSource, uniform_loss
@@ -85,12 +86,16 @@ def train(config: TrainConfig, process: Process,
                          f"{model_config.max_seq_len}")
     groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
                                   device_type=process.device.type)
-    if groups.dp_size != 1:
-        raise ValueError(f"tp: tp x pp = {config.tp} x {config.pp} covers "
-                         f"{config.tp * config.pp} of the {process.world_size} processes; data "
-                         f"parallelism is not built yet: launch tp x pp processes")
-    micro = config.micro_batch_size or config.batch_size
-    num_microbatches = config.batch_size // micro
+    dp = groups.dp_size
+    if config.batch_size % dp:
+        raise ValueError(f"batch_size: {config.batch_size} sequences do not split over "
+                         f"{dp} data-parallel replicas")
+    per_replica = config.batch_size // dp
+    micro = config.micro_batch_size or per_replica
+    if per_replica % micro:
+        raise ValueError(f"micro_batch_size: {micro} does not divide the {per_replica} "
+                         f"sequences of each of the {dp} data-parallel replicas")
+    num_microbatches = per_replica // micro
     schedule_name = "interleaved-1f1b" if config.vpp > 1 else "1f1b"
     schedule_steps = schedule(schedule_name, groups.pp_rank, config.pp, num_microbatches,
                               config.vpp)
@@ -102,13 +107,15 @@ def train(config: TrainConfig, process: Process,
     autocast = (torch.autocast(process.device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     say = log if process.rank == 0 else (lambda _: None)
-    local_params = sum(p.numel() for p in model.parameters())
+    local_params = sum(_local(p).numel() for p in model.parameters())
     say(f"eurocore train: {config.preset} ({model_config.num_parameters() / 1e6:.2f}M "
         f"parameters; {local_params / 1e6:.2f}M on rank 0) on {process.world_size} x "
         f"{process.device.type}{', bf16 autocast' if bf16 else ''}")
-    say(f"layout: tp {config.tp}{' (sequence parallel)' if config.sequence_parallel else ''} "
-        f"x pp {config.pp}{f' ({config.vpp} virtual stages each)' if config.vpp > 1 else ''}"
-        f" x dp 1; {num_microbatches} microbatches of {micro} x {config.seq_len} tokens; "
+    sp_note = " (sequence parallel)" if config.sequence_parallel else ""
+    vpp_note = f" ({config.vpp} virtual stages each)" if config.vpp > 1 else ""
+    dp_note = " (FSDP2)" if dp > 1 else ""
+    say(f"layout: tp {config.tp}{sp_note} x pp {config.pp}{vpp_note} x dp {dp}{dp_note}; "
+        f"{num_microbatches} microbatches of {micro} x {config.seq_len} tokens per replica; "
         f"schedule {schedule_name}; expected pipeline bubble "
         f"{bubble_fraction(config.pp, num_microbatches, config.vpp):.1%}")
     say(f"data: Markov source over {model_config.vocab_size} tokens, {config.markov_branching} "
@@ -127,9 +134,11 @@ def train(config: TrainConfig, process: Process,
                            total_steps=config.steps, minimum=min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = source.batch(config.batch_size, config.seq_len, step,
-                             stream=groups.dp_rank, device=process.device)
-        parts = [t.split(micro) for t in (batch.tokens, batch.labels, batch.position_ids)]
+        # The global batch is a function of the step alone; each replica takes its rows, so
+        # every layout trains on the same microbatches.
+        batch = source.batch(config.batch_size, config.seq_len, step, device=process.device)
+        rows = slice(groups.dp_rank * per_replica, (groups.dp_rank + 1) * per_replica)
+        parts = [t[rows].split(micro) for t in (batch.tokens, batch.labels, batch.position_ids)]
 
         def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None,
                          parts=parts) -> torch.Tensor:
@@ -141,11 +150,15 @@ def train(config: TrainConfig, process: Process,
         loss = run_schedule(schedule_steps, forward_step, groups, num_chunks=config.vpp,
                             num_microbatches=num_microbatches,
                             activation_shape=activation_shape, dtype=activation_dtype,
-                            device=process.device)
+                            device=process.device,
+                            before_backward=lambda c, last: set_gradient_sync(model[c], last))
+        if dp > 1:  # the mean over the replicas, for the log
+            torch.distributed.all_reduce(loss, group=groups.dp_group)
+            loss /= dp
         for chunk in model:  # a tied embedding split over the first and last stages
             tied = chunk.tied_embedding_weight()
             if tied is not None:
-                torch.distributed.all_reduce(tied.grad, group=groups.embedding_group)
+                torch.distributed.all_reduce(_local(tied.grad), group=groups.embedding_group)
         grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip, groups)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -177,7 +190,13 @@ def _stage_chunks(model_config: ModelConfig, config: TrainConfig, groups: Parall
     chunks = []
     for chunk in range(config.vpp):
         stage = chunk * config.pp + groups.pp_rank
-        chunks.append(LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
+        chunk_model = LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
                                  layers=splits[stage], pre_process=stage == 0,
-                                 post_process=stage == num_stages - 1, device=device))
+                                 post_process=stage == num_stages - 1, device=device)
+        chunks.append(shard_data_parallel(chunk_model, groups, chunk_model.layers))
     return nn.ModuleList(chunks)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor FSDP shards over the DP ranks (a DTensor); else itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

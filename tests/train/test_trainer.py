@@ -51,10 +51,12 @@ FOUR_LAYERS = {"model_overrides": {"num_layers": 4}, "micro_batch_size": 1}
     ({"pp": 2}, 2),
     ({"pp": 2, "vpp": 2}, 2),
     ({"tp": 2, "pp": 2, "sequence_parallel": True}, 4),
+    ({"tp": 2}, 4),                                   # dp 2 (FSDP2) x tp 2
+    ({"pp": 2}, 4),                                   # dp 2 x pp 2
 ])
 def test_pipeline_run_takes_the_same_steps(layout, world):
-    """Four microbatches accumulated: the same losses and clipping norms as one process
-    running them one after the other."""
+    """Four microbatches accumulated (two per replica with dp 2): the same losses and
+    clipping norms at every step as one process running them one after the other."""
     expected = train(TrainConfig(**FOUR_LAYERS, **SHORT), CPU, log=lambda _: None)
     run_on_ranks(_run_layout, world, expected, {**FOUR_LAYERS, **layout})
 
