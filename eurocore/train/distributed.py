@@ -1,8 +1,16 @@
-"""Start-up of one training process: torchrun's environment, or a single plain process."""
+"""Start-up of one training process: torchrun's environment, SLURM's (``srun``, one task
+per GPU), or a single plain process.
+
+    torchrun:  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    srun:      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NNODES; MASTER_ADDR and
+               MASTER_PORT exported by the batch script (scripts/slurm/)
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -19,18 +27,48 @@ class Process:
     device: torch.device
 
 
-def init_process(device: str = "auto") -> Process:
-    """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR, MASTER_PORT); a plain ``python`` run is one process with no group.
+def launch_environment(env: dict[str, str] | None = None) -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, spans several nodes) from torchrun's variables, else
+    SLURM's, else one process."""
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env:
+        world = int(env.get("WORLD_SIZE", "1"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        return (int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+                world > local_world)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", "0")), int(env.get("SLURM_NNODES", "1")) > 1)
+    return 0, 1, 0, False
 
-    device: "auto" (the GPU of LOCAL_RANK when there is one, else the CPU), "cpu" or
+
+def check_rendezvous(host: str, multi_node: bool) -> None:
+    """Raises ValueError when a run over several nodes would meet at a loopback address
+    (each node would wait for itself: the classic hang of a copied single-node script)."""
+    if not multi_node:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as err:
+        raise ValueError(f"MASTER_ADDR: {host!r} does not resolve ({err}); set it to the "
+                         f"first node's hostname") from err
+    loopback = sorted(a for a in addresses if ipaddress.ip_address(a.split("%")[0]).is_loopback)
+    if loopback:
+        raise ValueError(f"MASTER_ADDR: {host!r} resolves to the loopback address "
+                         f"{loopback[0]} on a multi-node run: the other nodes cannot reach "
+                         f"it. Use the first node's hostname (scripts/slurm/ shows how)")
+
+
+def init_process(device: str = "auto") -> Process:
+    """Joins the process group the launcher describes; a plain ``python`` run is one
+    process with no group.
+
+    device: "auto" (the GPU of the local rank when there is one, else the CPU), "cpu" or
     "cuda". The backend is NCCL (RCCL on ROCm) for GPUs, gloo for the CPU.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    rank, world, local_rank, multi_node = launch_environment()
     use_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_gpu:
         if not torch.cuda.is_available():
@@ -40,6 +78,11 @@ def init_process(device: str = "auto") -> Process:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        host = os.environ.get("MASTER_ADDR")
+        if host is None or "MASTER_PORT" not in os.environ:
+            raise ValueError("MASTER_ADDR: set MASTER_ADDR and MASTER_PORT (torchrun does; "
+                             "under srun the batch script exports them)")
+        check_rendezvous(host, multi_node)
         dist.init_process_group("nccl" if use_gpu else "gloo", rank=rank, world_size=world,
                                 device_id=dev if use_gpu else None)
     return Process(rank, world, local_rank, dev)
