@@ -127,7 +127,7 @@ from eurocore.ops import normalization as normalization_op
 from eurocore.ops import rotary as rotary_op
 from eurocore.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 
-from . import harness
+from . import harness, pipeline_timeline
 
 DEFAULT_OUT = "benchmarks/results"
 # The default layer: small enough for a 2-core CPU in well under two minutes, large enough
@@ -641,6 +641,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ffn", type=int, default=None, help="override ffn_hidden_size")
     parser.add_argument("--tp", type=int, nargs="+", default=list(DEFAULT_TP),
                         help="tensor-parallel degrees (default: 1 2 4)")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="skip the pipeline timeline (PP 2 and 4, with and without "
+                             "virtual stages)")
     return parser
 
 
@@ -667,6 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nCollectives per layer, one rank, one forward + backward (bytes: full-size "
           "tensor per call, summed)")
     print(format_collective_table(rows, sbh))
+    pipeline = [] if args.no_pipeline else pipeline_timeline.measure()
+    if pipeline:
+        print("\n" + pipeline_timeline.format_table(pipeline))
     if not args.no_json:
         date = dt.date.today().isoformat()
         payload = {
@@ -688,8 +694,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "collectives": "torch.distributed calls in one forward + backward; bytes: "
                     "full-size tensor (all-gather output, reduce-scatter input, all-reduce "
                     "buffer); ring_bytes: sent per rank by a ring algorithm",
+                "pipeline": "eurocore.benchmarks.pipeline_timeline: the schedule runner on "
+                    "gloo with sleeping steps; idle fraction per stage from its trace",
             },
             "rows": rows,
+            "pipeline": pipeline,
         }
         path = write_json(payload, args.out, date)
         print(f"\nresults written to {path}")

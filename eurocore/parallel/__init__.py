@@ -1,5 +1,7 @@
-"""Parallelism: process groups, the collectives of tensor and sequence parallelism, and the
-tensor-parallel layers built on them."""
+"""Parallelism: process groups, the collectives of tensor and sequence parallelism, the
+tensor-parallel layers built on them, gradient norms over shards; pipeline schedules
+(``eurocore.parallel.schedules``), their runner (``eurocore.parallel.pipeline``) and data
+parallelism with FSDP2 (``eurocore.parallel.data_parallel``)."""
 
 from eurocore.parallel.collectives import (
     all_gather_forward_reduce_scatter_backward,

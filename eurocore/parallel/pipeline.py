@@ -15,6 +15,7 @@ activation with a gradient.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,7 +59,8 @@ def stage_layers(num_layers: int, num_virtual_stages: int,
 def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: ParallelGroups, *,
                  num_chunks: int, num_microbatches: int, activation_shape: Sequence[int],
                  dtype: torch.dtype, device: torch.device,
-                 before_backward: Callable[[int, bool], None] | None = None) -> torch.Tensor:
+                 before_backward: Callable[[int, bool], None] | None = None,
+                 trace: list[tuple[Step, float, float]] | None = None) -> torch.Tensor:
     """Runs this rank's ``steps``; gradients accumulate in the chunks' parameters.
 
     Args:
@@ -72,6 +74,8 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
             hidden)).
         before_backward: called as (chunk, last) before each backward step, ``last`` on the
             chunk's final one (data parallelism reduces gradients then).
+        trace: if given, each step's (step, start, end) in ``time.perf_counter`` seconds is
+            appended: the compute, from its input's arrival to its output's send.
 
     Returns:
         The mean loss over the microbatches (fp32 scalar, detached), on every rank of the
@@ -100,23 +104,30 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
             x = None
             if stage > 0:
                 x = receive((rank - 1) % p, groups.pp_group).requires_grad_()
+            start = time.perf_counter()
             out = forward_step(step.chunk, step.microbatch, x)
             if stage == last:
                 losses.append(out.detach().float())
             else:
                 send(out, (rank + 1) % p, groups.pp_group)
             saved[key] = (x, out)
+            if trace is not None:
+                trace.append((step, start, time.perf_counter()))
         else:
             x, out = saved.pop(key)
             if before_backward is not None:
                 before_backward(step.chunk, index == final_backward[step.chunk])
             if stage == last:
+                start = time.perf_counter()
                 torch.autograd.backward(out / num_microbatches)
             else:
                 grad = receive((rank + 1) % p, groups.pp_grad_group)
+                start = time.perf_counter()
                 torch.autograd.backward(out, grad)
             if stage > 0:
                 send(x.grad, (rank - 1) % p, groups.pp_grad_group)
+            if trace is not None:
+                trace.append((step, start, time.perf_counter()))
     for work, _ in sends:
         work.wait()
     if saved:
