@@ -72,12 +72,14 @@ class TrainConfig:
                              f"{self.warmup_steps}")
 
 
-def train(config: TrainConfig, process: Process,
-          log: Callable[[str], None] = print) -> list[dict[str, float]]:
+def train(config: TrainConfig, process: Process, log: Callable[[str], None] = print,
+          on_finish: Callable[[nn.ModuleList, ParallelGroups], None] | None = None,
+          ) -> list[dict[str, float]]:
     """Trains one model as ``config`` says on the processes of ``process``'s world.
 
     Every rank returns the metrics of each logged step (step, loss, lr, grad_norm,
-    tokens_per_s, step_ms); only rank 0 calls ``log``.
+    tokens_per_s, step_ms); only rank 0 calls ``log``. ``on_finish`` receives this rank's
+    model chunks and the groups after the last step (saving, checking).
     """
     model_config = preset(config.preset, **config.model_overrides)
     model_config.check_layout(config.tp, config.sequence_parallel, config.seq_len)
@@ -107,17 +109,20 @@ def train(config: TrainConfig, process: Process,
     autocast = (torch.autocast(process.device.type, dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     say = log if process.rank == 0 else (lambda _: None)
-    local_params = sum(_local(p).numel() for p in model.parameters())
     say(f"eurocore train: {config.preset} ({model_config.num_parameters() / 1e6:.2f}M "
-        f"parameters; {local_params / 1e6:.2f}M on rank 0) on {process.world_size} x "
-        f"{process.device.type}{', bf16 autocast' if bf16 else ''}")
+        f"parameters) on {process.world_size} x {process.device.type}"
+        f"{', bf16 autocast' if bf16 else ''}")
     sp_note = " (sequence parallel)" if config.sequence_parallel else ""
     vpp_note = f" ({config.vpp} virtual stages each)" if config.vpp > 1 else ""
     dp_note = " (FSDP2)" if dp > 1 else ""
     say(f"layout: tp {config.tp}{sp_note} x pp {config.pp}{vpp_note} x dp {dp}{dp_note}; "
-        f"{num_microbatches} microbatches of {micro} x {config.seq_len} tokens per replica; "
+        f"{num_microbatches} microbatch{'es' if num_microbatches > 1 else ''} of {micro} x "
+        f"{config.seq_len} tokens per replica; "
         f"schedule {schedule_name}; expected pipeline bubble "
         f"{bubble_fraction(config.pp, num_microbatches, config.vpp):.1%}")
+    per_stage = _parameters_per_stage(model, groups)
+    say("parameters per rank: " + ", ".join(
+        f"stage {stage} {count / 1e6:.3f}M" for stage, count in enumerate(per_stage)))
     say(f"data: Markov source over {model_config.vocab_size} tokens, {config.markov_branching} "
         f"successors each; loss floor (entropy rate) {floor:.4f}, uniform "
         f"{uniform_loss(model_config.vocab_size):.4f} nats")
@@ -178,6 +183,8 @@ def train(config: TrainConfig, process: Process,
         say(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in "
             f"{config.steps} steps (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} "
             f"above it)")
+    if on_finish is not None:
+        on_finish(model, groups)
     return history
 
 
@@ -195,6 +202,20 @@ def _stage_chunks(model_config: ModelConfig, config: TrainConfig, groups: Parall
                                  post_process=stage == num_stages - 1, device=device)
         chunks.append(shard_data_parallel(chunk_model, groups, chunk_model.layers))
     return nn.ModuleList(chunks)
+
+
+def _parameters_per_stage(model: nn.ModuleList, groups: ParallelGroups) -> list[int]:
+    """Parameters held by one rank of each pipeline stage (TP and DP shards: each rank of a
+    stage holds about the same)."""
+    local = sum(_local(p).numel() for p in model.parameters())
+    if groups.pp_size == 1:
+        return [local]
+    counts = [torch.zeros((), dtype=torch.int64) for _ in range(groups.pp_size)]
+    mine = torch.tensor(local, dtype=torch.int64)
+    device = next(model.parameters()).device
+    gathered = [c.to(device) for c in counts]
+    torch.distributed.all_gather(gathered, mine.to(device), group=groups.pp_group)
+    return [int(c) for c in gathered]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,38 @@ def test_loss_falls_toward_the_floor():
     assert all(m["tokens_per_s"] > 0 and m["step_ms"] > 0 for m in history)
 
 
-def _run_layout(rank: int, world: int, expected: list[dict], layout: dict) -> None:
+def _final_parameters(store: dict):
+    """An on_finish callback keeping one process's final parameters by name."""
+    def keep(model, groups):
+        (chunk,) = model
+        store.update({n: p.detach().clone() for n, p in chunk.named_parameters()})
+    return keep
+
+
+def _check_parameters(reference: dict):
+    """An on_finish callback comparing this rank's shards with one process's parameters."""
+    def check(model, groups):
+        for chunk in model:
+            for name, param in chunk.named_parameters():
+                module = chunk.get_submodule(name.rpartition(".")[0])
+                full = reference["embedding.weight" if name == "head.weight"
+                                 and name not in reference else name]
+                if hasattr(module, "local_shard"):
+                    full = module.local_shard(full)
+                local = param.full_tensor() if hasattr(param, "full_tensor") else param
+                # Adam divides by sqrt(v) + eps: where a gradient is near eps, a difference
+                # in fp32 rounding (another reduction order) moves the weight differently by
+                # up to ~1e-5 over 6 steps; a step itself is ~lr = 3e-3.
+                torch.testing.assert_close(local.detach(), full, rtol=1e-3, atol=3e-5,
+                                           msg=lambda m, n=name: f"parameter {n}: {m}")
+    return check
+
+
+def _run_layout(rank: int, world: int, expected: list[dict], layout: dict,
+                reference: dict | None = None) -> None:
     process = Process(rank, world, rank, torch.device("cpu"))
-    history = train(TrainConfig(**layout, **SHORT), process, log=lambda _: None)
+    history = train(TrainConfig(**layout, **SHORT), process, log=lambda _: None,
+                    on_finish=_check_parameters(reference) if reference else None)
     for got, want in zip(history, expected, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (rank, got, want)
         # the clipping norm is the whole model's, shards and replicated weights counted once
@@ -56,9 +85,12 @@ FOUR_LAYERS = {"model_overrides": {"num_layers": 4}, "micro_batch_size": 1}
 ])
 def test_pipeline_run_takes_the_same_steps(layout, world):
     """Four microbatches accumulated (two per replica with dp 2): the same losses and
-    clipping norms at every step as one process running them one after the other."""
-    expected = train(TrainConfig(**FOUR_LAYERS, **SHORT), CPU, log=lambda _: None)
-    run_on_ranks(_run_layout, world, expected, {**FOUR_LAYERS, **layout})
+    clipping norms at every step, and the same parameters after the last of the 6 optimizer
+    steps, as one process running them one after the other."""
+    reference: dict = {}
+    expected = train(TrainConfig(**FOUR_LAYERS, **SHORT), CPU, log=lambda _: None,
+                     on_finish=_final_parameters(reference))
+    run_on_ranks(_run_layout, world, expected, {**FOUR_LAYERS, **layout}, reference)
 
 
 def test_microbatches_must_divide_the_batch():
