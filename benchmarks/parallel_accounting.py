@@ -71,9 +71,9 @@ Why eurocore's Llama layer differs (every term below is checked against the meas
   kept whole, 2·N·h each on every rank; the layer was changed.)
 * ``v`` is copied out of the fused QKV output before the attention core saves it (at batch 1
   the packing is a view, and a saved view kept the whole (a + 2g)·d/t-wide output alive;
-  found here and fixed). With batch > 1 the output projection receives the core's output as
-  a transposed (seq, batch) view that F.linear flattens into a copy and saves, so the
-  attention output is kept twice (2·N·h/t more bytes; not fixed).
+  found here and fixed). Likewise the output projection takes the core's output
+  batch-major (at batch > 1 a transposed (seq, batch) view made F.linear save a copy: the
+  attention output kept twice; found here and fixed).
 
 Llama-adjusted analytic count (exact, what the tests assert). N = s·b tokens of the full
 sequence, n = N/t tokens of the residual stream on this rank with SP (n = N without), a
@@ -83,9 +83,7 @@ heads, g kv heads, d = h/a, f = ffn width; bf16 = 2 bytes, fp32 = 4:
     attention.qkv    2·n·h (input: the norm's output; with SP its sequence shard)
     attention.core   q 2·N·a·d/t + k 2·N·g·d/t + v 2·N·g·d/t + out 2·N·a·d/t
                      + lse 4·N·a/t
-    attention.out    0 at batch 1 (its input is a view of the core's out, already counted);
-                     2·N·a·d/t at batch > 1 (F.linear flattens the (seq, batch) transposed
-                     view into a copy and saves that, beside the core's out)
+    attention.out    0 (its input is a view of the core's out, already counted)
     mlp_norm         2·n·h + 4·n
     mlp.gate_up      2·n·h (input, as for qkv)
     mlp              gate_up output 2·N·2f/t (silu saves gate, mul saves up: views of it)
@@ -178,7 +176,7 @@ def llama_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
         "attention_norm": norm,
         "attention.qkv": bf16 * local * h,
         "attention.core": core,
-        "attention.out": 0 if batch == 1 else bf16 * full * a * d // tp,  # its own copy
+        "attention.out": 0,  # a view of the core's saved output
         "mlp_norm": norm,
         "mlp.gate_up": bf16 * local * h,
         "mlp": bf16 * full * (2 * f + f) // tp,

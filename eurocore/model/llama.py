@@ -117,8 +117,10 @@ class Attention(nn.Module):
         v = tokens_first(v, self.local_kv_heads).contiguous()
         q, k = rotary(q, k, position_ids=packed.position_ids)
         o = self.core(q, k, v, cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
-        o = o.reshape(batch, seq, self.local_heads * self.head_dim).transpose(0, 1)
-        return self.out(o)
+        # batch-major into the projection: F.linear then saves a view of the core's output
+        # instead of a (seq, batch) copy of it
+        return self.out(o.reshape(batch, seq, self.local_heads * self.head_dim),
+                        batch_first=True)
 
 
 class MLP(nn.Module):

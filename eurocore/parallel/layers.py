@@ -219,8 +219,13 @@ class RowParallelLinear(nn.Module):
         local = self.in_features // tp
         return full[:, rank * local:(rank + 1) * local]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, batch_first: bool = False) -> torch.Tensor:
+        """x (seq, batch, in_features / tp), or (batch, seq, ...) with ``batch_first``: the
+        output is sequence-first either way. Batch-first input lets a caller whose tensor is
+        batch-major (packed attention output) skip a copy that the matmul would save."""
         partial = nn.functional.linear(x, self.weight)
+        if batch_first:
+            partial = partial.transpose(0, 1)
         if self.sequence_parallel:
             return reduce_scatter_forward_all_gather_backward(partial, self.tp_group, 0)
         return all_reduce_forward_copy_backward(partial, self.tp_group)
