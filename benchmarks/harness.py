@@ -263,6 +263,13 @@ def _profiled_device_us(fn: Callable[[], object], device: torch.device, calls: i
                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
 
 
+def free_port() -> int:
+    """A TCP port free on this host now: the rendezvous of a benchmark's spawned ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def host_time(fn: Callable[[], object], device: torch.device | str, calls: int = 50) -> float:
     """Host milliseconds per call of ``fn`` with ``calls`` calls queued back to back, one
     synchronisation after them: what an eager loop pays on the host per call."""

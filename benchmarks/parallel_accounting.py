@@ -102,7 +102,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import socket
 import sys
 import tempfile
 import types
@@ -497,12 +496,6 @@ def _worker(rank: int, world_size: int, port: int, config: ModelConfig, seq: int
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tp(config: ModelConfig, seq: int, batch: int, tp: int,
            modes: Sequence[bool]) -> list[dict[str, Any]]:
     """Measures each SP mode in ``modes`` at tensor-parallel degree ``tp``: in this process
@@ -511,7 +504,7 @@ def run_tp(config: ModelConfig, seq: int, batch: int, tp: int,
     if tp == 1:
         return [measure_setting(config, seq, batch, None, sp) for sp in modes]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(tp, _free_port(), config, seq, batch, list(modes), tmp),
+        mp.spawn(_worker, args=(tp, harness.free_port(), config, seq, batch, list(modes), tmp),
                  nprocs=tp, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(tp)]
     for rank, results in enumerate(ranks[1:], start=1):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -31,6 +30,8 @@ import torch.multiprocessing as mp
 from eurocore.parallel import ParallelGroups
 from eurocore.parallel.pipeline import run_schedule
 from eurocore.parallel.schedules import Step, bubble_fraction, max_in_flight, schedule
+
+from . import harness
 
 # (pipeline stages, virtual stages per rank); 8 microbatches each
 LAYOUTS = ((2, 1), (2, 2), (4, 1), (4, 2))
@@ -90,19 +91,13 @@ def _worker(rank: int, world: int, port: int, num_chunks: int, num_microbatches:
                Path(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_layout(num_stages: int, num_chunks: int, num_microbatches: int = MICROBATCHES,
                    forward_ms: float = FORWARD_MS) -> dict[str, Any]:
     """Runs one layout on ``num_stages`` processes; per stage: measured idle fraction, peak
     in-flight microbatch-chunks (measured from the executed order, and the schedule's), and
     the formula's bubble."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(num_stages, _free_port(), num_chunks, num_microbatches,
+        mp.spawn(_worker, args=(num_stages, harness.free_port(), num_chunks, num_microbatches,
                                 forward_ms, tmp), nprocs=num_stages, join=True)
         traces = [torch.load(Path(tmp, f"rank{r}.pt")) for r in range(num_stages)]
     begin = min(t[0][3] for t in traces)

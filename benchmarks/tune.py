@@ -20,30 +20,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from unittest import mock
 
 import torch
 
 from . import harness
 
 Run = Callable[[], tuple[torch.Tensor, ...]]
-
-
-@contextlib.contextmanager
-def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    """Sets ``obj.name`` (an attribute, or a key when ``obj`` is a dict) for the block."""
-    is_dict = isinstance(obj, dict)
-    old = obj[name] if is_dict else getattr(obj, name)
-    if is_dict:
-        obj[name] = value
-    else:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if is_dict:
-            obj[name] = old
-        else:
-            setattr(obj, name, old)
 
 
 def rel_err(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
@@ -126,10 +109,10 @@ def _tune_attention(device: torch.device, shape: dict[str, Any], causal: bool
         return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
 
     def bwd_apply(kernel: str) -> Callable[[Any], contextlib.AbstractContextManager]:
-        return lambda c: patched(kernels.BWD_CONFIGS[vendor][bound], kernel, c)
+        return lambda c: mock.patch.dict(kernels.BWD_CONFIGS[vendor][bound], {kernel: c})
 
     return (sweep("attn fwd", label, forward, ATTENTION_FWD,
-                  lambda c: patched(kernels.FWD_CONFIGS[vendor], bound, c), device)
+                  lambda c: mock.patch.dict(kernels.FWD_CONFIGS[vendor], {bound: c}), device)
             + sweep("attn dkdv", label, backward, ATTENTION_DKDV, bwd_apply("dkdv"), device)
             + sweep("attn dq", label, backward, ATTENTION_DQ, bwd_apply("dq"), device))
 
@@ -175,8 +158,9 @@ def _tune_rms_norm(device: torch.device, tokens: int, hidden: int) -> list[dict[
                 cfg["num_warps"] = warps
             return cfg
 
-        with (patched(kernels, "backward_programs", lambda n, d: max(1, min(n, per_sm * sms))),
-              patched(kernels, "launch_config", config)):
+        with (mock.patch.object(kernels, "backward_programs",
+                                lambda n, d: max(1, min(n, per_sm * sms))),
+              mock.patch.object(kernels, "launch_config", config)):
             yield
 
     return (sweep("rms fwd", label, forward, [(4, None)], apply, device)
@@ -214,8 +198,9 @@ def tune_rotary(device: torch.device, shape: dict[str, int]) -> list[dict[str, A
     @contextlib.contextmanager
     def apply(c: tuple[int, int, int]) -> Iterator[None]:
         tile, warps, min_programs = c
-        with (patched(kernels, "TILE", tile), patched(kernels, "NUM_WARPS", warps),
-              patched(kernels, "MIN_PROGRAMS", min_programs)):
+        with (mock.patch.object(kernels, "TILE", tile),
+              mock.patch.object(kernels, "NUM_WARPS", warps),
+              mock.patch.object(kernels, "MIN_PROGRAMS", min_programs)):
             yield
 
     return (sweep("rope fwd", label, forward, ROTARY, apply, device)

@@ -2,7 +2,15 @@
 configurations."""
 
 from eurocore.model.config import PRESETS, ModelConfig, preset
-from eurocore.model.llama import MLP, Attention, DecoderLayer, LlamaModel, PackedBatch
+from eurocore.model.llama import (
+    MLP,
+    Attention,
+    DecoderLayer,
+    LlamaModel,
+    PackedBatch,
+    stage_chunks,
+    sum_tied_embedding_grads,
+)
 
 __all__ = ["MLP", "PRESETS", "Attention", "DecoderLayer", "LlamaModel", "ModelConfig",
-           "PackedBatch", "preset"]
+           "PackedBatch", "preset", "stage_chunks", "sum_tied_embedding_grads"]

@@ -60,12 +60,12 @@ class ModelConfig:
         tp must divide the query heads, the kv heads (each rank keeps whole GQA groups) and
         the MLP width; with sequence parallelism it must also divide the sequence length.
         """
-        valid = [t for t in range(1, self.num_kv_heads + 1)
-                 if self.num_heads % t == 0 and self.num_kv_heads % t == 0
-                 and self.ffn_hidden_size % t == 0]
         for what, value in (("num_heads", self.num_heads), ("num_kv_heads", self.num_kv_heads),
                             ("ffn_hidden_size", self.ffn_hidden_size)):
             if value % tp:
+                valid = [t for t in range(1, self.num_kv_heads + 1)
+                         if self.num_heads % t == 0 and self.num_kv_heads % t == 0
+                         and self.ffn_hidden_size % t == 0]
                 raise ValueError(f"tp: {tp} does not divide {what} = {value}; this model "
                                  f"splits over tp in {valid}")
         if sequence_parallel and seq_len is not None and seq_len % tp:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from eurocore.model.config import ModelConfig
@@ -30,10 +31,12 @@ from eurocore.parallel import (
     ParallelRMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    local_part,
     mark_pipeline_copy,
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
+from eurocore.parallel.pipeline import stage_layers
 
 
 @dataclass(frozen=True)
@@ -233,8 +236,8 @@ class LlamaModel(nn.Module):
                 self._tied_copy = True
             else:
                 with torch.no_grad():  # padding rows: zero, like the embedding's
-                    first, _, _ = _vocab_rows(config.vocab_size, groups)
-                    real = max(0, min(config.vocab_size - first, self.head.weight.shape[0]))
+                    local = self.head.weight.shape[0]
+                    real = max(0, min(config.vocab_size - groups.tp_rank * local, local))
                     self.head.weight[real:].zero_()
 
     def _embedding(self, tp_group, parallel: dict) -> VocabParallelEmbedding:
@@ -300,8 +303,26 @@ class LlamaModel(nn.Module):
                                             self.tp_group)
 
 
-def _vocab_rows(vocab_size: int, groups: ParallelGroups) -> tuple[int, int, int]:
-    """(first, last, padded size) of this TP rank's rows of the padded vocabulary."""
-    padded = padded_vocab_size(vocab_size, groups.tp_size)
-    local = padded // groups.tp_size
-    return groups.tp_rank * local, (groups.tp_rank + 1) * local, padded
+def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int = 1,
+                 layers_per_stage: Sequence[int] | None = None, sequence_parallel: bool = False,
+                 device: torch.device | str | None = None) -> list[LlamaModel]:
+    """This rank's model chunks, one per virtual stage it holds: chunk c is virtual stage
+    c · pp + pp_rank of pp · num_chunks, its layers from ``eurocore.parallel.pipeline.
+    stage_layers``; the first holds the embedding, the last the head (the whole model
+    without pipeline parallelism)."""
+    num_stages = groups.pp_size * num_chunks
+    splits = stage_layers(config.num_layers, num_stages, layers_per_stage)
+    stages = [chunk * groups.pp_size + groups.pp_rank for chunk in range(num_chunks)]
+    return [LlamaModel(config, groups, sequence_parallel=sequence_parallel,
+                       layers=splits[stage], pre_process=stage == 0,
+                       post_process=stage == num_stages - 1, device=device)
+            for stage in stages]
+
+
+def sum_tied_embedding_grads(chunks: Sequence[LlamaModel], groups: ParallelGroups) -> None:
+    """Sums the gradient of a tied embedding split over the first and last pipeline stages
+    (the embedding and the head's copy), so both take the same step; a no-op otherwise."""
+    for chunk in chunks:
+        tied = chunk.tied_embedding_weight()
+        if tied is not None:
+            dist.all_reduce(local_part(tied.grad), group=groups.embedding_group)

@@ -14,6 +14,7 @@ from eurocore.parallel.collectives import (
 from eurocore.parallel.grads import (
     clip_grad_norm_,
     global_grad_norm,
+    local_part,
     mark_pipeline_copy,
     mark_replicated_over_tp,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "clip_grad_norm_",
     "copy_forward_all_reduce_backward",
     "global_grad_norm",
+    "local_part",
     "mark_pipeline_copy",
     "mark_replicated_over_tp",
     "padded_vocab_size",

@@ -23,6 +23,12 @@ REPLICATED_OVER_TP = "replicated_over_tp"
 PIPELINE_COPY = "pipeline_copy"
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor FSDP shards over the DP ranks (a DTensor), else the
+    tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def mark_replicated_over_tp(param: torch.nn.Parameter) -> torch.nn.Parameter:
     """Marks ``param`` as held whole by every TP rank (see :func:`global_grad_norm`)."""
     setattr(param, REPLICATED_OVER_TP, True)
@@ -51,9 +57,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter], groups: ParallelGroup
         if getattr(param, PIPELINE_COPY, False) or (
                 getattr(param, REPLICATED_OVER_TP, False) and groups.tp_rank != 0):
             continue
-        grad = param.grad.detach()
-        grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2: DP shards
-        square = grad.float().pow(2).sum()
+        square = local_part(param.grad.detach()).float().pow(2).sum()
         total = square if total is None else total + square
     if total is None:
         total = torch.zeros((), dtype=torch.float32,
@@ -75,7 +79,6 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float,
     norm = global_grad_norm(params, groups)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for param in params:
-        grad = param.grad.detach()
-        grad = grad.to_local() if hasattr(grad, "to_local") else grad
+        grad = local_part(param.grad.detach())
         grad.mul_(scale.to(grad.dtype))
     return norm

@@ -159,15 +159,14 @@ class ColumnParallelLinear(nn.Module):
         out like one process's: each output part's slice, concatenated (loading a
         checkpoint, checking against one process). A full tensor with fewer rows than
         out_features (an unpadded vocabulary) gets zero rows for the missing ones."""
-        _, rank = _tp(self.tp_group)
+        tp, rank = _tp(self.tp_group)
         if full.shape[0] < self.out_features:
             padding = full.new_zeros(self.out_features - full.shape[0], *full.shape[1:])
             full = torch.cat([full, padding])
         parts, start = [], 0
         for local in self.local_sizes:
-            size = local * (self.out_features // sum(self.local_sizes))
             parts.append(full[start + rank * local:start + (rank + 1) * local])
-            start += size
+            start += local * tp
         return torch.cat(parts)
 
     def split_output(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,7 +174,7 @@ class ColumnParallelLinear(nn.Module):
         return torch.split(y, self.local_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel and self.tp_group is not None and _tp(self.tp_group)[0] > 1:
+        if self.sequence_parallel and _tp(self.tp_group)[0] > 1:
             y = _AllGatherLinear.apply(x, self.weight, self.bias, self.tp_group)
         else:
             x = copy_forward_all_reduce_backward(x, self.tp_group)

@@ -50,12 +50,12 @@ class MarkovSource:
                              f"{branching!r}")
         gen = torch.Generator().manual_seed(seed)
         self.vocab_size, self.branching, self.seed = vocab_size, branching, seed
-        # k distinct successors per token: the first k of a random permutation's scores
-        scores = torch.rand(vocab_size, vocab_size, generator=gen) if vocab_size <= 4096 \
-            else None
-        if scores is not None:
+        # k distinct successors per token: the top k of random scores over the vocabulary;
+        # large vocabularies: random draws, collisions re-drawn until distinct
+        if vocab_size <= 4096:
+            scores = torch.rand(vocab_size, vocab_size, generator=gen)
             self.successors = scores.topk(branching, dim=1).indices
-        else:  # large vocabularies: random draws, collisions re-drawn until distinct
+        else:
             self.successors = _distinct_successors(vocab_size, branching, gen)
         gamma = -torch.log(torch.rand(vocab_size, branching, generator=gen, dtype=torch.float64))
         self.probs = gamma / gamma.sum(dim=1, keepdim=True)  # flat Dirichlet

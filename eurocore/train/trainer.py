@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from eurocore.model import LlamaModel, ModelConfig, preset
-from eurocore.parallel import ParallelGroups, clip_grad_norm_
+from eurocore.model import preset, stage_chunks, sum_tied_embedding_grads
+from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
-from eurocore.parallel.pipeline import run_schedule, stage_layers
+from eurocore.parallel.pipeline import run_schedule
 from eurocore.parallel.schedules import bubble_fraction, schedule
 from eurocore.train.data import MarkovSource, uniform_loss
 from eurocore.train.distributed import Process
@@ -101,7 +101,12 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
     schedule_name = "interleaved-1f1b" if config.vpp > 1 else "1f1b"
     schedule_steps = schedule(schedule_name, groups.pp_rank, config.pp, num_microbatches,
                               config.vpp)
-    model = _stage_chunks(model_config, config, groups, process.device)
+    model = nn.ModuleList(
+        shard_data_parallel(chunk, groups, chunk.layers)
+        for chunk in stage_chunks(model_config, groups, num_chunks=config.vpp,
+                                  layers_per_stage=config.layers_per_stage,
+                                  sequence_parallel=config.sequence_parallel,
+                                  device=process.device))
     optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
     source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
     floor = source.entropy_rate()
@@ -160,10 +165,7 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
         if dp > 1:  # the mean over the replicas, for the log
             torch.distributed.all_reduce(loss, group=groups.dp_group)
             loss /= dp
-        for chunk in model:  # a tied embedding split over the first and last stages
-            tied = chunk.tied_embedding_weight()
-            if tied is not None:
-                torch.distributed.all_reduce(_local(tied.grad), group=groups.embedding_group)
+        sum_tied_embedding_grads(model, groups)
         grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip, groups)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -188,36 +190,13 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
     return history
 
 
-def _stage_chunks(model_config: ModelConfig, config: TrainConfig, groups: ParallelGroups,
-                  device: torch.device) -> nn.ModuleList:
-    """This rank's model chunks: one per virtual stage it holds (the whole model without
-    pipeline parallelism)."""
-    num_stages = config.pp * config.vpp
-    splits = stage_layers(model_config.num_layers, num_stages, config.layers_per_stage)
-    chunks = []
-    for chunk in range(config.vpp):
-        stage = chunk * config.pp + groups.pp_rank
-        chunk_model = LlamaModel(model_config, groups, sequence_parallel=config.sequence_parallel,
-                                 layers=splits[stage], pre_process=stage == 0,
-                                 post_process=stage == num_stages - 1, device=device)
-        chunks.append(shard_data_parallel(chunk_model, groups, chunk_model.layers))
-    return nn.ModuleList(chunks)
-
-
 def _parameters_per_stage(model: nn.ModuleList, groups: ParallelGroups) -> list[int]:
     """Parameters held by one rank of each pipeline stage (TP and DP shards: each rank of a
     stage holds about the same)."""
-    local = sum(_local(p).numel() for p in model.parameters())
-    if groups.pp_size == 1:
-        return [local]
-    counts = [torch.zeros((), dtype=torch.int64) for _ in range(groups.pp_size)]
-    mine = torch.tensor(local, dtype=torch.int64)
     device = next(model.parameters()).device
-    gathered = [c.to(device) for c in counts]
-    torch.distributed.all_gather(gathered, mine.to(device), group=groups.pp_group)
-    return [int(c) for c in gathered]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor FSDP shards over the DP ranks (a DTensor); else itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    local = torch.tensor(sum(local_part(p).numel() for p in model.parameters()), device=device)
+    if groups.pp_size == 1:
+        return [int(local)]
+    counts = [torch.empty_like(local) for _ in range(groups.pp_size)]
+    torch.distributed.all_gather(counts, local, group=groups.pp_group)
+    return [int(c) for c in counts]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from eurocore.model import LlamaModel, preset
+from eurocore.model import LlamaModel, preset, stage_chunks, sum_tied_embedding_grads
 from eurocore.parallel import ParallelGroups
 from eurocore.parallel.pipeline import run_schedule, stage_layers
 from eurocore.parallel.schedules import schedule
@@ -39,13 +39,7 @@ def _check_pipeline(rank: int, world: int, variants: list[dict]) -> None:
         ref_loss = sum(reference(t, lab, position_ids=pos) for t, lab, pos in data) / len(data)
         ref_loss.backward()
 
-        splits = stage_layers(LAYERS, pp * vpp)
-        last = pp * vpp - 1
-        chunks = []
-        for chunk in range(vpp):
-            stage = chunk * pp + groups.pp_rank
-            chunks.append(LlamaModel(config, groups, sequence_parallel=sp, layers=splits[stage],
-                                     pre_process=stage == 0, post_process=stage == last))
+        chunks = stage_chunks(config, groups, num_chunks=vpp, sequence_parallel=sp)
 
         def forward_step(chunk, mb, x, chunks=chunks, data=data):
             tokens, labels, positions = data[mb]
@@ -56,10 +50,7 @@ def _check_pipeline(rank: int, world: int, variants: list[dict]) -> None:
         loss = run_schedule(steps, forward_step, groups, num_chunks=vpp,
                             num_microbatches=MICROBATCHES, activation_shape=shape,
                             dtype=torch.float32, device=torch.device("cpu"))
-        for model in chunks:
-            tied_weight = model.tied_embedding_weight()
-            if tied_weight is not None:
-                dist.all_reduce(tied_weight.grad, group=groups.embedding_group)
+        sum_tied_embedding_grads(chunks, groups)
 
         where = f"{variant} rank {rank}"
         torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0,
