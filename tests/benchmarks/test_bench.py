@@ -127,19 +127,26 @@ def test_rotary_case_bytes_are_the_fewest():
     assert rotary.fwd_bytes(256, 256, 8, 2, 128, 4) == 2 * 256 * 10 * 128 * 4 + 2 * 256 * 64 * 4
 
 
-def test_rotary_eager_baseline_computes_what_eurocore_computes(monkeypatch):
-    """Each CPU torch-eager forward case, run through its own setup, returns the rotation of
-    its inputs that eurocore's reference computes (fp32 tolerance); the backward cases run
-    and return gradients shaped like q and k."""
+def _record_inputs(monkeypatch, module) -> list:
+    """Wraps ``module.make_inputs`` so that every set of inputs a case's setup makes is
+    appended to the returned list."""
     inputs = []
+    make_inputs = module.make_inputs
 
     def recording(*args, **kwargs):
         made = make_inputs(*args, **kwargs)
         inputs.append(made)
         return made
 
-    make_inputs = rotary.make_inputs
-    monkeypatch.setattr(rotary, "make_inputs", recording)
+    monkeypatch.setattr(module, "make_inputs", recording)
+    return inputs
+
+
+def test_rotary_eager_baseline_computes_what_eurocore_computes(monkeypatch):
+    """Each CPU torch-eager forward case, run through its own setup, returns the rotation of
+    its inputs that eurocore's reference computes (fp32 tolerance); the backward cases run
+    and return gradients shaped like q and k."""
+    inputs = _record_inputs(monkeypatch, rotary)
     for case in _rotary_eager_cases("fwd"):
         inputs.clear()
         out_q, out_k = case.setup()()
@@ -243,15 +250,7 @@ def test_attention_gpu_grid():
 def test_attention_sdpa_baseline_computes_what_eurocore_computes(monkeypatch):
     """Each CPU sdpa/math forward case, run through its own setup, returns the attention of
     its inputs that eurocore's reference computes (fp32 tolerance), causal or not."""
-    inputs = []
-
-    def recording(*args, **kwargs):
-        made = make_inputs(*args, **kwargs)
-        inputs.append(made)
-        return made
-
-    make_inputs = attention.make_inputs
-    monkeypatch.setattr(attention, "make_inputs", recording)
+    inputs = _record_inputs(monkeypatch, attention)
     found = [c for c in attention.cases("cpu", quick=True)
              if c.impl == "sdpa/math" and c.variant == "fwd"]
     assert {c.shape["causal"] for c in found} == {0, 1}
