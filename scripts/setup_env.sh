@@ -4,6 +4,8 @@
 #   TORCH_SPEC=...       the torch to install when the venv has none (default torch==2.13.0;
 #                        use your cluster's CUDA/ROCm wheel spec there)
 #   EUROCORE_GPU_BACKEND=AUTO|CUDA|HIP|NONE   the C++ extension build (CMakeLists.txt)
+#   EUROCORE_CPU_EMULATION=ON|OFF   also build eurocore._C_emulated, the C++ kernels on a CPU
+#                        emulator, so the tests run them without a GPU (default ON here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -19,5 +21,5 @@ py="$VENV/bin/python"
 if ! "$py" -c "import torch" 2>/dev/null; then
   "$py" -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$py" -m pip install --quiet -e ".[dev]"
+EUROCORE_CPU_EMULATION=${EUROCORE_CPU_EMULATION:-ON} "$py" -m pip install --quiet -e ".[dev]"
 "$VENV/bin/eurocore" backends

@@ -1,0 +1,257 @@
+// Rotary position embeddings for q and k in one launch, forward and backward.
+//
+// For each token at position p, each head of q and of k, and each frequency i < r/2 (r the
+// rotary dims), with c = cos[p, i] and s = sin[p, i] read in fp32 (the semantics of
+// eurocore.ops.apply_rotary):
+//
+//     rotate-half:  (x1, x2) = (x[i], x[i + r/2])      interleaved:  (x1, x2) = (x[2i], x[2i+1])
+//     y1 = x1·c − x2·s,    y2 = x2·c + x1·s            (backward: s → −s)
+//     y[d] = x[d] for d >= r                          (copied only when out of place)
+//
+// The position is position_ids[b, s], or s + offset (one offset, or one per sequence); a
+// packed (thd) token finds its sequence b by binary search over cu_seqlens. A position
+// outside the table gives NaN (the op checks positions unless it runs inside a graph).
+//
+// Layout: a block is (x: pair groups, y: heads, z: tokens). A thread owns one group of V
+// consecutive frequencies of one token, loads their cos/sin once and walks its heads of q,
+// then of k. Its V pairs are two vectors of V elements: (x[gV..], x[r/2 + gV..]) rotate-half,
+// (x[2gV..], x[2gV + V..]) interleaved. Each thread writes exactly what it read, so rotating
+// in place needs no barrier.
+#include <algorithm>
+
+#include "kernel_utils.h"
+#include "launch.h"
+
+namespace eurocore {
+namespace {
+
+constexpr int kTargetBlockThreads = 256;
+
+struct TensorView {
+  void* data;
+  int64_t outer_stride, inner_stride, head_stride;
+};
+
+template <typename C>
+struct Params {
+  TensorView q, k, out_q, out_k;
+  int64_t tokens, inner, q_heads, heads, head_dim, half;
+  const C* cos;
+  const C* sin;
+  int64_t table_stride, table_positions;
+  int position_source;
+  const void* index;  // position_ids or per-sequence offsets
+  int64_t index_stride_batch, index_stride_seq;
+  bool index_is_int64;
+  int64_t offset;
+  const void* cu_seqlens;  // null unless packed
+  bool cu_seqlens_is_int64;
+  int64_t sequences;
+  bool batch_first, interleaved, conjugate, copy_tail;
+};
+
+EUROCORE_DEVICE int64_t load_index(const void* data, int64_t i, bool is_int64) {
+  return is_int64 ? static_cast<const int64_t*>(data)[i]
+                  : int64_t(static_cast<const int32_t*>(data)[i]);
+}
+
+// The packed sequence b of `token`: the last b with cu_seqlens[b] <= token (empty sequences
+// share their start with the next one, which is the one that holds the token).
+template <typename C>
+EUROCORE_DEVICE int64_t sequence_of(const Params<C>& p, int64_t token) {
+  int64_t lo = 0, hi = p.sequences;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (load_index(p.cu_seqlens, mid, p.cu_seqlens_is_int64) <= token) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+template <typename C>
+EUROCORE_DEVICE int64_t position_of(const Params<C>& p, int64_t token, int64_t outer,
+                                    int64_t inner) {
+  int64_t batch, seq;
+  if (p.cu_seqlens != nullptr) {
+    batch = sequence_of(p, token);
+    seq = token - load_index(p.cu_seqlens, batch, p.cu_seqlens_is_int64);
+  } else {
+    batch = p.batch_first ? outer : inner;
+    seq = p.batch_first ? inner : outer;
+  }
+  switch (static_cast<PositionSource>(p.position_source)) {
+    case PositionSource::kPositionIds:
+      return load_index(p.index, batch * p.index_stride_batch + seq * p.index_stride_seq,
+                        p.index_is_int64);
+    case PositionSource::kOffsetPerSequence:
+      return seq + load_index(p.index, batch, p.index_is_int64);
+    default:
+      return seq + p.offset;
+  }
+}
+
+template <typename T>
+EUROCORE_DEVICE T* head_of(const TensorView& t, int64_t outer, int64_t inner, int64_t head) {
+  return static_cast<T*>(t.data) + outer * t.outer_stride + inner * t.inner_stride +
+         head * t.head_stride;
+}
+
+// Rotates the V pairs of group g of one head, from x to out (which may be x).
+template <int V, typename T>
+EUROCORE_DEVICE void rotate_group(const T* x, T* out, int64_t g, int64_t half, bool interleaved,
+                                  const float (&c)[V], const float (&s)[V]) {
+  const int64_t first = interleaved ? 2 * g * V : g * V;
+  const int64_t second = interleaved ? first + V : half + g * V;
+  float a[V], b[V];
+  load_floats<V>(x + first, a);
+  load_floats<V>(x + second, b);
+  float ya[V], yb[V];
+  if (interleaved) {
+    // Pair j is elements (2j, 2j + 1) of the 2V elements a ++ b.
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float x1 = 2 * j < V ? a[2 * j] : b[2 * j - V];
+      const float x2 = 2 * j + 1 < V ? a[2 * j + 1] : b[2 * j + 1 - V];
+      const float y1 = x1 * c[j] - x2 * s[j];
+      const float y2 = x2 * c[j] + x1 * s[j];
+      if (2 * j < V) ya[2 * j] = y1; else yb[2 * j - V] = y1;
+      if (2 * j + 1 < V) ya[2 * j + 1] = y2; else yb[2 * j + 1 - V] = y2;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      ya[j] = a[j] * c[j] - b[j] * s[j];
+      yb[j] = b[j] * c[j] + a[j] * s[j];
+    }
+  }
+  store_floats<V>(out + first, ya);
+  store_floats<V>(out + second, yb);
+}
+
+template <typename T, typename C, int V>
+__global__ __launch_bounds__(kMaxBlockThreads) void rotary_kernel(Params<C> p) {
+  const int64_t token = int64_t(blockIdx.x) * blockDim.z + threadIdx.z;
+  if (token >= p.tokens) return;  // no barriers in this kernel
+  const int64_t outer = token / p.inner;
+  const int64_t inner = token % p.inner;
+  const int64_t position = position_of(p, token, outer, inner);
+  const bool in_table = position >= 0 && position < p.table_positions;
+  const C* cos_row = p.cos + (in_table ? position * p.table_stride : 0);
+  const C* sin_row = p.sin + (in_table ? position * p.table_stride : 0);
+
+  const int64_t groups = p.half / V;
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x) {
+    float c[V], s[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      c[j] = in_table ? to_float(cos_row[g * V + j]) : NAN;
+      s[j] = in_table ? to_float(sin_row[g * V + j]) : 0.0f;
+      if (p.conjugate) s[j] = -s[j];
+    }
+    for (int64_t head = threadIdx.y; head < p.heads; head += blockDim.y) {
+      const bool is_q = head < p.q_heads;
+      const TensorView& in = is_q ? p.q : p.k;
+      const TensorView& out = is_q ? p.out_q : p.out_k;
+      const int64_t h = is_q ? head : head - p.q_heads;
+      rotate_group<V>(head_of<const T>(in, outer, inner, h), head_of<T>(out, outer, inner, h), g,
+                      p.half, p.interleaved, c, s);
+    }
+  }
+  if (!p.copy_tail) return;
+  const int64_t tail_vectors = (p.head_dim - 2 * p.half) / V;
+  for (int64_t t = threadIdx.x; t < tail_vectors; t += blockDim.x) {
+    const int64_t col = 2 * p.half + t * V;
+    for (int64_t head = threadIdx.y; head < p.heads; head += blockDim.y) {
+      const bool is_q = head < p.q_heads;
+      const int64_t h = is_q ? head : head - p.q_heads;
+      const T* src = head_of<const T>(is_q ? p.q : p.k, outer, inner, h) + col;
+      T* dst = head_of<T>(is_q ? p.out_q : p.out_k, outer, inner, h) + col;
+      *reinterpret_cast<Vector<T, V>*>(dst) = *reinterpret_cast<const Vector<T, V>*>(src);
+    }
+  }
+}
+
+TensorView view(uintptr_t data, const std::array<int64_t, 3>& strides) {
+  return {reinterpret_cast<void*>(data), strides[0], strides[1], strides[2]};
+}
+
+// 16-byte vectors when groups, tail, strides and pointers all allow them; else 1 element.
+template <typename T>
+int vector_width(int64_t half, int64_t head_dim, bool copy_tail,
+                 std::initializer_list<const TensorView*> tensors) {
+  constexpr int width = kVectorBytes / int(sizeof(T));
+  if (half % width != 0 || (copy_tail && head_dim % width != 0)) return 1;
+  for (const TensorView* t : tensors) {
+    if (t->data == nullptr) continue;
+    if (reinterpret_cast<uintptr_t>(t->data) % kVectorBytes != 0 || t->outer_stride % width ||
+        t->inner_stride % width || t->head_stride % width) {
+      return 1;
+    }
+  }
+  return width;
+}
+
+}  // namespace
+
+int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
+           std::array<int64_t, 3> k_strides, uintptr_t out_q, std::array<int64_t, 3> out_q_strides,
+           uintptr_t out_k, std::array<int64_t, 3> out_k_strides, int64_t outer, int64_t inner,
+           int64_t q_heads, int64_t k_heads, int64_t head_dim, uintptr_t cos, uintptr_t sin,
+           int64_t table_stride, int64_t half, int64_t table_positions, int table_dtype,
+           int position_source, uintptr_t index, int64_t index_stride_batch,
+           int64_t index_stride_seq, bool index_is_int64, int64_t offset, uintptr_t cu_seqlens,
+           bool cu_seqlens_is_int64, int64_t sequences, bool batch_first, bool interleaved,
+           bool conjugate, bool copy_tail, int dtype, int device, uintptr_t stream) {
+  require(outer >= 0 && inner >= 0 && q_heads >= 0 && k_heads >= 0, "q", "negative size");
+  const bool empty = outer * inner == 0;  // empty tensors may have null data pointers
+  require(empty || q_heads == 0 || (q != 0 && out_q != 0), "q", "null data pointer");
+  require(empty || k_heads == 0 || (k != 0 && out_k != 0), "k", "null data pointer");
+  require(half > 0 && 2 * half <= head_dim, "cos",
+          "rotates 2 * " + std::to_string(half) + " dims of head_dim " +
+              std::to_string(head_dim));
+  require(empty || (cos != 0 && sin != 0), "cos", "null data pointer");
+  require(position_source >= 0 && position_source <= 2, "position_source",
+          "expected 0, 1 or 2");
+  require(empty || position_source == 0 || index != 0, "position_ids", "null data pointer");
+  require(cu_seqlens == 0 || sequences >= 1, "cu_seqlens", "needs at least one sequence");
+  int width = 1;
+  dispatch_dtype(dtype, "dtype", [&](auto t) {
+    using T = decltype(t);
+    const auto run = [&](auto table_type) {
+      using C = decltype(table_type);
+      Params<C> p{view(q, q_strides), view(k, k_strides), view(out_q, out_q_strides),
+                  view(out_k, out_k_strides), outer * inner, inner, q_heads, q_heads + k_heads,
+                  head_dim, half, reinterpret_cast<const C*>(cos),
+                  reinterpret_cast<const C*>(sin), table_stride, table_positions,
+                  position_source, reinterpret_cast<const void*>(index), index_stride_batch,
+                  index_stride_seq, index_is_int64, offset,
+                  reinterpret_cast<const void*>(cu_seqlens), cu_seqlens_is_int64, sequences,
+                  batch_first, interleaved, conjugate, copy_tail};
+      width = vector_width<T>(half, head_dim, copy_tail, {&p.q, &p.k, &p.out_q, &p.out_k});
+      if (p.tokens == 0 || p.heads == 0) return;
+      DeviceGuard guard(device);
+      // x: the pair groups (whole warps where there are enough); y: heads, split evenly;
+      // z: tokens, to fill the block when heads are few.
+      const int64_t groups = half / width;
+      const int64_t threads_x = std::min<int64_t>(groups, kTargetBlockThreads);
+      const int64_t max_y = std::max<int64_t>(1, kTargetBlockThreads / threads_x);
+      const int64_t threads_y = ceil_div(p.heads, ceil_div(p.heads, max_y));
+      const int64_t threads_z =
+          std::min(p.tokens, std::max<int64_t>(1, kTargetBlockThreads / (threads_x * threads_y)));
+      const dim3 block = dim3(unsigned(threads_x), unsigned(threads_y), unsigned(threads_z));
+      const dim3 grid(unsigned(ceil_div(p.tokens, threads_z)));
+      if (width == 1) {
+        launch("rotary", rotary_kernel<T, C, 1>, grid, block, stream, p);
+      } else {
+        launch("rotary", rotary_kernel<T, C, kVectorBytes / sizeof(T)>, grid, block, stream, p);
+      }
+    };
+    dispatch_same_or_float<T>(table_dtype, dtype, true, "cos", run);
+  });
+  return width;
+}
+
+}  // namespace eurocore
