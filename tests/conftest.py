@@ -1,4 +1,5 @@
-"""Test set-up: without a GPU, Triton kernels run on Triton's CPU interpreter.
+"""Test set-up: without a GPU, Triton kernels run on Triton's CPU interpreter and the C++
+kernels on their CPU emulator (eurocore._C_emulated).
 
 TRITON_INTERPRET is read when a ``@triton.jit`` function is defined, so it is set here,
 before any eurocore module is imported.
@@ -11,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("EUROCORE_CUDA_EMULATION", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

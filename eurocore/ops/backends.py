@@ -4,6 +4,10 @@ Backends: ``torch`` (plain PyTorch, fp32 math: the reference and the specificati
 ``triton`` (``eurocore.kernels``) and ``cuda`` (the C++ extension ``eurocore._C``, built for
 CUDA or HIP; on ROCm the same name serves the HIP build).
 
+Without a GPU the kernel backends can still run for tests: Triton's interpreter
+(``TRITON_INTERPRET=1``) and the C++ kernels' CPU emulator (``EUROCORE_CUDA_EMULATION=1``,
+the module ``eurocore._C_emulated``) both take CPU tensors.
+
 The choice, per call: the op's ``backend=`` argument, else the ``EUROCORE_BACKEND``
 environment variable, else ``auto``: the op's preferred GPU backend for CUDA/ROCm tensors,
 ``torch`` elsewhere. An explicit choice that cannot serve the call raises
@@ -13,6 +17,7 @@ environment variable, else ``auto``: the op's preferred GPU backend for CUDA/ROC
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -20,6 +25,7 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "EUROCORE_BACKEND"
+EMULATION_ENV_VAR = "EUROCORE_CUDA_EMULATION"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,6 +46,12 @@ def triton_interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_emulation_active() -> bool:
+    """True when the ``cuda`` backend runs its kernels on the CPU emulator
+    (``EUROCORE_CUDA_EMULATION=1``; the module ``eurocore._C_emulated``)."""
+    return os.environ.get(EMULATION_ENV_VAR, "0") not in ("", "0")
+
+
 @functools.cache
 def _triton_status() -> BackendStatus:
     try:
@@ -58,18 +70,40 @@ def _triton_status() -> BackendStatus:
     )
 
 
+def cuda_extension():
+    """The ``cuda`` backend's extension module: ``eurocore._C``, or ``eurocore._C_emulated``
+    under ``EUROCORE_CUDA_EMULATION=1``.
+
+    Raises:
+        BackendUnavailableError: it is not built (the reason says what to do).
+    """
+    name = "eurocore._C_emulated" if cuda_emulation_active() else "eurocore._C"
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise BackendUnavailableError(_missing_extension_reason(err)) from None
+
+
+def _missing_extension_reason(err: ImportError) -> str:
+    if cuda_emulation_active():
+        return (f"the CPU emulation build eurocore._C_emulated is not built ({err}); "
+                f"{EMULATION_ENV_VAR}=1 needs an install with EUROCORE_CPU_EMULATION=ON "
+                "(scripts/setup_env.sh sets it)")
+    return (f"the C++ extension eurocore._C is not built ({err}); it builds at install time "
+            "when nvcc or hipcc is found (README: Building the cuda backend)")
+
+
 @functools.cache
 def _cuda_status() -> BackendStatus:
     try:
-        from eurocore import _C
-    except ImportError as err:
-        return BackendStatus(
-            False,
-            f"the C++ extension eurocore._C is not built ({err}); it builds at install time when "
-            "nvcc or hipcc is found (README: Building the cuda backend)",
-        )
-    built = f"eurocore._C built with {_C.gpu_backend()} for {_C.gpu_archs()}"
-    if _C.gpu_device_count() == 0:
+        extension = cuda_extension()
+    except BackendUnavailableError as err:
+        return BackendStatus(False, str(err))
+    if extension.gpu_backend() == "emulation":
+        return BackendStatus(True, f"eurocore._C_emulated: the C++ kernels on the CPU emulator "
+                                   f"({EMULATION_ENV_VAR}=1)")
+    built = f"eurocore._C built with {extension.gpu_backend()} for {extension.gpu_archs()}"
+    if extension.gpu_device_count() == 0:
         return BackendStatus(False, f"{built}, but no GPU is visible")
     return BackendStatus(True, built)
 
@@ -100,7 +134,24 @@ def _serves_device(name: str, device: torch.device) -> bool:
         return True
     if name == "triton":
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_active())
-    return device.type == "cuda"  # the C++ extension: CUDA and ROCm tensors alike
+    # The C++ extension: CUDA and ROCm tensors alike, or CPU tensors on its emulator.
+    return device.type == "cuda" or (device.type == "cpu" and cuda_emulation_active())
+
+
+# Auto's order on GPUs, per op and vendor: the fastest backend measured on that device class
+# first, then the others (auto takes the first that is built and available, so never an
+# unbuilt one). Triton leads everywhere: it reached the copy bandwidth for RMSNorm and 84-89%
+# of it for rotary on an H100 (benchmarks/results/2026-11-25-nvidia-h100-80gb-hbm3/); the
+# C++ kernels have not been measured on a GPU yet, and nothing has run on AMD yet.
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "rms_norm": {"nvidia": ("triton", "cuda"), "amd": ("triton", "cuda")},
+    "apply_rotary": {"nvidia": ("triton", "cuda"), "amd": ("triton", "cuda")},
+}
+
+
+def gpu_vendor() -> str:
+    """"amd" under a ROCm build of torch, else "nvidia"."""
+    return "amd" if torch.version.hip else "nvidia"
 
 
 @torch.compiler.assume_constant_result
@@ -109,7 +160,7 @@ def resolve_backend(
     device: torch.device,
     requested: str | None,
     implemented: tuple[str, ...],
-    auto_order: tuple[str, ...] = ("triton",),
+    auto_order: tuple[str, ...] | None = None,
 ) -> str:
     """Picks the backend for one call of ``op`` on tensors on ``device``.
 
@@ -119,7 +170,8 @@ def resolve_backend(
         requested: the caller's ``backend=`` argument (None or "auto" defers to the
             environment variable, then to auto).
         implemented: the backends that have this op.
-        auto_order: GPU backends auto tries first, in order, before falling back to torch.
+        auto_order: GPU backends auto tries first, in order, before falling back to torch;
+            by default ``AUTO_ORDER[op][gpu_vendor()]``, else Triton.
 
     Raises:
         ValueError: ``requested`` (or the environment variable) names no backend.
@@ -133,6 +185,8 @@ def resolve_backend(
         source = ENV_VAR
     if requested is None or requested == "auto":
         if device.type == "cuda":
+            if auto_order is None:
+                auto_order = AUTO_ORDER.get(op, {}).get(gpu_vendor(), ("triton",))
             for name in auto_order:
                 if name in implemented and backend_status(name).available:
                     return name

@@ -14,7 +14,7 @@ import torch
 
 from eurocore.ops.backends import resolve_backend
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -40,7 +40,7 @@ def rms_norm(
         eps: added to the mean square; a finite number >= 0.
         residual: same shape as x, floating point, on x's device.
         zero_centered_weight: scale by ``1 + weight`` (weights initialised at zero).
-        backend: "torch", "triton", "auto" or None (see ``eurocore.ops.backends``).
+        backend: "torch", "triton", "cuda", "auto" or None (see ``eurocore.ops.backends``).
 
     Returns:
         y, shaped like x in h's dtype; with a residual, ``(y, h)``: h is the new residual
@@ -126,6 +126,10 @@ def _launchers(backend: str):
         from eurocore.kernels import rms_norm as launchers
 
         return launchers
+    if backend == "cuda":
+        from eurocore.ops import cuda_launchers
+
+        return cuda_launchers
     raise AssertionError(f"rms_norm: no launchers for backend {backend!r}")  # resolve_backend
 
 

@@ -30,7 +30,7 @@ from eurocore.ops.checks import (
     reads_allowed,
 )
 
-IMPLEMENTED = ("torch", "triton")
+IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYOUTS = ("bshd", "sbhd", "thd")
 # The kernel keeps half a head's rotary dims per token in registers; far beyond any model.
@@ -191,7 +191,7 @@ def apply_rotary(
         layout: "bshd", "sbhd" or "thd".
         inplace: write the result into q and k (which must not be leaves requiring grad);
             autograd stays correct.
-        backend: "torch", "triton", "auto" or None (see ``eurocore.ops.backends``).
+        backend: "torch", "triton", "cuda", "auto" or None (see ``eurocore.ops.backends``).
 
     Returns:
         ``(q_rotated, k_rotated)``: new tensors, or q and k themselves when ``inplace``;
@@ -445,9 +445,12 @@ def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, off
             interleaved, conjugate, backend) -> None:
     """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
     stride along head_dim, position ids as (batch or 1, seq), contiguous tables."""
-    if backend != "triton":
+    if backend == "triton":
+        from eurocore.kernels import rotary as launchers
+    elif backend == "cuda":
+        from eurocore.ops import cuda_launchers as launchers
+    else:
         raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
-    from eurocore.kernels import rotary as launchers
 
     def as_4d(t):
         if t is None:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 import eurocore.ops.backends as backends
-from eurocore.ops import BackendUnavailableError, available_backends, rms_norm, rms_norm_reference
+from eurocore.ops import (
+    BackendUnavailableError,
+    available_backends,
+    flash_attention,
+    rms_norm,
+    rms_norm_reference,
+)
 from tests.conftest import DEVICE
 
 
@@ -31,8 +37,12 @@ def test_available_backends_explains_each():
     for name, s in status.items():
         assert s.reason, f"{name} has no reason"
     if not torch.cuda.is_available():
-        assert not status["cuda"].available
-        assert "GPU" in status["cuda"].reason or "not built" in status["cuda"].reason
+        if backends.cuda_emulation_active():  # the tests' default without a GPU
+            assert status["cuda"].available
+            assert "emulator" in status["cuda"].reason
+        else:
+            assert not status["cuda"].available
+            assert "GPU" in status["cuda"].reason or "not built" in status["cuda"].reason
 
 
 def test_auto_uses_torch_on_cpu(triton_launches, monkeypatch):
@@ -73,8 +83,27 @@ def test_unknown_names_are_rejected(monkeypatch):
 
 
 def test_explicit_backend_without_kernel_raises():
-    with pytest.raises(BackendUnavailableError, match=r"rms_norm.*'cuda'"):
-        rms_norm(torch.randn(3, 8, device=DEVICE), backend="cuda")
+    q = torch.randn(1, 4, 2, 16, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match=r"flash_attention.*'cuda'.*no kernel"):
+        flash_attention(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize("op", sorted(backends.AUTO_ORDER))
+@pytest.mark.parametrize("vendor", ["nvidia", "amd"])
+def test_auto_takes_the_first_available_of_the_measured_order(op, vendor, monkeypatch):
+    """Auto on a GPU walks AUTO_ORDER (fastest measured first) and never picks a backend
+    that is not built or not available; with none, it falls back to torch."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "gpu_vendor", lambda: vendor)
+    order = backends.AUTO_ORDER[op][vendor]
+    assert set(order) == {"triton", "cuda"}
+    gpu = torch.device("cuda")
+    implemented = ("torch", "triton", "cuda")
+    for available in [set(order), set(order[1:]), set(order[:1]), set()]:
+        monkeypatch.setattr(backends, "backend_status", lambda name, ok=available:
+                            backends.BackendStatus(name in ok or name == "torch", "test"))
+        expected = next((name for name in order if name in available), "torch")
+        assert backends.resolve_backend(op, gpu, None, implemented) == expected, available
 
 
 def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch, triton_launches):

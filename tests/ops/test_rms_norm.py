@@ -175,13 +175,15 @@ def test_compiles_fullgraph(backend):
 
 def _launch_guard(monkeypatch):
     """Makes any kernel launch fail loudly, to prove validation happens first."""
-    from eurocore.kernels import rms_norm as launchers
+    from eurocore.kernels import rms_norm as triton_launchers
+    from eurocore.ops import cuda_launchers
 
     def launched(*args, **kwargs):
         raise AssertionError("a kernel was launched before the input was rejected")
 
-    monkeypatch.setattr(launchers, "rms_norm_fwd", launched)
-    monkeypatch.setattr(launchers, "rms_norm_bwd", launched)
+    for launchers in (triton_launchers, cuda_launchers):
+        monkeypatch.setattr(launchers, "rms_norm_fwd", launched)
+        monkeypatch.setattr(launchers, "rms_norm_bwd", launched)
 
 
 def _bad_inputs():

@@ -1,0 +1,184 @@
+"""Launchers of the ``cuda`` backend: the C++ kernels of ``csrc/`` (``eurocore._C``, built
+for CUDA or HIP), with the signatures of the Triton launchers in ``eurocore.kernels``, so the
+ops call either the same way.
+
+The extension takes integer data pointers, element strides, dtype codes, the device index
+and the current stream; it never links libtorch. The kernels take one activation dtype
+(float32, float16 or bfloat16), a table or weight in that dtype or float32, and int32 or
+int64 index tensors; anything else (a residual of another dtype, a float64 table) is
+converted here first, as the Triton launchers' loads convert it.
+
+With ``EUROCORE_CUDA_EMULATION=1`` (the tests set it without a GPU) the extension is
+``eurocore._C_emulated``, the same sources compiled for a CPU emulator, and the tensors
+are CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eurocore.ops.backends import cuda_extension
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+POSITION_OFFSET, POSITION_OFFSET_PER_SEQUENCE, POSITION_IDS = 0, 1, 2
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _device_and_stream(extension, **tensors: torch.Tensor | None) -> tuple[int, int]:
+    """The device index and stream handle for a launch; rejects tensors the build cannot
+    reach (CPU tensors for a GPU build) with a ValueError naming the argument."""
+    expected = "cpu" if extension.gpu_backend() == "emulation" else "cuda"
+    device = None
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tensor.device.type != expected:
+            where = "CUDA or ROCm tensors" if expected == "cuda" else "CPU tensors (emulator)"
+            raise ValueError(f"{name}: the cuda backend ({extension.gpu_backend()} build) takes "
+                             f"{where}, got a tensor on {tensor.device}")
+        if device is None:
+            device = tensor.device
+        elif tensor.device != device:
+            raise ValueError(f"{name}: is on {tensor.device}, the other tensors on {device}")
+    if expected == "cpu":
+        return 0, 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _ptr(tensor: torch.Tensor | None) -> int:
+    return tensor.data_ptr() if tensor is not None else 0
+
+
+def _row_stride(tensor: torch.Tensor | None) -> int:
+    return tensor.stride(0) if tensor is not None else 0
+
+
+def rms_norm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    zero_centered_weight: bool,
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    rstd: torch.Tensor,
+) -> None:
+    """The forward into preallocated outputs: the contract of
+    ``eurocore.kernels.rms_norm.rms_norm_fwd``."""
+    extension = cuda_extension()
+    device, stream = _device_and_stream(extension, x=x, weight=weight, residual=residual, y=y,
+                                        h=h, rstd=rstd)
+    dtype = y.dtype
+    x, residual = _as(x, dtype), _as(residual, dtype)
+    if weight is not None and weight.dtype not in (dtype, torch.float32):
+        weight = weight.float()
+    n_rows, n_cols = x.shape
+    extension.rms_norm_forward(
+        _ptr(x), x.stride(0), _ptr(residual), _row_stride(residual), _ptr(weight), _ptr(y),
+        y.stride(0), _ptr(h) if residual is not None else 0, _row_stride(h), _ptr(rstd),
+        n_rows, n_cols, eps, zero_centered_weight, DTYPE_CODES[dtype],
+        DTYPE_CODES[weight.dtype if weight is not None else dtype], device, stream)
+
+
+def rms_norm_bwd(
+    dy: torch.Tensor,
+    dh_in: torch.Tensor | None,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    zero_centered_weight: bool,
+    dx: torch.Tensor,
+    dr: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The backward: the contract of ``eurocore.kernels.rms_norm.rms_norm_bwd`` (returns the
+    fp32 weight gradient, the fixed-order sum of per-partial rows: deterministic)."""
+    extension = cuda_extension()
+    device, stream = _device_and_stream(extension, dy=dy, dh_in=dh_in, h=h, weight=weight,
+                                        rstd=rstd, dx=dx, dr=dr)
+    dtype = h.dtype
+    dy, dh_in = _as(dy, dtype), _as(dh_in, dtype)
+    if weight is not None and weight.dtype not in (dtype, torch.float32):
+        weight = weight.float()
+    n_rows, n_cols = h.shape
+    # The kernel writes gradients in h's dtype; x or the residual may have another.
+    dx_out = dx if dx.dtype == dtype else torch.empty(dx.shape, dtype=dtype, device=dx.device)
+    dr_out = dr if dr is not None and dr.dtype == dtype else None
+    partials = extension.rms_norm_backward_partials(n_rows, n_cols, DTYPE_CODES[dtype], device)
+    dw_partials = (torch.empty((partials, n_cols), dtype=torch.float32, device=h.device)
+                   if weight is not None else None)
+    extension.rms_norm_backward(
+        _ptr(dy), dy.stride(0), _ptr(dh_in), _row_stride(dh_in), _ptr(h), h.stride(0),
+        _ptr(weight), _ptr(rstd), _ptr(dx_out), dx_out.stride(0), _ptr(dr_out),
+        _row_stride(dr_out), _ptr(dw_partials), partials, n_rows, n_cols, zero_centered_weight,
+        DTYPE_CODES[dtype], DTYPE_CODES[weight.dtype if weight is not None else dtype], device,
+        stream)
+    if dx_out is not dx:
+        dx.copy_(dx_out)
+    if dr is not None and dr_out is None:
+        dr.copy_(dx_out)
+    if weight is None:
+        return None
+    if n_rows == 0:
+        return torch.zeros(n_cols, dtype=torch.float32, device=h.device)
+    return dw_partials.sum(dim=0)  # a fixed-order reduction over a fixed number of rows
+
+
+def rotary(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    out_q: torch.Tensor,
+    out_k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    offsets: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    offset: int,
+    *,
+    batch_first: bool,
+    interleaved: bool,
+    conjugate: bool,
+) -> None:
+    """out_q, out_k = rotate(q, k), in place when out_q is q: the contract of
+    ``eurocore.kernels.rotary.rotary``."""
+    extension = cuda_extension()
+    device, stream = _device_and_stream(
+        extension, q=q, k=k, out_q=out_q, out_k=out_k, cos=cos, sin=sin,
+        position_ids=position_ids, seqlen_offsets=offsets, cu_seqlens=cu_seqlens)
+    dtype = q.dtype
+    if cos.dtype not in (dtype, torch.float32):
+        cos, sin = cos.float(), sin.float()
+    else:
+        sin = _as(sin, cos.dtype)
+    n_outer, n_inner, n_q_heads, head_dim = q.shape
+    half = cos.shape[1]
+    if position_ids is not None:
+        source, index = POSITION_IDS, position_ids
+        stride_batch = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
+        stride_seq = position_ids.stride(1)
+    else:
+        source = POSITION_OFFSET_PER_SEQUENCE if offsets is not None else POSITION_OFFSET
+        index, stride_batch, stride_seq = offsets, 0, 0
+    if index is not None and index.dtype not in INDEX_DTYPES:
+        index = index.long()
+    if cu_seqlens is not None and cu_seqlens.dtype not in INDEX_DTYPES:
+        cu_seqlens = cu_seqlens.long()
+
+    def strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+
+    extension.rotary(
+        _ptr(q), strides(q), _ptr(k), strides(k), _ptr(out_q), strides(out_q), _ptr(out_k),
+        strides(out_k), n_outer, n_inner, n_q_heads, k.shape[2] if k is not None else 0,
+        head_dim, _ptr(cos), _ptr(sin), cos.stride(0), half, cos.shape[0],
+        DTYPE_CODES[cos.dtype], source, _ptr(index), stride_batch, stride_seq,
+        index is not None and index.dtype == torch.int64, offset, _ptr(cu_seqlens),
+        cu_seqlens is not None and cu_seqlens.dtype == torch.int64,
+        cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 0, batch_first, interleaved,
+        conjugate, out_q.data_ptr() != q.data_ptr() and head_dim > 2 * half,
+        DTYPE_CODES[dtype], device, stream)
