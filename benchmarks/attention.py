@@ -157,19 +157,9 @@ def _to_bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tensors:
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _eurocore(device: torch.device) -> tuple[str, MakeImpl | None, str | None]:
-    """(label, implementation, skip reason): the backend auto picks for ``device``, used
-    explicitly.
-
-    Resolved by eurocore's own rule (``backend=`` unset: ``EUROCORE_BACKEND``, else triton on
-    a GPU and torch, the reference, on the CPU), so the label names what actually runs.
-    """
+def _eurocore(backend: str) -> MakeImpl:
+    """eurocore's attention on one backend, chosen explicitly."""
     from eurocore.ops import flash_attention
-    from eurocore.ops.attention import IMPLEMENTED
-
-    label, backend, reason = harness.eurocore_backend("flash_attention", device, IMPLEMENTED)
-    if backend is None:
-        return label, None, reason
 
     def make(causal: bool) -> Impl:
         def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -177,7 +167,7 @@ def _eurocore(device: torch.device) -> tuple[str, MakeImpl | None, str | None]:
 
         return Impl(_identity, forward)
 
-    return label, make, None
+    return make
 
 
 def _sdpa_backends() -> dict[str, object]:
@@ -325,11 +315,14 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     out: list[Case] = []
 
     fixed: list[tuple[str, MakeImpl]] = []  # implementations that do not depend on the shape
-    label, make, reason = _eurocore(device)
-    if make is None:
-        out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
-    else:
-        fixed.append((label, make))
+    from eurocore.ops.attention import IMPLEMENTED
+
+    for label, backend, reason in harness.eurocore_backends("flash_attention", device,
+                                                            IMPLEMENTED):
+        if backend is None:
+            out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
+        else:
+            fixed.append((label, _eurocore(backend)))
     if gpu:
         make, reason = _flash_attn()
         if make is None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA or ROCm machine, build eurocore (with its C++ extension for this
-# GPU), run the whole test suite with compiled Triton kernels (no interpreter), then the
-# kernel benchmark. Logs and JSON land in OUTDIR. Needs no network: it installs with
+# GPU), run the whole test suite with compiled Triton kernels (no interpreter) and the C++
+# kernels on the GPU (no emulator), then the kernel benchmark (triton and cuda rows). Logs and JSON land in OUTDIR. Needs no network: it installs with
 # --no-build-isolation --no-deps into the current Python, which must already have torch,
 # triton, pytest, scikit-build-core, pybind11, cmake and ninja.
 #
@@ -42,6 +42,10 @@ if ! "$py" -m pip install --no-build-isolation --no-deps -e . "${archs[@]}" >"$o
   echo "install failed; see $out/install.log"; tail -30 "$out/install.log"; exit 1
 fi
 "$py" -m eurocore backends | tee -a "$out/environment.txt"
+# The C++ kernels must be there: the tests below run every op on the cuda backend too.
+if ! "$py" -c "from eurocore.ops import available_backends as a; raise SystemExit(not a()['cuda'].available)"; then
+  echo "the cuda backend is not available after the install; see $out/install.log"; status=1
+fi
 
 if [ "${TEST_TIMEOUT:-420}" != 0 ]; then
   echo "== tests (compiled Triton, no interpreter)"

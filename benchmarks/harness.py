@@ -150,26 +150,36 @@ class Skipped:
     reason: str
 
 
-def eurocore_backend(op: str, device: torch.device,
-                     implemented: tuple[str, ...]) -> tuple[str, str | None, str | None]:
-    """(label, backend, skip reason) of the eurocore row for ``op`` on ``device``.
+def eurocore_backends(op: str, device: torch.device,
+                      implemented: tuple[str, ...]) -> list[tuple[str, str | None, str | None]]:
+    """(label, backend, skip reason) of each eurocore row for ``op`` on ``device``.
 
-    Resolved by eurocore's own rule (``backend=`` unset: ``EUROCORE_BACKEND``, else triton on
-    a GPU and torch on the CPU), so the label names what actually runs; backend is None, with
-    the reason, when the row must be skipped (a bad EUROCORE_BACKEND, or the Triton
-    interpreter, too slow to mean anything).
+    On a GPU: one row per kernel backend of the op ("eurocore/triton", "eurocore/cuda"),
+    each with its reason where it cannot run (not built, not installed). On the CPU: the
+    backend eurocore's own rule picks (``EUROCORE_BACKEND``, else torch), so the label names
+    what actually runs; skipped if that is Triton's interpreter or the C++ emulator, too slow
+    to mean anything. backend is None exactly when the row is skipped.
     """
-    from eurocore.ops.backends import resolve_backend, triton_interpreter_active
+    from eurocore.ops.backends import backend_status, resolve_backend
 
+    if device.type == "cuda":
+        rows = []
+        for name in implemented:
+            if name == "torch":
+                continue
+            status = backend_status(name)
+            rows.append((f"eurocore/{name}", name if status.available else None,
+                         None if status.available else status.reason))
+        return rows
     try:
         backend = resolve_backend(op, device, None, implemented)
     except Exception as err:  # a bad EUROCORE_BACKEND: say so instead of aborting the run
-        return "eurocore", None, f"{type(err).__name__}: {err}"
+        return [("eurocore", None, f"{type(err).__name__}: {err}")]
     label = f"eurocore/{backend}"
-    if backend == "triton" and (device.type == "cpu" or triton_interpreter_active()):
-        return label, None, ("the Triton interpreter is not benchmarked "
-                             "(CPU: too slow to mean anything)")
-    return label, backend, None
+    if backend != "torch":
+        return [(label, None, "the Triton interpreter and the C++ emulator are not benchmarked "
+                              "(CPU: too slow to mean anything)")]
+    return [(label, backend, None)]
 
 
 def _is_gpu(device: torch.device) -> bool:

@@ -75,23 +75,14 @@ def _eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(x, x.shape[-1:], w, EPS)
 
 
-def _eurocore(device: torch.device) -> tuple[str, Forward | None, str | None]:
-    """(label, forward, skip reason): the backend auto picks for ``device``, used explicitly.
-
-    Resolved by eurocore's own rule (``backend=`` unset: ``EUROCORE_BACKEND``, else triton on
-    a GPU and torch on the CPU), so the label names what actually runs.
-    """
+def _eurocore(backend: str) -> Forward:
+    """eurocore's RMSNorm on one backend, chosen explicitly."""
     from eurocore.ops import rms_norm
-    from eurocore.ops.normalization import IMPLEMENTED
-
-    label, backend, reason = harness.eurocore_backend(OP, device, IMPLEMENTED)
-    if backend is None:
-        return label, None, reason
 
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, w, EPS, backend=backend)
 
-    return label, forward, None
+    return forward
 
 
 def _compiled() -> Forward:
@@ -159,11 +150,13 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     impls: list[tuple[str, Callable[[], Forward]]] = []
     out: list[Case] = []
 
-    label, forward, reason = _eurocore(device)
-    if forward is None:
-        out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
-    else:
-        impls.append((label, _constant(forward)))
+    from eurocore.ops.normalization import IMPLEMENTED
+
+    for label, backend, reason in harness.eurocore_backends(OP, device, IMPLEMENTED):
+        if backend is None:
+            out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
+        else:
+            impls.append((label, _constant(_eurocore(backend))))
     impls.append(("torch eager", _constant(_eager)))
     if gpu or not quick:
         impls.append(("torch.compile", _compiled))

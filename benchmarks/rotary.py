@@ -171,25 +171,15 @@ def _compiled() -> Impl:
     return Impl(_prepare_hf, torch.compile(eager_rotary, dynamic=False))
 
 
-def _eurocore(device: torch.device) -> tuple[str, Callable[[], Impl] | None, str | None]:
-    """(label, implementation, skip reason): the backend auto picks for ``device``, used
-    explicitly.
-
-    Resolved by eurocore's own rule (``backend=`` unset: ``EUROCORE_BACKEND``, else triton on
-    a GPU and torch on the CPU), so the label names what actually runs.
-    """
+def _eurocore(backend: str) -> Callable[[], Impl]:
+    """eurocore's rotary on one backend, chosen explicitly."""
     from eurocore.ops import apply_rotary
-    from eurocore.ops.rotary import IMPLEMENTED
-
-    label, backend, reason = harness.eurocore_backend("apply_rotary", device, IMPLEMENTED)
-    if backend is None:
-        return label, None, reason
 
     def forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, k, cos, sin, backend=backend)
 
-    return label, _constant(Impl(lambda q, k, cos, sin: (q, k, cos, sin), forward)), None
+    return _constant(Impl(lambda q, k, cos, sin: (q, k, cos, sin), forward))
 
 
 def _liger() -> tuple[Callable[[], Impl] | None, str | None]:
@@ -254,11 +244,13 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     impls: list[tuple[str, Callable[[], Impl]]] = []
     out: list[Case] = []
 
-    label, make, reason = _eurocore(device)
-    if make is None:
-        out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
-    else:
-        impls.append((label, make))
+    from eurocore.ops.rotary import IMPLEMENTED
+
+    for label, backend, reason in harness.eurocore_backends("apply_rotary", device, IMPLEMENTED):
+        if backend is None:
+            out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
+        else:
+            impls.append((label, _eurocore(backend)))
     impls.append(("torch eager", _eager))
     if gpu or not quick:
         impls.append(("torch.compile", _compiled))

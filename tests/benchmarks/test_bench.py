@@ -260,3 +260,25 @@ def test_attention_sdpa_baseline_computes_what_eurocore_computes(monkeypatch):
         ((q, k, v),) = inputs
         ref, _ = attention_reference(q, k, v, causal=bool(case.shape["causal"]))
         torch.testing.assert_close(out.transpose(1, 2), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module_name", ["rms_norm", "rotary"])
+def test_gpu_cases_show_cuda_next_to_triton(module_name, monkeypatch):
+    """On a GPU both kernel backends get rows; one that cannot run is listed as skipped with
+    its reason (cases are only listed here, nothing runs)."""
+    import importlib
+
+    import eurocore.ops.backends as backends
+
+    module = importlib.import_module(f"eurocore.benchmarks.{module_name}")
+    monkeypatch.setattr(backends, "backend_status",
+                        lambda name: backends.BackendStatus(name != "cuda", "not built here"))
+    listed = module.cases("cuda", quick=True)
+    runnable = {c.impl for c in listed if c.skip is None}
+    skipped = {c.impl: c.skip for c in listed if c.skip is not None}
+    assert "eurocore/triton" in runnable
+    assert skipped["eurocore/cuda"] == "not built here"
+    monkeypatch.setattr(backends, "backend_status",
+                        lambda name: backends.BackendStatus(True, "available"))
+    runnable = {c.impl for c in module.cases("cuda", quick=True) if c.skip is None}
+    assert {"eurocore/triton", "eurocore/cuda"} <= runnable
