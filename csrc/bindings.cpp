@@ -27,6 +27,8 @@ PYBIND11_MODULE(EUROCORE_MODULE_NAME, m) {
 #if defined(EUROCORE_HOST_EMULATION)
   m.def("set_emulated_warp_size", &eurocore::set_emulated_warp_size, arg("width"),
         "the warp width the emulator runs the kernels with: 32 (NVIDIA) or 64 (AMD CDNA)");
+  m.def("emulator_check", &eurocore::emulator_check, arg("name"),
+        "runs a kernel that breaks a GPU rule on purpose (csrc/host_emulation_checks.cpp)");
 #endif
 
   m.def("rms_norm_forward", &eurocore::rms_norm_forward, arg("x"), arg("x_stride"),

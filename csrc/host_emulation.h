@@ -3,19 +3,23 @@
 //
 // A launch runs its blocks one after another. Inside a block every GPU thread is a fiber
 // (ucontext) with its own stack, all on one OS thread: a fiber runs until it reaches a
-// barrier (__syncthreads, or a warp shuffle, which is a barrier here) or returns; when every
-// fiber waits at the same kind of barrier they all resume. Shared memory (`__shared__`, a
-// function-local static here) is therefore shared by one block's threads and reused by the
-// next block, as on a GPU. Threads that return while others wait at a barrier are reported
-// as an error: on a GPU that is undefined behaviour.
+// barrier or returns, and after each block barrier the warps run one at a time, each as far
+// as it can, in a pseudo-random order. A warp shuffle waits for the thread's
+// warp only; __syncthreads for the whole block. Shared memory (`__shared__`, a
+// function-local static here) is shared by one block's threads and reused by the next
+// block, as on a GPU. Reported as errors: threads that return or wait at a shuffle while
+// others wait at __syncthreads (undefined behaviour on a GPU), misaligned vector accesses,
+// and launches beyond the GPUs' limits.
 //
 // The warp width is a run-time setting (32 or 64), so one build checks the kernels'
-// reductions for NVIDIA's and AMD's widths alike. Not modelled: concurrency between blocks,
-// memory ordering, the performance of anything.
+// reductions for NVIDIA's and AMD's widths alike. Not modelled: concurrency between blocks
+// (they run one after another), memory ordering, FMA contraction, the performance of
+// anything.
 #pragma once
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -101,8 +105,16 @@ inline unsigned linear_thread() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
-// Every thread of the block must call this (the kernels only shuffle in block-uniform code);
-// it checks that the partner lane lies in the caller's warp.
+// A vector access must be aligned to its size (up to 16 bytes), as GPUs require.
+inline void check_aligned(const void* pointer, size_t alignment) {
+  if (reinterpret_cast<uintptr_t>(pointer) % alignment != 0) {
+    fail("vector access at " + std::to_string(reinterpret_cast<uintptr_t>(pointer)) +
+         " is not aligned to " + std::to_string(alignment) + " bytes");
+  }
+}
+
+// Every thread of the warp must call this; it checks that the partner lane lies in the
+// caller's warp.
 inline float shuffle_xor(float value, int lane_mask) {
   Block& b = block();
   const unsigned self = linear_thread();
@@ -117,7 +129,40 @@ inline float shuffle_xor(float value, int lane_mask) {
   return result;
 }
 
-// Runs one block: every thread to completion, releasing barriers as they fill.
+// Releases the warp of `thread` if all of its threads now wait at a shuffle.
+inline void release_warp_if_complete(Block& b, unsigned thread, std::vector<unsigned>& runnable) {
+  const unsigned width = unsigned(warp_size);
+  const unsigned first = thread / width * width;
+  const unsigned end = std::min<unsigned>(first + width, unsigned(b.fibers.size()));
+  for (unsigned t = first; t < end; ++t) {
+    if (b.fibers[t].state != FiberState::kAtShuffle) return;
+  }
+  for (unsigned t = first; t < end; ++t) {
+    b.fibers[t].state = FiberState::kRunning;
+    runnable.push_back(t);
+  }
+}
+
+// Pushes every thread of the block, warp by warp in a pseudo-random order of warps.
+inline void push_all_warps(unsigned threads, uint64_t& random, std::vector<unsigned>& runnable) {
+  const unsigned width = unsigned(warp_size);
+  std::vector<unsigned> warps;
+  for (unsigned w = 0; w * width < threads; ++w) warps.push_back(w);
+  for (size_t i = warps.size(); i > 1; --i) {  // Fisher-Yates with xorshift
+    random ^= random << 13;
+    random ^= random >> 7;
+    random ^= random << 17;
+    std::swap(warps[i - 1], warps[size_t(random % i)]);
+  }
+  for (unsigned w : warps) {
+    for (unsigned t = std::min(threads, (w + 1) * width); t-- > w * width;) runnable.push_back(t);
+  }
+}
+
+// Runs one block: every thread to completion. After each block barrier the warps start in a
+// pseudo-random order, and each runs as far as it can (a warp released from a shuffle goes
+// on at once) before the next starts: the widest drift between warps a GPU may show, so a
+// missing __syncthreads shows as a wrong result instead of being hidden by lock-step.
 inline void run_block(const std::function<void()>& body, dim3 block_index, dim3 block_dim) {
   Block& b = block();
   const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
@@ -142,14 +187,22 @@ inline void run_block(const std::function<void()>& body, dim3 block_index, dim3 
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
+  // Seeded by the block: runs are reproducible.
+  uint64_t random = 0x9e3779b97f4a7c15ull ^ (uint64_t(block_index.x) << 32) ^ block_index.y ^
+                    (uint64_t(block_index.z) << 16);
+  std::vector<unsigned> runnable;  // a stack: the warp on top runs on
+  push_all_warps(threads, random, runnable);
   for (;;) {
-    for (Fiber& f : b.fibers) {
-      if (f.state != FiberState::kRunning) continue;
+    while (!runnable.empty()) {
+      const unsigned t = runnable.back();
+      runnable.pop_back();
+      Fiber& f = b.fibers[t];
       b.current = &f;
       threadIdx = f.thread;
       swapcontext(&b.scheduler, &f.context);
+      if (!b.error.empty()) throw std::logic_error("emulated kernel: " + b.error);
+      if (f.state == FiberState::kAtShuffle) release_warp_if_complete(b, t, runnable);
     }
-    if (!b.error.empty()) throw std::logic_error("emulated kernel: " + b.error);
     unsigned done = 0, at_sync = 0, at_shuffle = 0;
     for (const Fiber& f : b.fibers) {
       done += f.state == FiberState::kDone;
@@ -157,22 +210,30 @@ inline void run_block(const std::function<void()>& body, dim3 block_index, dim3 
       at_shuffle += f.state == FiberState::kAtShuffle;
     }
     if (done == threads) return;
-    if (at_sync != threads && at_shuffle != threads) {
+    if (at_sync != threads) {  // some returned, or a warp is stuck at a shuffle
       throw std::logic_error(
           "emulated block: threads diverged at a barrier (" + std::to_string(done) +
           " returned, " + std::to_string(at_sync) + " at __syncthreads, " +
           std::to_string(at_shuffle) + " at a shuffle, of " + std::to_string(threads) + ")");
     }
     for (Fiber& f : b.fibers) f.state = FiberState::kRunning;
+    push_all_warps(threads, random, runnable);
   }
 }
 
-// kernel<<<grid, block>>>(args...): the blocks in order, x fastest.
+// kernel<<<grid, block>>>(args...): the blocks in order, x fastest. Launch limits are those
+// every target GPU enforces (NVIDIA's are the tighter: z at most 64 threads).
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block_dim, Args... args) {
-  if (block_dim.x * block_dim.y * block_dim.z > 1024) {
-    throw std::logic_error("emulated launch: more than 1024 threads per block");
-  }
+  const auto check = [](bool ok, const std::string& what) {
+    if (!ok) throw std::logic_error("emulated launch: " + what);
+  };
+  check(block_dim.x * block_dim.y * block_dim.z <= 1024, "more than 1024 threads per block");
+  check(block_dim.x >= 1 && block_dim.y >= 1 && block_dim.z >= 1, "an empty block dimension");
+  check(block_dim.x <= 1024 && block_dim.y <= 1024, "block x or y above 1024");
+  check(block_dim.z <= 64, "block z above 64 (NVIDIA's limit)");
+  check(grid.x >= 1 && grid.y >= 1 && grid.z >= 1, "an empty grid dimension");
+  check(grid.x <= 2147483647u && grid.y <= 65535 && grid.z <= 65535, "grid above the limits");
   gridDim = grid;
   const std::function<void()> body = [&] { kernel(args...); };
   for (unsigned z = 0; z < grid.z; ++z)

@@ -16,10 +16,27 @@ struct alignas(sizeof(T) * V < kVectorBytes ? sizeof(T) * V : kVectorBytes) Vect
   T element[V];
 };
 
-// `pointer` must be aligned to the vector (the launchers check before choosing V > 1).
+// `pointer` must be aligned to the vector: the launchers check before choosing V > 1, and
+// the emulator checks every access.
+template <int V, typename T>
+EUROCORE_DEVICE Vector<T, V> load_vector(const T* pointer) {
+#if defined(EUROCORE_HOST_EMULATION)
+  emulation::check_aligned(pointer, alignof(Vector<T, V>));
+#endif
+  return *reinterpret_cast<const Vector<T, V>*>(pointer);
+}
+
+template <int V, typename T>
+EUROCORE_DEVICE void store_vector(T* pointer, const Vector<T, V>& v) {
+#if defined(EUROCORE_HOST_EMULATION)
+  emulation::check_aligned(pointer, alignof(Vector<T, V>));
+#endif
+  *reinterpret_cast<Vector<T, V>*>(pointer) = v;
+}
+
 template <int V, typename T>
 EUROCORE_DEVICE void load_floats(const T* pointer, float (&out)[V]) {
-  const Vector<T, V> v = *reinterpret_cast<const Vector<T, V>*>(pointer);
+  const Vector<T, V> v = load_vector<V>(pointer);
 #pragma unroll
   for (int e = 0; e < V; ++e) out[e] = to_float(v.element[e]);
 }
@@ -29,7 +46,7 @@ EUROCORE_DEVICE void store_floats(T* pointer, const float (&values)[V]) {
   Vector<T, V> v;
 #pragma unroll
   for (int e = 0; e < V; ++e) v.element[e] = from_float<T>(values[e]);
-  *reinterpret_cast<Vector<T, V>*>(pointer) = v;
+  store_vector<V>(pointer, v);
 }
 
 // Rounds through T and back: what storing in T and reloading gives.

@@ -76,8 +76,10 @@ constexpr int kWarpSize = 64;
 constexpr int kWarpSize = 32;
 #endif
 
-// Threads a block may have on every GPU eurocore targets.
+// Launch limits every GPU eurocore targets accepts (NVIDIA's z limit is the tighter).
 constexpr int kMaxBlockThreads = 1024;
+constexpr int64_t kMaxBlockZ = 64;
+constexpr int64_t kMaxGridX = 2147483647;
 
 // ---- Warp shuffles --------------------------------------------------------------------------
 // Every lane of the warp must call these (the kernels only call them in converged code).

@@ -15,11 +15,12 @@
 //
 // Layout: a block is (threads_per_row, rows_per_block) threads; each row of threads owns one
 // row of the tensor and reads it in vectors of V elements (16 bytes, or 1 element when the
-// pointers or strides do not allow it). A thread keeps its first kCachedVectors vectors in
-// registers between the two passes; longer rows reread the rest (from L2, mostly).
+// pointers or strides do not allow it). A thread keeps its first vectors (4 forward, 2
+// backward) in registers between the two passes; longer rows reread the rest (from L2).
 //
 // The weight gradient is deterministic: the backward has a fixed number of partials (a
-// function of the shape and the device), each a row of threads that walks rows
+// function of the shape and the device: at least 16 rows each, at most 4 blocks per
+// multiprocessor's worth), each a row of threads that walks rows
 // partial, partial + partials, ... and sums dy · n̂ into its own fp32 row of dw_partials.
 // Those rows are summed in a fixed order afterwards. No atomics.
 #include <algorithm>
@@ -30,10 +31,15 @@
 namespace eurocore {
 namespace {
 
-constexpr int kCachedVectors = 4;
-// The backward holds dy, h and the dw sums of its cached vectors: at most 128 registers.
+// Vectors a thread keeps in registers between the passes over a row. The backward holds
+// dy, h and the fp32 dw sums of each: 2 keeps it under 128 registers without spills.
+constexpr int kForwardCachedVectors = 4;
+constexpr int kBackwardCachedVectors = 2;
 constexpr int kMaxBackwardThreads = 512;
 constexpr int kTargetBlockThreads = 256;
+// Fewer partial rows than this many rows each would make the fp32 partials (written, then
+// summed) cost more memory traffic than they save in parallelism.
+constexpr int64_t kMinRowsPerPartial = 16;
 
 template <typename T, typename W>
 struct ForwardParams {
@@ -83,15 +89,15 @@ EUROCORE_DEVICE void load_scale(const W* weight, int64_t col, bool zero_centered
 // h at [col, col + V): x, or x + r rounded to T and stored to h.
 template <int V, typename T, typename W>
 EUROCORE_DEVICE Vector<T, V> load_h(const ForwardParams<T, W>& p, int64_t row, int64_t col) {
-  Vector<T, V> h = *reinterpret_cast<const Vector<T, V>*>(p.x + row * p.x_stride + col);
+  Vector<T, V> h = load_vector<V>(p.x + row * p.x_stride + col);
   if (p.residual != nullptr) {
     const Vector<T, V> r =
-        *reinterpret_cast<const Vector<T, V>*>(p.residual + row * p.residual_stride + col);
+        load_vector<V>(p.residual + row * p.residual_stride + col);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       h.element[e] = from_float<T>(to_float(h.element[e]) + to_float(r.element[e]));
     }
-    *reinterpret_cast<Vector<T, V>*>(p.h + row * p.h_stride + col) = h;
+    store_vector<V>(p.h + row * p.h_stride + col, h);
   }
   return h;
 }
@@ -123,17 +129,17 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rms_norm_forward_kernel(
   const int64_t vectors = p.cols / V;
   const int64_t stride = blockDim.x;
 
-  Vector<T, V> cached[kCachedVectors];
+  Vector<T, V> cached[kForwardCachedVectors];
   float sum_sq = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kCachedVectors; ++k) {
+  for (int k = 0; k < kForwardCachedVectors; ++k) {
     const int64_t v = threadIdx.x + k * stride;
     if (active && v < vectors) {
       cached[k] = load_h<V>(p, row, v * V);
       sum_sq += sum_of_squares<V>(cached[k]);
     }
   }
-  for (int64_t v = threadIdx.x + kCachedVectors * stride; active && v < vectors; v += stride) {
+  for (int64_t v = threadIdx.x + kForwardCachedVectors * stride; active && v < vectors; v += stride) {
     sum_sq += sum_of_squares<V>(load_h<V>(p, row, v * V));
   }
   const float rstd = 1.0f / sqrtf(row_sum(sum_sq) / float(p.cols) + p.eps);
@@ -141,14 +147,14 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rms_norm_forward_kernel(
   if (threadIdx.x == 0) p.rstd[row] = rstd;
 
 #pragma unroll
-  for (int k = 0; k < kCachedVectors; ++k) {
+  for (int k = 0; k < kForwardCachedVectors; ++k) {
     const int64_t v = threadIdx.x + k * stride;
     if (v < vectors) store_y<V>(p, row, v * V, cached[k], rstd);
   }
   // The first pass wrote h with a residual (this thread's own columns): reread it.
   const T* h_row = p.residual != nullptr ? p.h + row * p.h_stride : p.x + row * p.x_stride;
-  for (int64_t v = threadIdx.x + kCachedVectors * stride; v < vectors; v += stride) {
-    const Vector<T, V> h = *reinterpret_cast<const Vector<T, V>*>(h_row + v * V);
+  for (int64_t v = threadIdx.x + kForwardCachedVectors * stride; v < vectors; v += stride) {
+    const Vector<T, V> h = load_vector<V>(h_row + v * V);
     store_y<V>(p, row, v * V, h, rstd);
   }
 }
@@ -197,7 +203,7 @@ __global__ __launch_bounds__(kMaxBackwardThreads) void rms_norm_backward_kernel(
   const bool has_weight = p.weight != nullptr;
   const int64_t vectors = p.cols / V;
   const int64_t stride = blockDim.x;
-  const int64_t first_uncached = threadIdx.x + kCachedVectors * stride;
+  const int64_t first_uncached = threadIdx.x + kBackwardCachedVectors * stride;
   float* dw_row = p.dw_partials + (owns_partial && has_weight ? partial * p.cols : 0);
 
   // Columns past the cached ones sum in this partial's own row of dw_partials.
@@ -205,7 +211,7 @@ __global__ __launch_bounds__(kMaxBackwardThreads) void rms_norm_backward_kernel(
   for (int64_t v = first_uncached; owns_partial && has_weight && v < vectors; v += stride) {
     store_floats<V>(dw_row + v * V, zeros);
   }
-  float dw[kCachedVectors][V] = {};
+  float dw[kBackwardCachedVectors][V] = {};
   // Every row of threads takes the same number of steps: the reduction synchronises them.
   const int64_t steps = ceil_div(p.rows, p.partials);
   for (int64_t step = 0; step < steps; ++step) {
@@ -215,41 +221,41 @@ __global__ __launch_bounds__(kMaxBackwardThreads) void rms_norm_backward_kernel(
     const T* dy_row = p.dy + (active ? row * p.dy_stride : 0);
     const T* h_row = p.h + (active ? row * p.h_stride : 0);
 
-    Vector<T, V> dy[kCachedVectors], h[kCachedVectors];
+    Vector<T, V> dy[kBackwardCachedVectors], h[kBackwardCachedVectors];
     float dot = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kCachedVectors; ++k) {
+    for (int k = 0; k < kBackwardCachedVectors; ++k) {
       const int64_t v = threadIdx.x + k * stride;
       if (active && v < vectors) {
-        dy[k] = *reinterpret_cast<const Vector<T, V>*>(dy_row + v * V);
-        h[k] = *reinterpret_cast<const Vector<T, V>*>(h_row + v * V);
+        dy[k] = load_vector<V>(dy_row + v * V);
+        h[k] = load_vector<V>(h_row + v * V);
         dot += dot_g_h<V>(p, v * V, dy[k], h[k]);
       }
     }
     for (int64_t v = first_uncached; active && v < vectors; v += stride) {
-      dot += dot_g_h<V>(p, v * V, *reinterpret_cast<const Vector<T, V>*>(dy_row + v * V),
-                        *reinterpret_cast<const Vector<T, V>*>(h_row + v * V));
+      dot += dot_g_h<V>(p, v * V, load_vector<V>(dy_row + v * V),
+                        load_vector<V>(h_row + v * V));
     }
     const float mean_gx = row_sum(dot) * rstd / float(p.cols);
     if (!active) continue;
 
 #pragma unroll
-    for (int k = 0; k < kCachedVectors; ++k) {
+    for (int k = 0; k < kBackwardCachedVectors; ++k) {
       const int64_t v = threadIdx.x + k * stride;
       if (v < vectors) backward_vector<V>(p, row, v * V, dy[k], h[k], rstd, mean_gx, dw[k]);
     }
     for (int64_t v = first_uncached; v < vectors; v += stride) {
       float dw_uncached[V] = {};
       if (has_weight) load_floats<V>(dw_row + v * V, dw_uncached);
-      backward_vector<V>(p, row, v * V, *reinterpret_cast<const Vector<T, V>*>(dy_row + v * V),
-                         *reinterpret_cast<const Vector<T, V>*>(h_row + v * V), rstd, mean_gx,
+      backward_vector<V>(p, row, v * V, load_vector<V>(dy_row + v * V),
+                         load_vector<V>(h_row + v * V), rstd, mean_gx,
                          dw_uncached);
       if (has_weight) store_floats<V>(dw_row + v * V, dw_uncached);
     }
   }
   if (!owns_partial || !has_weight) return;
 #pragma unroll
-  for (int k = 0; k < kCachedVectors; ++k) {
+  for (int k = 0; k < kBackwardCachedVectors; ++k) {
     const int64_t v = threadIdx.x + k * stride;
     if (v < vectors) store_floats<V>(dw_row + v * V, dw[k]);
   }
@@ -261,9 +267,9 @@ struct RowLayout {
   int rows_per_block;
 };
 
-// Enough threads per row that each holds at most kCachedVectors vectors, within the limit.
-RowLayout row_layout(int64_t cols, int vector, int warp_size, int max_threads) {
-  const int64_t wanted = ceil_div(ceil_div(cols, int64_t(vector)), int64_t(kCachedVectors));
+// Enough threads per row that each holds at most `cached` vectors, within the limit.
+RowLayout row_layout(int64_t cols, int vector, int warp_size, int max_threads, int cached) {
+  const int64_t wanted = ceil_div(ceil_div(cols, int64_t(vector)), int64_t(cached));
   int threads = warp_size;
   while (threads < wanted && threads < max_threads) threads *= 2;
   return {vector, threads, std::max(1, kTargetBlockThreads / threads)};
@@ -286,7 +292,6 @@ void check_rows(int64_t rows, int64_t cols) {
   require(cols > 0, "x", "the normalised dimension must be non-empty");
 }
 
-template <typename W>
 bool weight_allows_vectors(const void* weight) {
   return weight == nullptr || reinterpret_cast<uintptr_t>(weight) % kVectorBytes == 0;
 }
@@ -315,12 +320,15 @@ int rms_norm_forward(uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t 
                             zero_centered_weight};
       width = vector_width<T>(cols, {{p.x, x_stride}, {p.residual, residual_stride},
                                      {p.y, y_stride}, {p.h, h_stride}});
-      if (!weight_allows_vectors<W>(p.weight)) width = 1;
+      if (!weight_allows_vectors(p.weight)) width = 1;
       if (rows == 0) return;
       DeviceGuard guard(device);
-      const RowLayout layout = row_layout(cols, width, device_warp_size(device), kMaxBlockThreads);
+      const RowLayout layout = row_layout(cols, width, device_warp_size(device), kMaxBlockThreads,
+                                             kForwardCachedVectors);
       const dim3 block(layout.threads_per_row, layout.rows_per_block);
-      const dim3 grid(unsigned(ceil_div(rows, int64_t(layout.rows_per_block))));
+      const int64_t blocks = ceil_div(rows, int64_t(layout.rows_per_block));
+      require(blocks <= kMaxGridX, "x", "too many rows: " + std::to_string(rows));
+      const dim3 grid = dim3(unsigned(blocks));
       if (width == 1) {
         launch("rms_norm_forward", rms_norm_forward_kernel<T, W, 1>, grid, block, stream, p);
       } else {
@@ -335,12 +343,15 @@ int rms_norm_forward(uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t 
 
 int64_t rms_norm_backward_partials(int64_t rows, int64_t cols, int dtype, int device) {
   check_rows(rows, cols);
-  int64_t element_bytes = static_cast<DType>(dtype) == DType::kFloat32 ? 4 : 2;
+  dispatch_dtype(dtype, "dtype", [](auto) {});
+  const int64_t element_bytes = static_cast<DType>(dtype) == DType::kFloat32 ? 4 : 2;
   // The layout of the widest case; the narrow (unaligned) one uses the same partial count.
   const RowLayout layout = row_layout(cols, int(kVectorBytes / element_bytes),
-                                      device_warp_size(device), kMaxBackwardThreads);
+                                      device_warp_size(device), kMaxBackwardThreads,
+                                      kBackwardCachedVectors);
   const int64_t blocks = 4 * int64_t(device_multiprocessors(device));
-  return std::max<int64_t>(1, std::min(rows, blocks * layout.rows_per_block));
+  return std::max<int64_t>(1, std::min(ceil_div(rows, kMinRowsPerPartial),
+                                       blocks * layout.rows_per_block));
 }
 
 int rms_norm_backward(uintptr_t dy, int64_t dy_stride, uintptr_t dh_in, int64_t dh_in_stride,
@@ -369,11 +380,12 @@ int rms_norm_backward(uintptr_t dy, int64_t dy_stride, uintptr_t dh_in, int64_t 
       width = vector_width<T>(cols, {{p.dy, dy_stride}, {p.dh_in, dh_in_stride}, {p.h, h_stride},
                                      {p.dx, dx_stride}, {p.dresidual, dresidual_stride},
                                      {p.dw_partials, cols}});
-      if (!weight_allows_vectors<W>(p.weight)) width = 1;
+      if (!weight_allows_vectors(p.weight)) width = 1;
       if (rows == 0) return;
       DeviceGuard guard(device);
       const RowLayout layout =
-          row_layout(cols, width, device_warp_size(device), kMaxBackwardThreads);
+          row_layout(cols, width, device_warp_size(device), kMaxBackwardThreads,
+                     kBackwardCachedVectors);
       const dim3 block(layout.threads_per_row, layout.rows_per_block);
       const dim3 grid(unsigned(ceil_div(partials, int64_t(layout.rows_per_block))));
       if (width == 1) {

@@ -14,7 +14,7 @@
 //
 // Layout: a block is (x: pair groups, y: heads, z: tokens). A thread owns one group of V
 // consecutive frequencies of one token, loads their cos/sin once and walks its heads of q,
-// then of k. Its V pairs are two vectors of V elements: (x[gV..], x[r/2 + gV..]) rotate-half,
+// then of k (every blockDim.y-th head). Its V pairs are two vectors of V elements: (x[gV..], x[r/2 + gV..]) rotate-half,
 // (x[2gV..], x[2gV + V..]) interleaved. Each thread writes exactly what it read, so rotating
 // in place needs no barrier.
 #include <algorithm>
@@ -25,7 +25,8 @@
 namespace eurocore {
 namespace {
 
-constexpr int kTargetBlockThreads = 256;
+constexpr int64_t kTargetBlockThreads = 256;
+constexpr int64_t kMaxHeadThreads = 8;
 
 struct TensorView {
   void* data;
@@ -169,7 +170,7 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rotary_kernel(Params<C> p) {
       const int64_t h = is_q ? head : head - p.q_heads;
       const T* src = head_of<const T>(is_q ? p.q : p.k, outer, inner, h) + col;
       T* dst = head_of<T>(is_q ? p.out_q : p.out_k, outer, inner, h) + col;
-      *reinterpret_cast<Vector<T, V>*>(dst) = *reinterpret_cast<const Vector<T, V>*>(src);
+      store_vector<V>(dst, load_vector<V>(src));
     }
   }
 }
@@ -233,16 +234,22 @@ int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
       width = vector_width<T>(half, head_dim, copy_tail, {&p.q, &p.k, &p.out_q, &p.out_k});
       if (p.tokens == 0 || p.heads == 0) return;
       DeviceGuard guard(device);
-      // x: the pair groups (whole warps where there are enough); y: heads, split evenly;
-      // z: tokens, to fill the block when heads are few.
+      // x: the pair groups; y: up to 8 heads (a power of two), each thread walking every
+      // 8th head of q then k with the same cos/sin; z: tokens, filling the block to 256
+      // threads (at most 64: NVIDIA's limit on z).
       const int64_t groups = half / width;
       const int64_t threads_x = std::min<int64_t>(groups, kTargetBlockThreads);
-      const int64_t max_y = std::max<int64_t>(1, kTargetBlockThreads / threads_x);
-      const int64_t threads_y = ceil_div(p.heads, ceil_div(p.heads, max_y));
-      const int64_t threads_z =
-          std::min(p.tokens, std::max<int64_t>(1, kTargetBlockThreads / (threads_x * threads_y)));
+      int64_t threads_y = 1;
+      while (threads_y < p.heads && threads_y < kMaxHeadThreads &&
+             threads_x * threads_y * 2 <= kTargetBlockThreads) {
+        threads_y *= 2;
+      }
+      const int64_t threads_z = std::min(
+          {p.tokens, kMaxBlockZ, std::max<int64_t>(1, kTargetBlockThreads / (threads_x * threads_y))});
       const dim3 block = dim3(unsigned(threads_x), unsigned(threads_y), unsigned(threads_z));
-      const dim3 grid(unsigned(ceil_div(p.tokens, threads_z)));
+      const int64_t blocks = ceil_div(p.tokens, threads_z);
+      require(blocks <= kMaxGridX, "q", "too many tokens: " + std::to_string(p.tokens));
+      const dim3 grid = dim3(unsigned(blocks));
       if (width == 1) {
         launch("rotary", rotary_kernel<T, C, 1>, grid, block, stream, p);
       } else {
