@@ -54,8 +54,14 @@ def _ptr(tensor: torch.Tensor | None) -> int:
     return tensor.data_ptr() if tensor is not None else 0
 
 
+def _strides(tensor: torch.Tensor, dims: int) -> tuple[int, ...]:
+    """The strides of the first ``dims`` dimensions, 0 for a dimension of size 1: its stride
+    never multiplies a nonzero index, and an odd one must not cost the 16-byte path."""
+    return tuple(tensor.stride(d) if tensor.shape[d] > 1 else 0 for d in range(dims))
+
+
 def _row_stride(tensor: torch.Tensor | None) -> int:
-    return tensor.stride(0) if tensor is not None else 0
+    return _strides(tensor, 1)[0] if tensor is not None else 0
 
 
 def rms_norm_fwd(
@@ -79,8 +85,8 @@ def rms_norm_fwd(
         weight = weight.float()
     n_rows, n_cols = x.shape
     extension.rms_norm_forward(
-        _ptr(x), x.stride(0), _ptr(residual), _row_stride(residual), _ptr(weight), _ptr(y),
-        y.stride(0), _ptr(h) if residual is not None else 0, _row_stride(h), _ptr(rstd),
+        _ptr(x), _row_stride(x), _ptr(residual), _row_stride(residual), _ptr(weight), _ptr(y),
+        _row_stride(y), _ptr(h) if residual is not None else 0, _row_stride(h), _ptr(rstd),
         n_rows, n_cols, eps, zero_centered_weight, DTYPE_CODES[dtype],
         DTYPE_CODES[weight.dtype if weight is not None else dtype], device, stream)
 
@@ -112,8 +118,8 @@ def rms_norm_bwd(
     dw_partials = (torch.empty((partials, n_cols), dtype=torch.float32, device=h.device)
                    if weight is not None else None)
     extension.rms_norm_backward(
-        _ptr(dy), dy.stride(0), _ptr(dh_in), _row_stride(dh_in), _ptr(h), h.stride(0),
-        _ptr(weight), _ptr(rstd), _ptr(dx_out), dx_out.stride(0), _ptr(dr_out),
+        _ptr(dy), _row_stride(dy), _ptr(dh_in), _row_stride(dh_in), _ptr(h), _row_stride(h),
+        _ptr(weight), _ptr(rstd), _ptr(dx_out), _row_stride(dx_out), _ptr(dr_out),
         _row_stride(dr_out), _ptr(dw_partials), partials, n_rows, n_cols, zero_centered_weight,
         DTYPE_CODES[dtype], DTYPE_CODES[weight.dtype if weight is not None else dtype], device,
         stream)
@@ -150,27 +156,27 @@ def rotary(
     device, stream = _device_and_stream(
         extension, q=q, k=k, out_q=out_q, out_k=out_k, cos=cos, sin=sin,
         position_ids=position_ids, seqlen_offsets=offsets, cu_seqlens=cu_seqlens)
+    in_place = out_q.data_ptr() == q.data_ptr()
+    if k is not None and (out_k.data_ptr() == k.data_ptr()) != in_place:
+        raise ValueError("out_k: rotate q and k both in place or both out of place")
     dtype = q.dtype
-    if cos.dtype not in (dtype, torch.float32):
-        cos, sin = cos.float(), sin.float()
-    else:
-        sin = _as(sin, cos.dtype)
+    if cos.dtype != sin.dtype or cos.dtype not in (dtype, torch.float32):
+        cos, sin = cos.float(), sin.float()  # as the Triton kernel reads them: in fp32
     n_outer, n_inner, n_q_heads, head_dim = q.shape
     half = cos.shape[1]
     if position_ids is not None:
         source, index = POSITION_IDS, position_ids
-        stride_batch = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
-        stride_seq = position_ids.stride(1)
     else:
         source = POSITION_OFFSET_PER_SEQUENCE if offsets is not None else POSITION_OFFSET
-        index, stride_batch, stride_seq = offsets, 0, 0
+        index = offsets
     if index is not None and index.dtype not in INDEX_DTYPES:
         index = index.long()
     if cu_seqlens is not None and cu_seqlens.dtype not in INDEX_DTYPES:
         cu_seqlens = cu_seqlens.long()
+    stride_batch, stride_seq = _strides(index, 2) if position_ids is not None else (0, 0)
 
     def strides(t: torch.Tensor | None) -> tuple[int, int, int]:
-        return (t.stride(0), t.stride(1), t.stride(2)) if t is not None else (0, 0, 0)
+        return _strides(t, 3) if t is not None else (0, 0, 0)
 
     extension.rotary(
         _ptr(q), strides(q), _ptr(k), strides(k), _ptr(out_q), strides(out_q), _ptr(out_k),
@@ -180,5 +186,5 @@ def rotary(
         index is not None and index.dtype == torch.int64, offset, _ptr(cu_seqlens),
         cu_seqlens is not None and cu_seqlens.dtype == torch.int64,
         cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 0, batch_first, interleaved,
-        conjugate, out_q.data_ptr() != q.data_ptr() and head_dim > 2 * half,
+        conjugate, not in_place and head_dim > 2 * half,
         DTYPE_CODES[dtype], device, stream)

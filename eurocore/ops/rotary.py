@@ -444,7 +444,8 @@ def _position_source(position_ids, seqlen_offsets) -> str:
 def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
             interleaved, conjugate, backend) -> None:
     """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
-    stride along head_dim, position ids as (batch or 1, seq), contiguous tables."""
+    stride along head_dim, position ids as (batch or 1, seq), contiguous tables, offsets and
+    cu_seqlens (the kernels index those two with unit stride)."""
     if backend == "triton":
         from eurocore.kernels import rotary as launchers
     elif backend == "cuda":
@@ -462,7 +463,8 @@ def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, off
         position_ids = position_ids.unsqueeze(0)
     launchers.rotary(
         as_4d(q), as_4d(k), as_4d(out_q), as_4d(out_k), cos.contiguous(), sin.contiguous(),
-        position_ids, offsets, cu_seqlens, offset,
+        position_ids, offsets.contiguous() if offsets is not None else None,
+        cu_seqlens.contiguous() if cu_seqlens is not None else None, offset,
         batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate)
 
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from eurocore.ops import apply_rotary, backends, cuda_launchers, rope_cos_sin
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_reference
 from tests.ops.test_rms_norm import _compare as compare_rms_norm
 from tests.ops.test_rotary import _compare as compare_rotary
 
@@ -134,16 +136,17 @@ def widths(monkeypatch):
 
 
 @emulated
-@pytest.mark.parametrize(("dtype", "cols", "row_stride", "expected"), [
-    (torch.bfloat16, 64, 64, 8),   # 16 bytes: 8 bf16
-    (torch.float32, 64, 64, 4),    # 16 bytes: 4 fp32
-    (torch.float16, 63, 63, 1),    # a row that is no whole number of vectors
-    (torch.bfloat16, 64, 68, 1),   # rows 136 bytes apart: not 16-byte aligned
+@pytest.mark.parametrize(("dtype", "rows", "cols", "row_stride", "expected"), [
+    (torch.bfloat16, 5, 64, 64, 8),   # 16 bytes: 8 bf16
+    (torch.float32, 5, 64, 64, 4),    # 16 bytes: 4 fp32
+    (torch.float16, 5, 63, 63, 1),    # a row that is no whole number of vectors
+    (torch.bfloat16, 5, 64, 68, 1),   # rows 136 bytes apart: not 16-byte aligned
+    (torch.bfloat16, 1, 64, 68, 8),   # one row: its stride never counts
 ], ids=str)
-def test_rms_norm_takes_the_vector_path_where_alignment_allows(widths, dtype, cols, row_stride,
-                                                               expected):
+def test_rms_norm_takes_the_vector_path_where_alignment_allows(widths, dtype, rows, cols,
+                                                               row_stride, expected):
     gen = torch.Generator().manual_seed(0)
-    storage = torch.randn(5, row_stride, generator=gen).to(dtype)
+    storage = torch.randn(rows, row_stride, generator=gen).to(dtype)
     x = storage[:, :cols].requires_grad_()
     w = (1 + 0.1 * torch.randn(cols, generator=gen)).to(dtype).requires_grad_()
     from eurocore.ops import rms_norm, rms_norm_reference
@@ -208,3 +211,48 @@ def test_emulator_takes_only_real_warp_widths():
 
     with pytest.raises(ValueError, match=r"^width\b"):
         extension.set_emulated_warp_size(48)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rotary_with_one_head_and_a_narrow_rotary_dim(dtype):
+    """One group of pairs and one head per token: the block grows along tokens, within the
+    GPUs' limit of 64 threads in z (the emulator enforces it)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 300, 1, 16, generator=gen).to(DEVICE, dtype)
+    cos, sin = rope_cos_sin(300, 16, device=DEVICE)
+    out_q, _ = apply_rotary(q, None, cos, sin, backend="cuda")
+    ref_q, _ = apply_rotary(q, None, cos, sin, backend="torch")
+    torch.testing.assert_close(out_q, ref_q)
+
+
+def test_rotary_tables_of_two_dtypes_are_read_in_fp32():
+    """cos in q's dtype and sin in fp32: both are read in fp32, as the reference does."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 2, 16, generator=gen).to(DEVICE, torch.bfloat16)
+    cos, sin = rope_cos_sin(5, 16, device=DEVICE)
+    cos = cos.to(torch.bfloat16)
+    out_q, _ = apply_rotary(q, None, cos, sin, backend="cuda")
+    ref_q, _ = apply_rotary(q.double(), None, cos, sin, backend="torch")
+    same_precision, _ = apply_rotary(q, None, cos, sin, backend="torch")
+    assert_close_to_reference(out_q, ref_q, same_precision, name="q_rot")
+
+
+@emulated
+@pytest.mark.parametrize("width", [32, 64])
+def test_emulator_catches_rule_breaks(width):
+    """The emulator is an oracle worth trusting: a reduction missing its second barrier gives
+    wrong sums (warps drift apart as on a GPU) where the real one gives none, and threads
+    leaving a barrier early, misaligned vector loads and blocks beyond NVIDIA's limits raise."""
+    from eurocore import _C_emulated as extension
+
+    extension.set_emulated_warp_size(width)
+    try:
+        assert extension.emulator_check("row_sum") == 0
+        assert extension.emulator_check("row_sum_missing_barrier") > 0
+        for name, message in [("leave_before_barrier", "diverged at a barrier"),
+                              ("misaligned_load", "not aligned to 16 bytes"),
+                              ("block_z_above_64", "block z above 64")]:
+            with pytest.raises(RuntimeError, match=message):
+                extension.emulator_check(name)
+    finally:
+        extension.set_emulated_warp_size(32)

@@ -714,3 +714,23 @@ def test_packed_grid_is_linear_in_tokens(backend, monkeypatch):
     assert len(grids) == 2 and grids[0] == grids[1], grids
     block_t = launchers.launch_config(8, 0)["BLOCK_T"]
     assert grids[0][0] == -(-total // block_t)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_offsets_and_cu_seqlens(backend):
+    """Offsets and cu_seqlens given as strided views are read by value, not by storage."""
+    gen = torch.Generator().manual_seed(21)
+    q, k = _randn(gen, 2, 7, 3, 16), _randn(gen, 2, 7, 1, 16)
+    cos, sin = _tables(rotary_dim=16)
+    offsets = _cu([[0, 5], [3, 9]])[:, 0]  # (0, 3) with stride 2
+    assert offsets.stride(0) == 2
+    strided = apply_rotary(q, k, cos, sin, seqlen_offsets=offsets, backend=backend)
+    dense = apply_rotary(q, k, cos, sin, seqlen_offsets=offsets.contiguous(), backend=backend)
+    _assert_equal(strided, dense, "strided seqlen_offsets")
+
+    qt, kt = q.reshape(14, 3, 16), k.reshape(14, 1, 16)
+    cu = _cu([[0, 1], [4, 1], [9, 1], [14, 1]])[:, 0]  # (0, 4, 9, 14) with stride 2
+    strided = apply_rotary(qt, kt, cos, sin, layout="thd", cu_seqlens=cu, backend=backend)
+    dense = apply_rotary(qt, kt, cos, sin, layout="thd", cu_seqlens=cu.contiguous(),
+                         backend=backend)
+    _assert_equal(strided, dense, "strided cu_seqlens")

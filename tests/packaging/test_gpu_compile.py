@@ -99,6 +99,21 @@ def _import_module(module: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _needed_libraries(module: Path) -> list[str]:
+    """The shared libraries the module's ELF header asks for (readelf -d, NEEDED)."""
+    if shutil.which("readelf") is None:
+        return []
+    out = _run(["readelf", "-d", str(module)], "readelf -d")
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def _assert_no_torch_link(module: Path) -> None:
+    """The module takes pointers from Python and links no libtorch or c10: a torch upgrade
+    never forces a rebuild."""
+    needed = _needed_libraries(module)
+    assert not [lib for lib in needed if lib.startswith(("libtorch", "libc10"))], needed
+
+
 def _cuobjdump() -> str | None:
     """cuobjdump from PATH, the CUDA toolkit, or the copy Triton ships (pip CUDA toolkits, as
     on the CI machine, have nvcc without it)."""
@@ -146,6 +161,8 @@ def test_nvcc_builds_and_imports(tmp_path):
     module = _cmake_build(tmp_path / "build", "CUDA", "-DCMAKE_CUDA_ARCHITECTURES=80;90a")
     _assert_every_source_built(tmp_path / "build")
 
+    _assert_no_torch_link(module)
+    assert not [lib for lib in _needed_libraries(module) if "cudart" in lib], "static runtime"
     info = _import_module(module)
     assert info["backend"] == "cuda"
     assert info["archs"] == "80,90a"
@@ -173,6 +190,7 @@ def test_hipcc_builds_and_imports(tmp_path):
     module = _cmake_build(build, "HIP", "-DCMAKE_HIP_ARCHITECTURES=gfx90a")
     _assert_every_source_built(build)
 
+    _assert_no_torch_link(module)
     info = _import_module(module)
     assert info["backend"] == "hip"
     assert info["archs"] == "gfx90a"
