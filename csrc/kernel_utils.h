@@ -71,9 +71,19 @@ EUROCORE_DEVICE float warp_sum(float value) {
 
 // Sum of `value` over the blockDim.x threads that share this thread's threadIdx.y (one row
 // of the block's 2-D layout), returned to all of them, in a fixed order.
-// blockDim.x must be a multiple of the warp width; every thread of the block must call this,
-// the same number of times (it synchronises the block).
+// blockDim.x must be a power of two: up to a warp, several rows share a warp and the sum
+// stays in it (shuffles only); beyond, a multiple of the warp width, the warps of a row meet
+// in shared memory. Every thread of the block must call this, the same number of times (it
+// synchronises the block).
 EUROCORE_DEVICE float row_sum(float value) {
+  if (int(blockDim.x) <= kWarpSize) {
+    // The row's lanes are an aligned power-of-two group of the warp: a butterfly over the
+    // lane bits below blockDim.x never leaves it.
+    for (int lane_mask = int(blockDim.x) / 2; lane_mask > 0; lane_mask /= 2) {
+      value += shuffle_xor(value, lane_mask);
+    }
+    return value;
+  }
   __shared__ float warp_totals[kMaxBlockThreads / 32];
   const int warps_per_row = int(blockDim.x) / kWarpSize;
   const int first = int(threadIdx.y) * warps_per_row;

@@ -13,8 +13,8 @@
 //     dh = rstd · (g − x̂ · mean(g · x̂)) + dh_in,    dx = dr = dh
 //     dw = Σ_rows dy · n̂
 //
-// Layout: a block is (threads_per_row, rows_per_block) threads; each row of threads owns one
-// row of the tensor and reads it in vectors of V elements (16 bytes, or 1 element when the
+// Layout: a block is (threads_per_row, rows_per_block) threads (256 but for rows that need
+// more); each row of threads owns one row of the tensor and reads it in vectors of V elements (16 bytes, or 1 element when the
 // pointers or strides do not allow it). A thread keeps its first vectors (4 forward, 2
 // backward) in registers between the two passes; longer rows reread the rest (from L2).
 //
@@ -36,6 +36,7 @@ namespace {
 constexpr int kForwardCachedVectors = 4;
 constexpr int kBackwardCachedVectors = 2;
 constexpr int kMaxBackwardThreads = 512;
+constexpr int kMinRowThreads = 4;
 constexpr int kTargetBlockThreads = 256;
 // Fewer partial rows than this many rows each would make the fp32 partials (written, then
 // summed) cost more memory traffic than they save in parallelism.
@@ -263,14 +264,16 @@ __global__ __launch_bounds__(kMaxBackwardThreads) void rms_norm_backward_kernel(
 
 struct RowLayout {
   int vector;           // elements per access
-  int threads_per_row;  // a power of two, a multiple of the warp width
+  int threads_per_row;  // a power of two; above a warp, a multiple of the warp width
   int rows_per_block;
 };
 
-// Enough threads per row that each holds at most `cached` vectors, within the limit.
+// Enough threads per row that each holds at most `cached` vectors, within the limit. Short
+// rows (QK-norm over a head of 128) take part of a warp, at least 4 threads, so that lanes
+// do not idle; several rows then share a warp.
 RowLayout row_layout(int64_t cols, int vector, int warp_size, int max_threads, int cached) {
   const int64_t wanted = ceil_div(ceil_div(cols, int64_t(vector)), int64_t(cached));
-  int threads = warp_size;
+  int threads = std::min(kMinRowThreads, warp_size);
   while (threads < wanted && threads < max_threads) threads *= 2;
   return {vector, threads, std::max(1, kTargetBlockThreads / threads)};
 }
