@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eurocore.ops import available_backends
+from eurocore.ops import available_backends, backends
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,16 @@ def test_regular_install_imports_eurocore_kernels(wheel, tmp_path):
     assert "not built" in out[1]
 
 
-def test_cuda_backend_status_matches_the_build():
+@pytest.fixture
+def gpu_build_status(monkeypatch):
+    """The cuda backend's status as the GPU build eurocore._C gives it (emulator off)."""
+    monkeypatch.setenv(backends.EMULATION_ENV_VAR, "0")
+    backends._cuda_status.cache_clear()
+    yield
+    backends._cuda_status.cache_clear()
+
+
+def test_cuda_backend_status_matches_the_build(gpu_build_status):
     try:
         from eurocore import _C
     except ImportError:
