@@ -60,6 +60,17 @@ def _strides(tensor: torch.Tensor, dims: int) -> tuple[int, ...]:
     return tuple(tensor.stride(d) if tensor.shape[d] > 1 else 0 for d in range(dims))
 
 
+def _as_weight(weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The weight as the kernels take it: in ``dtype`` or fp32, 16-byte aligned. An unaligned
+    weight (a view into a flat parameter buffer) is copied, n elements, rather than costing
+    the activations their 16-byte accesses."""
+    if weight is None:
+        return None
+    if weight.dtype not in (dtype, torch.float32):
+        return weight.float()
+    return weight if weight.data_ptr() % 16 == 0 else weight.clone()
+
+
 def _row_stride(tensor: torch.Tensor | None) -> int:
     return _strides(tensor, 1)[0] if tensor is not None else 0
 
@@ -81,8 +92,7 @@ def rms_norm_fwd(
                                         h=h, rstd=rstd)
     dtype = y.dtype
     x, residual = _as(x, dtype), _as(residual, dtype)
-    if weight is not None and weight.dtype not in (dtype, torch.float32):
-        weight = weight.float()
+    weight = _as_weight(weight, dtype)
     n_rows, n_cols = x.shape
     extension.rms_norm_forward(
         _ptr(x), _row_stride(x), _ptr(residual), _row_stride(residual), _ptr(weight), _ptr(y),
@@ -108,8 +118,7 @@ def rms_norm_bwd(
                                         rstd=rstd, dx=dx, dr=dr)
     dtype = h.dtype
     dy, dh_in = _as(dy, dtype), _as(dh_in, dtype)
-    if weight is not None and weight.dtype not in (dtype, torch.float32):
-        weight = weight.float()
+    weight = _as_weight(weight, dtype)
     n_rows, n_cols = h.shape
     # The kernel writes gradients in h's dtype; x or the residual may have another.
     dx_out = dx if dx.dtype == dtype else torch.empty(dx.shape, dtype=dtype, device=dx.device)

@@ -143,12 +143,16 @@ def widths(monkeypatch):
     (torch.bfloat16, 5, 64, 68, 1),   # rows 136 bytes apart: not 16-byte aligned
     (torch.bfloat16, 1, 64, 68, 8),   # one row: its stride never counts
 ], ids=str)
+@pytest.mark.parametrize("weight_offset", [0, 1], ids=["", "unaligned-weight"])
 def test_rms_norm_takes_the_vector_path_where_alignment_allows(widths, dtype, rows, cols,
-                                                               row_stride, expected):
+                                                               row_stride, expected,
+                                                               weight_offset):
+    """An unaligned weight (a view into a flat buffer) keeps the activations' vectors."""
     gen = torch.Generator().manual_seed(0)
     storage = torch.randn(rows, row_stride, generator=gen).to(dtype)
     x = storage[:, :cols].requires_grad_()
-    w = (1 + 0.1 * torch.randn(cols, generator=gen)).to(dtype).requires_grad_()
+    flat = (1 + 0.1 * torch.randn(cols + 1, generator=gen)).to(dtype)
+    w = flat[weight_offset:weight_offset + cols].requires_grad_()
     from eurocore.ops import rms_norm, rms_norm_reference
 
     y = rms_norm(x, w, 1e-5, backend="cuda")

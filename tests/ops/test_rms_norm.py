@@ -223,3 +223,23 @@ def test_kernel_backends_reject_float64(backend, monkeypatch):
     x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"^x\b.*float64"):
         rms_norm(x, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_rows_past_2_to_the_31_elements(backend):
+    """Row offsets beyond int32 (a row 2**31 elements into its storage) are read right:
+    the kernels compute offsets in 64 bits. Needs about 4.3 GB of GPU memory."""
+    storage = torch.empty(2**31 + 4096, dtype=torch.bfloat16, device="cuda")
+    x = storage.as_strided((3, 4096), (2**30, 1))
+    x.copy_(torch.randn(3, 4096, device="cuda"))
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def run(x):
+        x = x.detach().requires_grad_()
+        y = rms_norm(x, w, EPS, backend=backend)
+        return [y, *torch.autograd.grad(y, x, dy)]
+
+    for a, b in zip(run(x), run(x.contiguous()), strict=True):
+        assert torch.equal(a, b)

@@ -734,3 +734,18 @@ def test_strided_offsets_and_cu_seqlens(backend):
     dense = apply_rotary(qt, kt, cos, sin, layout="thd", cu_seqlens=cu.contiguous(),
                          backend=backend)
     _assert_equal(strided, dense, "strided cu_seqlens")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_tokens_past_2_to_the_31_elements(backend):
+    """In place on tokens 2**31 elements into their storage: reads and writes with offsets
+    beyond int32. Needs about 4.3 GB of GPU memory."""
+    storage = torch.empty(2**31 + 256, dtype=torch.bfloat16, device="cuda")
+    q = storage.as_strided((1, 3, 2, 128), (0, 2**30, 128, 1))
+    q.copy_(torch.randn(1, 3, 2, 128, device="cuda"))
+    expected = q.clone()
+    cos, sin = _tables(rotary_dim=128)
+    apply_rotary(expected, None, cos, sin, inplace=True, backend=backend)
+    apply_rotary(q, None, cos, sin, inplace=True, backend=backend)
+    assert torch.equal(q, expected)
