@@ -2,6 +2,7 @@
 // switch and the launch itself (a triple-chevron launch on a GPU, the emulator otherwise).
 #pragma once
 
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -44,6 +45,19 @@ class DeviceGuard {
  private:
   int previous_ = 0;
 };
+
+// Whether a tensor at `pointer` with the given element strides allows accesses of `width`
+// elements (16 bytes): the start 16-byte aligned, every stride a multiple of the width.
+// An absent tensor (null) allows anything.
+inline bool allows_vectors(const void* pointer, std::initializer_list<int64_t> strides,
+                           int width) {
+  if (pointer == nullptr) return true;
+  if (reinterpret_cast<uintptr_t>(pointer) % kVectorBytes != 0) return false;
+  for (const int64_t stride : strides) {
+    if (stride % width != 0) return false;
+  }
+  return true;
+}
 
 // Calls f(T{}) with T the storage type of `dtype`.
 template <typename F>

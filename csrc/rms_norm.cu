@@ -14,9 +14,10 @@
 //     dw = Σ_rows dy · n̂
 //
 // Layout: a block is (threads_per_row, rows_per_block) threads (256 but for rows that need
-// more); each row of threads owns one row of the tensor and reads it in vectors of V elements (16 bytes, or 1 element when the
-// pointers or strides do not allow it). A thread keeps its first vectors (4 forward, 2
-// backward) in registers between the two passes; longer rows reread the rest (from L2).
+// more); each row of threads owns one row of the tensor and reads it in vectors of V
+// elements (16 bytes, or 1 element when the pointers or strides do not allow it). A thread
+// keeps its first vectors (4 forward, 2 backward) in registers between the two passes;
+// longer rows reread the rest (from L2).
 //
 // The weight gradient is deterministic: the backward has a fixed number of partials (a
 // function of the shape and the device: at least 16 rows each, at most 4 blocks per
@@ -140,7 +141,8 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rms_norm_forward_kernel(
       sum_sq += sum_of_squares<V>(cached[k]);
     }
   }
-  for (int64_t v = threadIdx.x + kForwardCachedVectors * stride; active && v < vectors; v += stride) {
+  const int64_t first_uncached = threadIdx.x + kForwardCachedVectors * stride;
+  for (int64_t v = first_uncached; active && v < vectors; v += stride) {
     sum_sq += sum_of_squares<V>(load_h<V>(p, row, v * V));
   }
   const float rstd = 1.0f / sqrtf(row_sum(sum_sq) / float(p.cols) + p.eps);
@@ -154,7 +156,7 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rms_norm_forward_kernel(
   }
   // The first pass wrote h with a residual (this thread's own columns): reread it.
   const T* h_row = p.residual != nullptr ? p.h + row * p.h_stride : p.x + row * p.x_stride;
-  for (int64_t v = threadIdx.x + kForwardCachedVectors * stride; v < vectors; v += stride) {
+  for (int64_t v = first_uncached; v < vectors; v += stride) {
     const Vector<T, V> h = load_vector<V>(h_row + v * V);
     store_y<V>(p, row, v * V, h, rstd);
   }
@@ -278,14 +280,14 @@ RowLayout row_layout(int64_t cols, int vector, int warp_size, int max_threads, i
   return {vector, threads, std::max(1, kTargetBlockThreads / threads)};
 }
 
-// 16-byte vectors when every row start is 16-byte aligned, else single elements.
+// 16-byte vectors when every row start is 16-byte aligned (a weight's stride is 0), else
+// single elements.
 template <typename T>
 int vector_width(int64_t cols, std::initializer_list<std::pair<const void*, int64_t>> rows) {
   constexpr int width = kVectorBytes / int(sizeof(T));
   if (cols % width != 0) return 1;
   for (const auto& [pointer, stride] : rows) {
-    if (pointer == nullptr) continue;
-    if (reinterpret_cast<uintptr_t>(pointer) % kVectorBytes != 0 || stride % width != 0) return 1;
+    if (!allows_vectors(pointer, {stride}, width)) return 1;
   }
   return width;
 }
@@ -293,10 +295,6 @@ int vector_width(int64_t cols, std::initializer_list<std::pair<const void*, int6
 void check_rows(int64_t rows, int64_t cols) {
   require(rows >= 0, "x", "negative row count " + std::to_string(rows));
   require(cols > 0, "x", "the normalised dimension must be non-empty");
-}
-
-bool weight_allows_vectors(const void* weight) {
-  return weight == nullptr || reinterpret_cast<uintptr_t>(weight) % kVectorBytes == 0;
 }
 
 }  // namespace
@@ -322,8 +320,7 @@ int rms_norm_forward(uintptr_t x, int64_t x_stride, uintptr_t residual, int64_t 
                             x_stride, residual_stride, y_stride, h_stride, rows, cols, eps,
                             zero_centered_weight};
       width = vector_width<T>(cols, {{p.x, x_stride}, {p.residual, residual_stride},
-                                     {p.y, y_stride}, {p.h, h_stride}});
-      if (!weight_allows_vectors(p.weight)) width = 1;
+                                     {p.y, y_stride}, {p.h, h_stride}, {p.weight, 0}});
       if (rows == 0) return;
       DeviceGuard guard(device);
       const RowLayout layout = row_layout(cols, width, device_warp_size(device), kMaxBlockThreads,
@@ -382,8 +379,7 @@ int rms_norm_backward(uintptr_t dy, int64_t dy_stride, uintptr_t dh_in, int64_t 
                              zero_centered_weight};
       width = vector_width<T>(cols, {{p.dy, dy_stride}, {p.dh_in, dh_in_stride}, {p.h, h_stride},
                                      {p.dx, dx_stride}, {p.dresidual, dresidual_stride},
-                                     {p.dw_partials, cols}});
-      if (!weight_allows_vectors(p.weight)) width = 1;
+                                     {p.dw_partials, cols}, {p.weight, 0}});
       if (rows == 0) return;
       DeviceGuard guard(device);
       const RowLayout layout =

@@ -186,9 +186,7 @@ int vector_width(int64_t half, int64_t head_dim, bool copy_tail,
   constexpr int width = kVectorBytes / int(sizeof(T));
   if (half % width != 0 || (copy_tail && head_dim % width != 0)) return 1;
   for (const TensorView* t : tensors) {
-    if (t->data == nullptr) continue;
-    if (reinterpret_cast<uintptr_t>(t->data) % kVectorBytes != 0 || t->outer_stride % width ||
-        t->inner_stride % width || t->head_stride % width) {
+    if (!allows_vectors(t->data, {t->outer_stride, t->inner_stride, t->head_stride}, width)) {
       return 1;
     }
   }
@@ -244,8 +242,8 @@ int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
              threads_x * threads_y * 2 <= kTargetBlockThreads) {
         threads_y *= 2;
       }
-      const int64_t threads_z = std::min(
-          {p.tokens, kMaxBlockZ, std::max<int64_t>(1, kTargetBlockThreads / (threads_x * threads_y))});
+      const int64_t fill = std::max<int64_t>(1, kTargetBlockThreads / (threads_x * threads_y));
+      const int64_t threads_z = std::min({p.tokens, kMaxBlockZ, fill});
       const dim3 block = dim3(unsigned(threads_x), unsigned(threads_y), unsigned(threads_z));
       const int64_t blocks = ceil_div(p.tokens, threads_z);
       require(blocks <= kMaxGridX, "q", "too many tokens: " + std::to_string(p.tokens));

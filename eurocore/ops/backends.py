@@ -160,7 +160,6 @@ def resolve_backend(
     device: torch.device,
     requested: str | None,
     implemented: tuple[str, ...],
-    auto_order: tuple[str, ...] | None = None,
 ) -> str:
     """Picks the backend for one call of ``op`` on tensors on ``device``.
 
@@ -169,9 +168,9 @@ def resolve_backend(
         device: where the op's tensors are.
         requested: the caller's ``backend=`` argument (None or "auto" defers to the
             environment variable, then to auto).
-        implemented: the backends that have this op.
-        auto_order: GPU backends auto tries first, in order, before falling back to torch;
-            by default ``AUTO_ORDER[op][gpu_vendor()]``, else Triton.
+        implemented: the backends that have this op. Auto on a GPU tries
+            ``AUTO_ORDER[op][gpu_vendor()]`` (Triton alone for ops not listed) in order, then
+            falls back to torch.
 
     Raises:
         ValueError: ``requested`` (or the environment variable) names no backend.
@@ -185,9 +184,7 @@ def resolve_backend(
         source = ENV_VAR
     if requested is None or requested == "auto":
         if device.type == "cuda":
-            if auto_order is None:
-                auto_order = AUTO_ORDER.get(op, {}).get(gpu_vendor(), ("triton",))
-            for name in auto_order:
+            for name in AUTO_ORDER.get(op, {}).get(gpu_vendor(), ("triton",)):
                 if name in implemented and backend_status(name).available:
                     return name
         return "torch"

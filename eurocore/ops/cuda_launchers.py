@@ -5,8 +5,8 @@ ops call either the same way.
 The extension takes integer data pointers, element strides, dtype codes, the device index
 and the current stream; it never links libtorch. The kernels take one activation dtype
 (float32, float16 or bfloat16), a table or weight in that dtype or float32, and int32 or
-int64 index tensors; anything else (a residual of another dtype, a float64 table) is
-converted here first, as the Triton launchers' loads convert it.
+int64 index tensors (the ops check those); anything else (a residual of another dtype, a
+float64 table) is converted here first, as the Triton launchers' loads convert it.
 
 With ``EUROCORE_CUDA_EMULATION=1`` (the tests set it without a GPU) the extension is
 ``eurocore._C_emulated``, the same sources compiled for a CPU emulator, and the tensors
@@ -21,28 +21,21 @@ from eurocore.ops.backends import cuda_extension
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 POSITION_OFFSET, POSITION_OFFSET_PER_SEQUENCE, POSITION_IDS = 0, 1, 2
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _device_and_stream(extension, **tensors: torch.Tensor | None) -> tuple[int, int]:
-    """The device index and stream handle for a launch; rejects tensors the build cannot
-    reach (CPU tensors for a GPU build) with a ValueError naming the argument."""
+def _device_and_stream(extension, name: str, tensor: torch.Tensor) -> tuple[int, int]:
+    """The device index and stream handle for a launch on ``tensor``'s device (the ops have
+    checked that the other tensors share it); rejects a tensor the build cannot reach (a CPU
+    tensor for a GPU build) with a ValueError naming the argument."""
     expected = "cpu" if extension.gpu_backend() == "emulation" else "cuda"
-    device = None
-    for name, tensor in tensors.items():
-        if tensor is None:
-            continue
-        if tensor.device.type != expected:
-            where = "CUDA or ROCm tensors" if expected == "cuda" else "CPU tensors (emulator)"
-            raise ValueError(f"{name}: the cuda backend ({extension.gpu_backend()} build) takes "
-                             f"{where}, got a tensor on {tensor.device}")
-        if device is None:
-            device = tensor.device
-        elif tensor.device != device:
-            raise ValueError(f"{name}: is on {tensor.device}, the other tensors on {device}")
+    if tensor.device.type != expected:
+        where = "CUDA or ROCm tensors" if expected == "cuda" else "CPU tensors (emulator)"
+        raise ValueError(f"{name}: the cuda backend ({extension.gpu_backend()} build) takes "
+                         f"{where}, got a tensor on {tensor.device}")
     if expected == "cpu":
         return 0, 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = tensor.device.index if tensor.device.index is not None else \
+        torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
@@ -88,8 +81,7 @@ def rms_norm_fwd(
     """The forward into preallocated outputs: the contract of
     ``eurocore.kernels.rms_norm.rms_norm_fwd``."""
     extension = cuda_extension()
-    device, stream = _device_and_stream(extension, x=x, weight=weight, residual=residual, y=y,
-                                        h=h, rstd=rstd)
+    device, stream = _device_and_stream(extension, "x", x)
     dtype = y.dtype
     x, residual = _as(x, dtype), _as(residual, dtype)
     weight = _as_weight(weight, dtype)
@@ -114,8 +106,7 @@ def rms_norm_bwd(
     """The backward: the contract of ``eurocore.kernels.rms_norm.rms_norm_bwd`` (returns the
     fp32 weight gradient, the fixed-order sum of per-partial rows: deterministic)."""
     extension = cuda_extension()
-    device, stream = _device_and_stream(extension, dy=dy, dh_in=dh_in, h=h, weight=weight,
-                                        rstd=rstd, dx=dx, dr=dr)
+    device, stream = _device_and_stream(extension, "dy", dy)
     dtype = h.dtype
     dy, dh_in = _as(dy, dtype), _as(dh_in, dtype)
     weight = _as_weight(weight, dtype)
@@ -162,9 +153,7 @@ def rotary(
     """out_q, out_k = rotate(q, k), in place when out_q is q: the contract of
     ``eurocore.kernels.rotary.rotary``."""
     extension = cuda_extension()
-    device, stream = _device_and_stream(
-        extension, q=q, k=k, out_q=out_q, out_k=out_k, cos=cos, sin=sin,
-        position_ids=position_ids, seqlen_offsets=offsets, cu_seqlens=cu_seqlens)
+    device, stream = _device_and_stream(extension, "q", q)
     in_place = out_q.data_ptr() == q.data_ptr()
     if k is not None and (out_k.data_ptr() == k.data_ptr()) != in_place:
         raise ValueError("out_k: rotate q and k both in place or both out of place")
@@ -173,16 +162,13 @@ def rotary(
         cos, sin = cos.float(), sin.float()  # as the Triton kernel reads them: in fp32
     n_outer, n_inner, n_q_heads, head_dim = q.shape
     half = cos.shape[1]
+    # Index tensors are int32 or int64 (the op checks), read as they are.
     if position_ids is not None:
         source, index = POSITION_IDS, position_ids
+        stride_batch, stride_seq = _strides(position_ids, 2)
     else:
         source = POSITION_OFFSET_PER_SEQUENCE if offsets is not None else POSITION_OFFSET
-        index = offsets
-    if index is not None and index.dtype not in INDEX_DTYPES:
-        index = index.long()
-    if cu_seqlens is not None and cu_seqlens.dtype not in INDEX_DTYPES:
-        cu_seqlens = cu_seqlens.long()
-    stride_batch, stride_seq = _strides(index, 2) if position_ids is not None else (0, 0)
+        index, stride_batch, stride_seq = offsets, 0, 0
 
     def strides(t: torch.Tensor | None) -> tuple[int, int, int]:
         return _strides(t, 3) if t is not None else (0, 0, 0)

@@ -87,11 +87,6 @@ def _assert_every_source_built(build: Path) -> None:
     assert not missing, f"not compiled into _C (list them in CMakeLists.txt): {missing}"
 
 
-def _has_kernels() -> bool:
-    """Whether any csrc/*.cu defines a kernel (only those put device code into _C)."""
-    return any("__global__" in cu.read_text() for cu in (REPO / "csrc").glob("*.cu"))
-
-
 def _import_module(module: Path) -> dict:
     """Import the built file as eurocore._C in a fresh interpreter; return what it reports."""
     out = _run([sys.executable, "-c", _IMPORT_PROBE, str(module)], f"importing {module.name}",
@@ -198,8 +193,6 @@ def test_hipcc_builds_and_imports(tmp_path):
         assert info["devices"] == 0
 
     entries = _offload_entries(module.read_bytes())
-    if not _has_kernels():
-        return  # no __global__ function yet: clang embeds no device code at all
     ids = [entry_id for entry_id, _ in entries]
     assert entries, f"no device code object in {module.name}"
     assert all(entry_id == "hipv4-amdgcn-amd-amdhsa--gfx90a" for entry_id in ids), ids
