@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from eurocore.utils.files import check_writable_dir
+
 from . import attention, harness, rms_norm, rotary
 
 # op name -> cases(device, quick) -> list[Case]. A new kernel plugs in with one line here.
@@ -61,6 +63,25 @@ def _selected_ops(parser: argparse.ArgumentParser, ops: list[str] | None) -> lis
     return names
 
 
+def _device(parser: argparse.ArgumentParser, name: str | None) -> torch.device:
+    """The device to time: ``--device``, else cuda when a GPU is visible, else cpu. Only a
+    CPU or a visible CUDA/ROCm GPU can be timed (a meta tensor has no time)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device: {name!r} is not a torch device")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: times cpu or cuda (ROCm GPUs too) devices, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {name!r} asked for, but torch sees no GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device: {name!r} asked for, but torch sees "
+                     f"{torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benchmarks") -> int:
     """Runs the benchmark (or the ``compile`` sub-command) and returns the exit status.
 
@@ -82,7 +103,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
     parser = _parser(prog)
     args = parser.parse_args(argv)
     ops = _selected_ops(parser, args.ops)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(parser, args.device)
+    if not args.no_json:
+        try:
+            check_writable_dir("--out", args.out)
+        except ValueError as err:
+            parser.error(str(err))
 
     env = harness.environment(device)
     print(harness.format_environment(env))
@@ -93,6 +119,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
 
     results: list[harness.Result] = []
     skipped: list[harness.Skipped] = []
+    path = None
     for op in ops:
         op_cases = OPS[op](device, args.quick)
         runnable = sum(case.skip is None for case in op_cases)
@@ -100,11 +127,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
         op_results, op_skipped = harness.run_cases(op_cases, device, ceilings)
         results += op_results
         skipped += op_skipped
+        if not args.no_json:  # after each op: a run cut short keeps what it measured
+            path = harness.write_json(results, ceilings, env, args.out, skipped)
     print()
     harness.print_table(results, skipped)
-
-    if not args.no_json:
-        path = harness.write_json(results, ceilings, env, args.out, skipped)
+    if path is not None:
         print(f"\nresults written to {path}")
     failed = [s for s in skipped if s.status == "failed" and s.impl.startswith("eurocore")]
     return 1 if failed else 0

@@ -1,4 +1,4 @@
-"""The one benchmark harness every kernel plugs into (DESIGN.md, "Performance methodology").
+"""The one benchmark harness every kernel plugs into (docs/design.md, "Performance methodology").
 
 An op module lists :class:`Case` objects; :func:`run_cases` builds and times each one in
 turn and turns it into a :class:`Result`: milliseconds per call, GB/s (the fewest bytes the op
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
-import json
 import os
 import platform
 import re
@@ -32,7 +31,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from eurocore.utils.files import write_json_atomically
 
 # What a case builds: fresh inputs, then the zero-argument callable that is timed.
 Setup = Callable[[], Callable[[], object]]
@@ -595,21 +595,3 @@ def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[st
         "skipped": [dataclasses.asdict(s) for s in skipped],
     }
     return write_json_atomically(payload, path)
-
-
-def write_json_atomically(payload: Any, path: str | os.PathLike[str]) -> Path:
-    """Writes ``payload`` as JSON to ``path`` through a temporary file in the same folder
-    renamed over it, so a reader never sees half a file; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -123,6 +123,7 @@ from eurocore.ops import attention as attention_op
 from eurocore.ops import normalization as normalization_op
 from eurocore.ops import rotary as rotary_op
 from eurocore.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
+from eurocore.utils.files import check_writable_dir, write_json_atomically
 
 from . import harness, pipeline_timeline
 
@@ -593,7 +594,7 @@ def format_collective_table(rows: Sequence[dict[str, Any]], sbh: int) -> str:
 def write_json(payload: dict[str, Any], out_dir: str | os.PathLike[str], date: str) -> Path:
     """Writes ``<out_dir>/parallel-accounting-<date>.json`` atomically; returns its path."""
     path = Path(out_dir) / f"parallel-accounting-{date}.json"
-    return harness.write_json_atomically(payload, path)
+    return write_json_atomically(payload, path)
 
 
 def config_from_args(args: argparse.Namespace) -> ModelConfig:
@@ -648,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               else (False, True))]
         for s in settings:
             config.check_layout(s.tp, s.sequence_parallel, args.seq)
+        if not args.no_json:
+            check_writable_dir("--out", args.out)
     except ValueError as err:
         parser.error(str(err))
     sbh = args.seq * args.batch * config.hidden_size

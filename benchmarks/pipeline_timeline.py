@@ -149,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, default=MICROBATCHES)
     parser.add_argument("--forward-ms", type=float, default=FORWARD_MS)
     args = parser.parse_args(argv)
+    if args.microbatches < 1:
+        parser.error(f"--microbatches: expected an int >= 1, got {args.microbatches}")
+    if not args.forward_ms > 0 or args.forward_ms == float("inf"):
+        parser.error(f"--forward-ms: expected a finite number > 0, got {args.forward_ms}")
     print(format_table(measure(LAYOUTS, args.microbatches, args.forward_ms)))
     return 0
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from unittest import mock
 
 import torch
+
+from eurocore.utils.files import check_writable_dir, write_json_atomically
 
 from . import harness
 
@@ -222,21 +221,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("tune: needs a CUDA or ROCm GPU", file=sys.stderr)
-        return 2
+        parser.error("needs a CUDA or ROCm GPU; torch sees none")
+    try:
+        out = check_writable_dir("--out", args.out)
+    except ValueError as err:
+        parser.error(str(err))
     torch.manual_seed(0)
     device = torch.device("cuda")
     env = harness.environment(device)
     print(harness.format_environment(env))
+    path = out / f"tune-{harness.device_slug(env.get('device_name', 'gpu'))}.json"
     rows = []
     for op in args.ops:
         tuner, shape = TUNERS[op]
         rows += tuner(device, shape)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tune-{harness.device_slug(env.get('device_name', 'gpu'))}"
-                                  ".json")
-    with open(path, "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+        write_json_atomically({"environment": env, "rows": rows}, path)  # after each op
     print(f"written to {path}")
     return 0
 
