@@ -11,7 +11,8 @@ For one (sequence, query head h, kv head h // group), with scale τ and d = seql
 
 The forward walks the visible key blocks of one query block with an online softmax in fp32
 (base 2: exp2 of log2(e)-scaled scores). The backward, with p = exp(s − lse) and
-δ[i] = Σ o[i] · do[i]:
+δ[i] = Σ o[i] · do[i] − dlse[i] (dlse: the gradient reaching lse, which enters ds through
+∂lse[i] / ∂s[i, j] = p[i, j]):
 
     dv[j] = Σ_i p[i, j] · do[i]
     ds[i, j] = p[i, j] · (do[i] · v[j] − δ[i])       (softcap: ds ← ds · (1 − (s / c)²))
@@ -36,8 +37,12 @@ LOG2E = 1.4426950408889634
 def _bounds(CU, batch, fixed_len, VARLEN: tl.constexpr):
     """(start token, length) of sequence ``batch``: packed from cu_seqlens, or fixed."""
     if VARLEN:
-        start = tl.load(CU + batch).to(tl.int64)
-        length = (tl.load(CU + batch + 1) - tl.load(CU + batch)).to(tl.int32)
+        # fixed_len is the packed total. The op checks cu_seqlens in eager mode only: clamped
+        # here, bad boundaries (inside a compiled graph) misplace rows but never reach
+        # outside the tensors.
+        start = tl.minimum(tl.maximum(tl.load(CU + batch).to(tl.int64), 0), fixed_len)
+        end = tl.minimum(tl.maximum(tl.load(CU + batch + 1).to(tl.int64), start), fixed_len)
+        length = (end - start).to(tl.int32)
     else:
         start = tl.zeros([], dtype=tl.int64)
         length = fixed_len
@@ -440,9 +445,10 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
 
 def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                   window: tuple[int, int], softcap: float) -> None:
+                   window: tuple[int, int], softcap: float, dlse=None) -> None:
     """Launches the backward: δ, then dk and dv, then dq, into preallocated gradients laid
-    out like their inputs. Shapes as for :func:`flash_attn_fwd`; do like out."""
+    out like their inputs. Shapes as for :func:`flash_attn_fwd`; do like out; dlse (the
+    gradient reaching lse, any strides) like lse, or None."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
@@ -468,6 +474,8 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     _attn_bwd_delta_kernel[(triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"]), n_seqs * heads)](
         out, do, delta, cu_q, *os_, *dos, *lse_strides, seqlen_q, heads, head_dim,
         VARLEN=varlen, **_without(dq_cfg, "BLOCK_N"))
+    if dlse is not None:  # lse's gradient joins ds as −δ does (module docstring)
+        delta.sub_(dlse)
     common = (seqlen_q, seqlen_k)
     _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"]),
                            n_seqs * kv_heads)](

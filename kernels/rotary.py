@@ -184,8 +184,10 @@ def rotary(
     batch_first: bool,
     interleaved: bool,
     conjugate: bool,
+    in_place: bool,
 ) -> None:
-    """Launches the kernel: out_q, out_k = rotate(q, k); in place when out_q is q.
+    """Launches the kernel: out_q, out_k = rotate(q, k); ``in_place`` when out_q, out_k are
+    q, k (then the pass-through dims are not copied).
 
     q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
     unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
@@ -199,7 +201,7 @@ def rotary(
     n_k_heads = k.shape[2] if k is not None else 0
     n_tokens = n_outer * n_inner
     half = cos.shape[1]
-    copy_tail = out_q.data_ptr() != q.data_ptr() and head_dim > 2 * half
+    copy_tail = not in_place and head_dim > 2 * half
     cfg = launch_config(half, head_dim - 2 * half if copy_tail else 0)
     token_blocks = triton.cdiv(n_tokens, cfg["BLOCK_T"])
     heads = heads_per_program(token_blocks, n_q_heads, n_k_heads)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from eurocore.ops import flash_attention, flash_attention_varlen
+from eurocore.ops.attention import check_attention_options
+from eurocore.ops.backends import check_backend_name
 
 
 class FlashAttention(nn.Module):
@@ -24,6 +26,8 @@ class FlashAttention(nn.Module):
         window_size: (left, right) sliding window, -1 for unbounded.
         softcap: > 0 caps scores to ``softcap · tanh(s / softcap)``.
         backend: fixes the op backend for this module (None: chosen per call).
+
+    The options are checked here, at construction, as the op checks them.
     """
 
     def __init__(
@@ -36,11 +40,12 @@ class FlashAttention(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        check_attention_options(causal, softmax_scale, window_size, softcap)
         self.causal = causal
         self.softmax_scale = softmax_scale
         self.window_size = tuple(window_size)
         self.softcap = softcap
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     def forward(
         self,

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from eurocore.ops import rms_norm
+from eurocore.ops.backends import check_backend_name
+from eurocore.utils.checks import check_bool, check_int, check_number
 
 
 class RMSNorm(nn.Module):
@@ -40,11 +42,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        self.zero_centered_weight = zero_centered_weight
-        self.backend = backend
+        if not isinstance(normalized_shape, Sequence) or not normalized_shape:
+            raise TypeError(f"normalized_shape: expected an int or a non-empty sequence of "
+                            f"ints, got {normalized_shape!r}")
+        self.normalized_shape = tuple(check_int("normalized_shape", n, minimum=1)
+                                      for n in normalized_shape)
+        self.eps = None if eps is None else check_number("eps", eps, minimum=0.0)
+        self.elementwise_affine = check_bool("elementwise_affine", elementwise_affine)
+        self.zero_centered_weight = check_bool("zero_centered_weight", zero_centered_weight)
+        self.backend = check_backend_name(backend)
         if zero_centered_weight and not elementwise_affine:
             raise ValueError("zero_centered_weight: needs elementwise_affine=True")
         if elementwise_affine:

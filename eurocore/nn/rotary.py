@@ -9,8 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from eurocore.ops.backends import BACKENDS
+from eurocore.ops.backends import check_backend_name
 from eurocore.ops.rotary import LAYOUTS, apply_rotary, rope_cos_sin
+from eurocore.utils.checks import check_bool, check_int, check_number
+
+_REQUIRED = object()  # from_hf_config: a field without a default
 
 
 class RotaryEmbedding(nn.Module):
@@ -74,17 +77,11 @@ class RotaryEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if (isinstance(max_position_embeddings, bool)
-                or not isinstance(max_position_embeddings, int) or max_position_embeddings < 1):
-            raise ValueError(f"max_position_embeddings: expected an int >= 1, got "
-                             f"{max_position_embeddings!r}")
+        check_int("max_position_embeddings", max_position_embeddings, minimum=1)
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
-        if not isinstance(interleaved, bool):
-            raise TypeError(f"interleaved: expected a bool, got {type(interleaved).__name__}")
-        if backend is not None and backend not in ("auto", *BACKENDS):
-            raise ValueError(f"backend: expected None, 'auto' or one of "
-                             f"{', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        check_bool("interleaved", interleaved)
+        check_backend_name(backend)
         self.rotary_dim = rotary_dim
         self.max_position_embeddings = max_position_embeddings
         self.theta = theta
@@ -161,19 +158,35 @@ class RotaryEmbedding(nn.Module):
             kwargs: passed to the constructor (``layout``, ``interleaved``, ``backend``,
                 ``device``); ``max_position_embeddings`` here overrides the config's.
         """
-        head_dim = getattr(config, "head_dim", None)
+        def field(name: str, default: Any = _REQUIRED) -> Any:
+            value = getattr(config, name, default)
+            if value is _REQUIRED:
+                raise ValueError(f"config: has no {name!r}, which a rotary embedding needs "
+                                 f"(an HF Llama-style config: hidden_size, "
+                                 f"num_attention_heads, max_position_embeddings, rope_theta)")
+            return value
+
+        head_dim = field("head_dim", None)
         if head_dim is None:
-            head_dim = config.hidden_size // config.num_attention_heads
-        theta = getattr(config, "rope_theta", None)
-        partial = getattr(config, "partial_rotary_factor", None)
-        rope_parameters = getattr(config, "rope_parameters", None)
+            heads = check_int("config.num_attention_heads", field("num_attention_heads"),
+                              minimum=1)
+            head_dim = check_int("config.hidden_size", field("hidden_size"), minimum=1) // heads
+        theta = field("rope_theta", None)
+        partial = field("partial_rotary_factor", None)
+        rope_parameters = field("rope_parameters", None)
         if rope_parameters:
+            if not isinstance(rope_parameters, Mapping):
+                raise TypeError(f"config.rope_parameters: expected a dict, got "
+                                f"{type(rope_parameters).__name__}")
             scaling = dict(rope_parameters)
             theta = scaling.get("rope_theta", theta)
             partial = scaling.get("partial_rotary_factor", partial)
         else:
-            scaling = getattr(config, "rope_scaling", None)
-        kwargs.setdefault("max_position_embeddings", config.max_position_embeddings)
+            scaling = field("rope_scaling", None)
+        if partial is not None:
+            check_number("config.partial_rotary_factor", partial, minimum=0.0, maximum=1.0,
+                         inclusive=False)
+        kwargs.setdefault("max_position_embeddings", field("max_position_embeddings"))
         return cls(int(head_dim * (1.0 if partial is None else partial)),
                    theta=10000.0 if theta is None else theta, scaling=scaling, **kwargs)
 

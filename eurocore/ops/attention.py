@@ -21,7 +21,13 @@ import math
 import torch
 
 from eurocore.ops.backends import resolve_backend
-from eurocore.ops.checks import check_cu_seqlens_shape, cu_seqlens_lengths, reads_allowed
+from eurocore.ops.checks import (
+    check_cu_seqlens_shape,
+    cu_seqlens_lengths,
+    kernel_index,
+    reads_allowed,
+)
+from eurocore.utils.checks import check_bool, check_int, check_number
 
 IMPLEMENTED = ("torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,7 +60,9 @@ def flash_attention(
         softcap: > 0 caps scores to ``softcap · tanh(s / softcap)``.
         deterministic: kept for flash-attn compatibility; every backend's backward is
             deterministic (no float atomics), whatever this says.
-        return_lse: also return the log-sum-exp.
+        return_lse: also return the log-sum-exp, differentiable on every backend (a loss
+            on it, such as z-loss, or a merge of partial attentions backpropagates into q
+            and k).
         backend: "torch", "triton", "auto" or None (see ``eurocore.ops.backends``).
 
     Returns:
@@ -62,15 +70,14 @@ def flash_attention(
         (batch, heads, seqlen_q) float32 (float64 for float64 inputs).
     """
     _check_tensors(q, k, v, packed=False)
-    args = _check_options(q, causal, softmax_scale, window_size, softcap, deterministic,
-                          return_lse)
+    scale, (left, right) = _scale_and_window(q, causal, softmax_scale, window_size, softcap,
+                                             deterministic, return_lse)
     name = resolve_backend("flash_attention", q.device, backend, IMPLEMENTED)
     if name == "torch":
-        out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=args[0],
-                                       window_size=args[1], softcap=softcap)
+        out, lse = attention_reference(q, k, v, softmax_scale=scale, window_size=(left, right),
+                                       softcap=softcap)
     else:
         _check_kernel(q, name)
-        scale, (left, right) = args
         out, lse = torch.ops.eurocore.flash_attn_fwd(
             q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, float(softcap),
             name)
@@ -109,23 +116,25 @@ def flash_attention_varlen(
         out (total_q, heads, head_dim); with ``return_lse`` also lse (heads, total_q).
 
     The cu_seqlens checks read device memory (one synchronisation) in eager mode and are
-    skipped while tracing or capturing a CUDA graph.
+    skipped while tracing or capturing a CUDA graph. There, boundaries that break the rules
+    above (or a max_seqlen below the longest sequence) give wrong values in the rows they
+    misdescribe, but never a read or write outside q, k, v and the outputs: the kernels
+    clamp every boundary into ``[0, total]``.
     """
     _check_tensors(q, k, v, packed=True)
-    args = _check_options(q, causal, softmax_scale, window_size, softcap, deterministic,
-                          return_lse)
+    scale, (left, right) = _scale_and_window(q, causal, softmax_scale, window_size, softcap,
+                                             deterministic, return_lse)
     _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     name = resolve_backend("flash_attention", q.device, backend, IMPLEMENTED)
-    scale, (left, right) = args
     if name == "torch":
         out, lse = attention_varlen_reference(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, softmax_scale=scale,
-            window_size=(left, right), softcap=softcap)
+            q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale, window_size=(left, right),
+            softcap=softcap)
     else:
         _check_kernel(q, name)
         out, lse = torch.ops.eurocore.flash_attn_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
-            right, float(softcap), name)
+            q, k, v, kernel_index(cu_seqlens_q), kernel_index(cu_seqlens_k), max_seqlen_q,
+            max_seqlen_k, scale, left, right, float(softcap), name)
     return (out, lse) if return_lse else out
 
 
@@ -230,31 +239,36 @@ def _check_tensors(q, k, v, packed: bool) -> None:
         raise ValueError("q: head_dim must be > 0")
 
 
-def _check_options(q, causal, softmax_scale, window_size, softcap, deterministic, return_lse):
-    """Returns (softmax_scale, (left, right)) with the defaults and causal applied."""
+def check_attention_options(
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    deterministic: bool = True,
+    return_lse: bool = False,
+) -> tuple[int, int]:
+    """Checks the options of :func:`flash_attention` (shared with ``nn.FlashAttention``,
+    which checks them at construction); returns the (left, right) window with causal
+    applied. Raises TypeError/ValueError naming the option."""
     for arg, flag in (("causal", causal), ("deterministic", deterministic),
                       ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale: expected a float or None, got "
-                        f"{type(softmax_scale).__name__}")
-    elif not math.isfinite(softmax_scale):
-        raise ValueError(f"softmax_scale: expected a finite number, got {softmax_scale}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        check_bool(arg, flag)
+    if softmax_scale is not None:
+        check_number("softmax_scale", softmax_scale)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size: expected (left, right) ints, got {window_size!r}")
-    if any(w < -1 for w in window_size):
-        raise ValueError(f"window_size: each side is >= 0, or -1 for unbounded; got "
-                         f"{tuple(window_size)}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap: expected a finite number >= 0 (0: off), got {softcap}")
-    left, right = window_size
-    return float(softmax_scale), (int(left), 0 if causal else int(right))
+    left, right = (check_int("window_size", w, minimum=-1) for w in window_size)
+    check_number("softcap", softcap, minimum=0.0)
+    return left, 0 if causal else right
+
+
+def _scale_and_window(q, causal, softmax_scale, window_size, softcap, deterministic,
+                      return_lse) -> tuple[float, tuple[int, int]]:
+    """(softmax_scale with its default, (left, right)) after :func:`check_attention_options`."""
+    window = check_attention_options(causal, softmax_scale, window_size, softcap,
+                                     deterministic, return_lse)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return scale, window
 
 
 def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
@@ -264,10 +278,7 @@ def _check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         raise ValueError(f"cu_seqlens_k: {cu_seqlens_k.shape[0] - 1} sequences but "
                          f"cu_seqlens_q has {cu_seqlens_q.shape[0] - 1}")
     for arg, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
-        if value < 0:
-            raise ValueError(f"{arg}: expected >= 0, got {value}")
+        check_int(arg, value, minimum=0)
     if not reads_allowed():
         return
     for arg, cu, total, bound, max_arg in (
@@ -348,6 +359,7 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 @torch.library.custom_op("eurocore::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(
     dout: torch.Tensor,
+    dlse: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -363,21 +375,22 @@ def _flash_attn_bwd(
     softcap: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv), shaped like q, k, v; GQA sums dk, dv over each group."""
-    dq, dk, dv = _flash_attn_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                      max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
-                                      window_right, softcap, backend)
+    """Returns (dq, dk, dv), shaped like q, k, v; GQA sums dk, dv over each group. ``dlse``,
+    the gradient reaching the log-sum-exp (None: none), is shaped like lse."""
+    dq, dk, dv = _flash_attn_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q,
+                                      cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                      window_left, window_right, softcap, backend)
     packed = cu_seqlens_q is not None
     _launchers(backend).flash_attn_bwd(
         _as_4d(dout, packed), _as_4d(q, packed), _as_4d(k, packed), _as_4d(v, packed),
         _as_4d(out, packed), lse, _as_4d(dq, packed), _as_4d(dk, packed), _as_4d(dv, packed),
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-        (window_left, window_right), softcap)
+        (window_left, window_right), softcap, dlse=dlse)
     return dq, dk, dv
 
 
 @_flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def _flash_attn_bwd_fake(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, softmax_scale, window_left, window_right, softcap,
                          backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -390,9 +403,11 @@ def _flash_attn_fwd_setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, scale, left, right, softcap, backend)
 
 
-def _flash_attn_fwd_backward(ctx, dout, _dlse):
+def _flash_attn_fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.eurocore.flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k,
+    if dout is None:  # only lse reached the loss
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.eurocore.flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
                                                    *ctx.args)
     return dq, dk, dv, *([None] * 9)
 

@@ -119,6 +119,16 @@ def backend_status(name: str) -> BackendStatus:
     raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
 
 
+def check_backend_name(backend: str | None, arg: str = "backend") -> str | None:
+    """None, "auto" or one of :data:`BACKENDS` (modules check theirs at construction, the ops
+    at each call); returns it, else raises ValueError naming ``arg``."""
+    if backend is not None and (not isinstance(backend, str)
+                                or backend not in ("auto", *BACKENDS)):
+        raise ValueError(f"{arg}: expected None, 'auto' or one of "
+                         f"{', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    return backend
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """What this machine can run: every backend with its availability and the reason.
 
@@ -189,9 +199,7 @@ def resolve_backend(
                     return name
         return "torch"
     if requested not in BACKENDS:
-        argument = "backend" if source == "backend=" else ENV_VAR
-        raise ValueError(f"{argument}: expected one of 'auto', {', '.join(map(repr, BACKENDS))}; "
-                         f"got {requested!r}")
+        check_backend_name(requested, "backend" if source == "backend=" else ENV_VAR)
     if requested not in implemented:
         raise BackendUnavailableError(
             f"{op}: the {requested!r} backend (from {source}) has no kernel for this op; "

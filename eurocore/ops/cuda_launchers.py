@@ -149,14 +149,12 @@ def rotary(
     batch_first: bool,
     interleaved: bool,
     conjugate: bool,
+    in_place: bool,
 ) -> None:
-    """out_q, out_k = rotate(q, k), in place when out_q is q: the contract of
+    """out_q, out_k = rotate(q, k), in place when ``in_place``: the contract of
     ``eurocore.kernels.rotary.rotary``."""
     extension = cuda_extension()
     device, stream = _device_and_stream(extension, "q", q)
-    in_place = out_q.data_ptr() == q.data_ptr()
-    if k is not None and (out_k.data_ptr() == k.data_ptr()) != in_place:
-        raise ValueError("out_k: rotate q and k both in place or both out of place")
     dtype = q.dtype
     if cos.dtype != sin.dtype or cos.dtype not in (dtype, torch.float32):
         cos, sin = cos.float(), sin.float()  # as the Triton kernel reads them: in fp32

@@ -25,8 +25,11 @@ import torch
 from eurocore.ops.backends import resolve_backend
 from eurocore.ops.checks import (
     check_cu_seqlens_shape,
+    check_disjoint,
     check_index_tensor,
+    check_no_self_overlap,
     cu_seqlens_lengths,
+    kernel_index,
     reads_allowed,
 )
 
@@ -190,7 +193,9 @@ def apply_rotary(
         interleaved: GPT-J pairs (2i, 2i + 1) instead of rotate-half pairs (i, i + r/2).
         layout: "bshd", "sbhd" or "thd".
         inplace: write the result into q and k (which must not be leaves requiring grad);
-            autograd stays correct.
+            autograd stays correct. Neither may have elements sharing memory (an expanded
+            tensor), nor share one with the other (checked in eager mode; inside
+            torch.compile, trusted).
         backend: "torch", "triton", "cuda", "auto" or None (see ``eurocore.ops.backends``).
 
     Returns:
@@ -358,12 +363,20 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
     for arg, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{arg}: expected a bool, got {type(flag).__name__}")
-    if inplace and torch.is_grad_enabled():
+    if inplace:
         for arg, tensor in (("q", q), ("k", k)):
-            if tensor is not None and tensor.requires_grad and _leaf_or_view_of_leaf(tensor):
+            if tensor is None:
+                continue
+            if (torch.is_grad_enabled() and tensor.requires_grad
+                    and _leaf_or_view_of_leaf(tensor)):
                 raise ValueError(f"{arg}: inplace=True would overwrite a leaf tensor that "
                                  f"requires grad (or a view of one); rotate a copy, or pass "
                                  f"inplace=False")
+            check_no_self_overlap(arg, tensor)
+        # Else elements of both would rotate twice. Pointers exist in eager mode only (a
+        # traced graph gets fake tensors): inside torch.compile, q and k are trusted.
+        if k is not None and not torch.compiler.is_compiling():
+            check_disjoint("k", k, "q", q)
 
     batch = {"bshd": q.shape[0], "sbhd": q.shape[1], "thd": None}[layout]
     seq = {"bshd": q.shape[1], "sbhd": q.shape[0], "thd": q.shape[0]}[layout]
@@ -442,7 +455,7 @@ def _position_source(position_ids, seqlen_offsets) -> str:
 
 
 def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-            interleaved, conjugate, backend) -> None:
+            interleaved, conjugate, backend, in_place=False) -> None:
     """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
     stride along head_dim, position ids as (batch or 1, seq), contiguous tables, offsets and
     cu_seqlens (the kernels index those two with unit stride)."""
@@ -463,9 +476,9 @@ def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, off
         position_ids = position_ids.unsqueeze(0)
     launchers.rotary(
         as_4d(q), as_4d(k), as_4d(out_q), as_4d(out_k), cos.contiguous(), sin.contiguous(),
-        position_ids, offsets.contiguous() if offsets is not None else None,
-        cu_seqlens.contiguous() if cu_seqlens is not None else None, offset,
-        batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate)
+        position_ids, kernel_index(offsets), kernel_index(cu_seqlens), offset,
+        batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate,
+        in_place=in_place)
 
 
 @torch.library.custom_op("eurocore::rotary", mutates_args=())
@@ -517,7 +530,7 @@ def _rotary_inplace(
     """In place: overwrites the rotary dims of q and k, leaves the rest untouched."""
     if q.stride(-1) == 1 and (k is None or k.stride(-1) == 1):
         _launch(q, k, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                interleaved, conjugate, backend)
+                interleaved, conjugate, backend, in_place=True)
         return
     # The kernel needs unit stride along head_dim: rotate a copy, then write it back.
     out_q, out_k = _rotary(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,

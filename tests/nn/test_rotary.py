@@ -334,7 +334,7 @@ def test_state_dict_is_empty_and_loads_strictly():
 @pytest.mark.parametrize("arg, exc, kwargs", [
     ("rotary_dim", ValueError, dict(rotary_dim=7)),
     ("max_position_embeddings", ValueError, dict(max_position_embeddings=0)),
-    ("max_position_embeddings", ValueError, dict(max_position_embeddings=10.0)),
+    ("max_position_embeddings", TypeError, dict(max_position_embeddings=10.0)),
     ("theta", ValueError, dict(theta=1.0)),
     ("scaling", ValueError, dict(scaling={"rope_type": "yarn", "factor": 2.0})),
     ("layout", ValueError, dict(layout="bhsd")),

@@ -53,7 +53,8 @@ def test_gpu_build_rejects_cpu_tensors(gpu_build):
     cos, sin = rope_cos_sin(3, 8)
     with pytest.raises(ValueError, match=r"^q: the cuda backend"):
         cuda_launchers.rotary(q, None, torch.empty_like(q), None, cos, sin, None, None, None, 0,
-                              batch_first=True, interleaved=False, conjugate=False)
+                              batch_first=True, interleaved=False, conjugate=False,
+                              in_place=False)
 
 
 def test_gpu_build_is_unavailable_for_cpu_tensors_through_the_op(gpu_build):
