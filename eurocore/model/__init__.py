@@ -8,9 +8,11 @@ from eurocore.model.llama import (
     DecoderLayer,
     LlamaModel,
     PackedBatch,
+    check_token_ids,
     stage_chunks,
     sum_tied_embedding_grads,
 )
 
 __all__ = ["MLP", "PRESETS", "Attention", "DecoderLayer", "LlamaModel", "ModelConfig",
-           "PackedBatch", "preset", "stage_chunks", "sum_tied_embedding_grads"]
+           "PackedBatch", "check_token_ids", "preset", "stage_chunks",
+           "sum_tied_embedding_grads"]

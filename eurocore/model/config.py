@@ -1,6 +1,6 @@
 """Model configurations: one frozen dataclass, and named presets.
 
-    config = preset("eurollm-9b")                    # DESIGN.md, Reference model shapes
+    config = preset("eurollm-9b")                    # docs/design.md, Reference model shapes
     config = preset("tiny", num_layers=4)            # any field overridden by name
 """
 

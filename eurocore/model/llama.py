@@ -25,6 +25,7 @@ from torch import nn
 
 from eurocore.model.config import ModelConfig
 from eurocore.nn import FlashAttention, RotaryEmbedding
+from eurocore.ops.checks import reads_allowed
 from eurocore.parallel import (
     ColumnParallelLinear,
     ParallelGroups,
@@ -70,6 +71,45 @@ class PackedBatch:
         starts = torch.nonzero(flat == 0).flatten()
         cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
         return cls(flat, cu, int((cu[1:] - cu[:-1]).max()))
+
+
+def check_token_ids(config: ModelConfig, tokens: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, *,
+                    ignore_index: int = -100) -> None:
+    """Raises ValueError naming ``tokens``, ``labels`` or ``position_ids`` when one holds an
+    id the model cannot take: a token outside ``[0, vocab_size)``, a label outside it other
+    than ``ignore_index``, a position outside ``[0, max_seq_len)``.
+
+    Without this, the embedding would map a stray token to zeros and the loss would skip a
+    stray label: a plausible loss, silently wrong. One reduction per tensor and a single
+    read of the results (one synchronisation on a GPU); the error path reads more to say
+    where. ``LlamaModel`` calls it in eager mode; under torch.compile or CUDA graphs, check
+    each batch in the data path instead (the trainer does, on the CPU, before the copy).
+    """
+    named = [("tokens", tokens, config.vocab_size, "the vocabulary"),
+             ("labels", labels, config.vocab_size, "the vocabulary"),
+             ("position_ids", position_ids, config.max_seq_len, "max_seq_len's positions")]
+    named = [entry for entry in named if entry[1] is not None and entry[1].numel()]
+    if not named:
+        return
+    ranges = []
+    for arg, ids, _, _ in named:
+        if arg == "labels":
+            ids = ids.masked_fill(ids == ignore_index, 0)
+        ranges.extend(torch.aminmax(ids))
+    values = torch.stack([r.long() for r in ranges]).tolist()
+    for i, (arg, ids, bound, what) in enumerate(named):
+        low, high = values[2 * i], values[2 * i + 1]
+        if low >= 0 and high < bound:
+            continue
+        outside = (ids < 0) | (ids >= bound)
+        if arg == "labels":
+            outside &= ids != ignore_index
+        where = tuple(torch.nonzero(outside)[0].tolist())
+        extra = f" and is not the ignore index {ignore_index}" if arg == "labels" else ""
+        raise ValueError(f"{arg}: {int(ids[where])} at index {list(where)} is outside {what} "
+                         f"[0, {bound}){extra}")
 
 
 def _seed(config: ModelConfig, layer: int, role: int) -> int:
@@ -189,6 +229,9 @@ class LlamaModel(nn.Module):
             gradient the first and last stages must sum.
         device, dtype: where and in which dtype the parameters are made. On the ``meta``
             device nothing is drawn (sizing a model costs no memory).
+        check_ids: in eager mode, check every forward's token ids, labels and positions
+            (:func:`check_token_ids`: one synchronisation per forward). A trainer that
+            checks its batches in the data path turns this off.
 
     Each rank holds only its shard; every weight is drawn from ``config.seed`` in fixed
     blocks, so every TP and PP layout starts from the same model (padding rows of the
@@ -199,9 +242,10 @@ class LlamaModel(nn.Module):
                  sequence_parallel: bool = False, layers: Sequence[int] | None = None,
                  pre_process: bool = True, post_process: bool = True,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, check_ids: bool = True) -> None:
         super().__init__()
         groups = groups or ParallelGroups.single()
+        self.check_ids = check_ids
         config.check_layout(groups.tp_size, sequence_parallel)
         self.config, self.sequence_parallel = config, sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
@@ -262,12 +306,13 @@ class LlamaModel(nn.Module):
         states for the next stage.
 
         Args:
-            tokens: (batch, seq) int64 token ids, the same on every rank of the TP group;
-                seq divisible by tp with sequence parallelism. Later pipeline stages use
-                only their shape.
-            labels: (batch, seq) int64 targets (-100: ignored), or None.
-            position_ids: (batch, seq) positions restarting at 0 at each document (packed
-                documents), or None (each row is one document).
+            tokens: (batch, seq) int64 token ids in [0, vocab_size), the same on every rank
+                of the TP group; seq divisible by tp with sequence parallelism. Later
+                pipeline stages use only their shape.
+            labels: (batch, seq) int64 targets in [0, vocab_size) or -100 (ignored), or
+                None.
+            position_ids: (batch, seq) positions in [0, max_seq_len) restarting at 0 at each
+                document (packed documents), or None (each row is one document).
             hidden_states: not the first stage: the previous stage's output (seq, or
                 seq / tp with sequence parallelism, batch, hidden).
 
@@ -287,6 +332,12 @@ class LlamaModel(nn.Module):
             raise ValueError("hidden_states: expected on stages without the embedding, and "
                              "only there")
         self.config.check_layout(self.tp_size, self.sequence_parallel, seq)
+        if labels is not None and labels.shape != tokens.shape:
+            raise ValueError(f"labels: expected shape {tuple(tokens.shape)} like tokens, got "
+                             f"{tuple(labels.shape)}")
+        if self.check_ids and reads_allowed():
+            check_token_ids(self.config, tokens if self.pre_process else None,
+                            labels if self.post_process else None, position_ids)
         packed = PackedBatch.from_position_ids(position_ids, batch, seq, tokens.device)
         x = self.embedding(tokens.t()) if self.pre_process else hidden_states
         for layer in self.layers.values():
@@ -296,16 +347,14 @@ class LlamaModel(nn.Module):
         logits = self.head(self.norm(x))                # (seq, batch, padded vocab / tp)
         if labels is None:
             return logits
-        if labels.shape != tokens.shape:
-            raise ValueError(f"labels: expected shape {tuple(tokens.shape)} like tokens, got "
-                             f"{tuple(labels.shape)}")
         return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size,
                                             self.tp_group)
 
 
 def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int = 1,
                  layers_per_stage: Sequence[int] | None = None, sequence_parallel: bool = False,
-                 device: torch.device | str | None = None) -> list[LlamaModel]:
+                 device: torch.device | str | None = None,
+                 check_ids: bool = True) -> list[LlamaModel]:
     """This rank's model chunks, one per virtual stage it holds: chunk c is virtual stage
     c · pp + pp_rank of pp · num_chunks, its layers from ``eurocore.parallel.pipeline.
     stage_layers``; the first holds the embedding, the last the head (the whole model
@@ -315,7 +364,8 @@ def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int
     stages = [chunk * groups.pp_size + groups.pp_rank for chunk in range(num_chunks)]
     return [LlamaModel(config, groups, sequence_parallel=sequence_parallel,
                        layers=splits[stage], pre_process=stage == 0,
-                       post_process=stage == num_stages - 1, device=device)
+                       post_process=stage == num_stages - 1, device=device,
+                       check_ids=check_ids)
             for stage in stages]
 
 

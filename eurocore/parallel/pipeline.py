@@ -82,6 +82,9 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
         pipeline.
     """
     p, rank = groups.pp_size, groups.pp_rank
+    if num_chunks > 1 and p == 1:  # chunk c would send to itself at the first forward
+        raise ValueError(f"num_chunks: {num_chunks} virtual stages need a pipeline of at "
+                         f"least 2 ranks, got pp = 1")
     last = p * num_chunks - 1
     saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
     losses: list[torch.Tensor] = []

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 
-from eurocore.train.distributed import init_process, shutdown
+from eurocore.train.distributed import init_process, launch_environment, shutdown
 from eurocore.train.trainer import TrainConfig, train
+from eurocore.utils.files import check_writable_file, write_json_atomically
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -53,19 +53,55 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast (auto: on GPUs)")
     p.add_argument("--metrics-json", default=None, metavar="PATH",
-                   help="rank 0 writes the logged metrics here")
+                   help="rank 0 writes the logged metrics here (a JSON list, rewritten "
+                        "atomically at each logged step)")
     return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.train") -> int:
-    """Parses ``argv``, joins torchrun's process group (if any) and trains; returns 0."""
-    args = _parser(prog).parse_args(argv)
-    config = TrainConfig(
+    """Parses ``argv``, checks every option, joins torchrun's process group (if any) and
+    trains. Returns 0, or 2 after a one-line message when an option (or the data) is bad:
+    options are all checked before any process group or model is made."""
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    rank = launch_environment()[0]
+    try:
+        config = _config(args)
+        config.layout(launch_environment()[1])
+        if args.metrics_json:
+            check_writable_file("metrics_json", args.metrics_json)
+        process = init_process(args.device)
+    except ValueError as err:
+        return _fail(parser, err, rank)
+    try:
+        history: list[dict] = []
+
+        def write_metrics(metrics: dict) -> None:  # as each step is logged: nothing lost
+            history.append(metrics)
+            if args.metrics_json and process.rank == 0:
+                write_json_atomically(history, args.metrics_json)
+
+        train(config, process, log=lambda line: print(line, flush=True), on_step=write_metrics)
+    except ValueError as err:  # bad data met during the run, say
+        return _fail(parser, err, process.rank)
+    finally:
+        shutdown()
+    return 0
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the parsed options describe (its construction checks them)."""
+    layers_per_stage = None
+    if args.layers_per_stage is not None:
+        try:
+            layers_per_stage = tuple(int(n) for n in args.layers_per_stage.split(","))
+        except ValueError:
+            raise ValueError(f"layers_per_stage: expected comma-separated ints like 3,4,4,3, "
+                             f"got {args.layers_per_stage!r}") from None
+    return TrainConfig(
         preset=args.preset,
         model_overrides={} if args.layers is None else {"num_layers": args.layers},
-        tp=args.tp, pp=args.pp, vpp=args.vpp,
-        layers_per_stage=(None if args.layers_per_stage is None
-                          else tuple(int(n) for n in args.layers_per_stage.split(","))),
+        tp=args.tp, pp=args.pp, vpp=args.vpp, layers_per_stage=layers_per_stage,
         sequence_parallel=args.sequence_parallel, steps=args.steps,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
@@ -73,15 +109,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         grad_clip=args.grad_clip, markov_branching=args.markov_branching,
         data_seed=args.data_seed, log_every=args.log_every,
         bf16={"auto": None, "on": True, "off": False}[args.bf16])
-    process = init_process(args.device)
-    try:
-        history = train(config, process, log=lambda line: print(line, flush=True))
-        if args.metrics_json and process.rank == 0:
-            with open(args.metrics_json, "w") as f:
-                json.dump(history, f, indent=1)
-    finally:
-        shutdown()
-    return 0
+
+
+def _fail(parser: argparse.ArgumentParser, err: ValueError, rank: int) -> int:
+    """Prints ``prog: error: --option: what is wrong`` (rank 0 only: every rank checks the
+    same options) and returns the exit status 2, as argparse does for its own errors."""
+    if rank == 0:
+        name, sep, rest = str(err).partition(": ")
+        option = _option_names(parser).get(name) if sep else None
+        message = f"{option}: {rest}" if option else str(err)
+        print(f"{parser.prog}: error: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The command-line spelling of each name an error may start with: every option's
+    destination, and the model fields the options set."""
+    names = {action.dest: action.option_strings[0] for action in parser._actions
+             if action.option_strings}
+    names.update(num_layers=names["layers"], model_overrides=names["layers"])
+    return names
 
 
 if __name__ == "__main__":

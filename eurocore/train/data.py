@@ -91,8 +91,9 @@ class MarkovSource:
         min_doc_len = max(2, seq // 4) if min_doc_len is None else min_doc_len
         if not 1 <= min_doc_len <= seq:
             raise ValueError(f"min_doc_len: expected an int in [1, {seq}], got {min_doc_len}")
+        # Below 2**63 the seed is the formula's value; above, it wraps (manual_seed's range).
         gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + stream) * 1_000_033 + step)
+            ((self.seed * 1_000_003 + stream) * 1_000_033 + step) % 2**63)
         positions = _document_positions(batch, seq, min_doc_len, gen)
         starts = positions == 0
         first_tokens = torch.multinomial(self.stationary, batch * seq, replacement=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,14 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from eurocore.model import preset, stage_chunks, sum_tied_embedding_grads
+from eurocore.model import (
+    ModelConfig,
+    check_token_ids,
+    preset,
+    stage_chunks,
+    sum_tied_embedding_grads,
+)
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
-from eurocore.parallel.pipeline import run_schedule
+from eurocore.parallel.pipeline import run_schedule, stage_layers
 from eurocore.parallel.schedules import bubble_fraction, schedule
 from eurocore.train.data import MarkovSource, uniform_loss
 from eurocore.train.distributed import Process
 from eurocore.train.optim import adamw, learning_rate
+from eurocore.utils.checks import check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,10 @@ class TrainConfig:
 
     bf16: autocast matrix products to bfloat16 (parameters, optimizer state and gradients
     stay fp32); None: on GPUs only. warmup_steps None: a tenth of the steps.
+
+    Construction checks every field, alone and against the model it names (a ValueError
+    naming the field); :meth:`layout` adds what depends on the number of processes. Both
+    run before any process group or model exists.
     """
 
     preset: str = "tiny"
@@ -56,59 +68,120 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "steps", "batch_size", "seq_len", "log_every",
                      "markov_branching"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a number > 0, got {getattr(self, name)!r}")
-        micro = self.micro_batch_size
-        if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int)
-                                  or micro < 1 or self.batch_size % micro):
-            raise ValueError(f"micro_batch_size: expected an int >= 1 dividing batch_size "
-                             f"{self.batch_size}, got {micro!r}")
-        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps: expected 0 .. steps ({self.steps}), got "
-                             f"{self.warmup_steps}")
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("data_seed", self.data_seed, minimum=0, maximum=2**63 - 1)
+        if self.micro_batch_size is not None:
+            check_int("micro_batch_size", self.micro_batch_size, minimum=1)
+            if self.batch_size % self.micro_batch_size:
+                raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide "
+                                 f"batch_size {self.batch_size}")
+        check_number("lr", self.lr, minimum=0.0, inclusive=False)
+        if self.min_lr is not None:
+            check_number("min_lr", self.min_lr, minimum=0.0, maximum=self.lr)
+        if self.warmup_steps is not None:
+            check_int("warmup_steps", self.warmup_steps, minimum=0, maximum=self.steps)
+        check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.lr * self.weight_decay >= 1:  # each step would scale weights by <= 0
+            raise ValueError(f"weight_decay: lr · weight_decay = {self.lr * self.weight_decay:g}"
+                             f" must stay below 1 (AdamW scales weights by 1 - lr · wd)")
+        check_number("grad_clip", self.grad_clip, minimum=0.0, inclusive=False)
+        check_bool("sequence_parallel", self.sequence_parallel)
+        if self.bf16 is not None:
+            check_bool("bf16", self.bf16)
+        if self.vpp > 1 and self.pp < 2:
+            raise ValueError(f"vpp: {self.vpp} virtual stages interleave a pipeline; they "
+                             f"need pp >= 2, got pp = {self.pp}")
+        model = self.model_config()
+        model.check_layout(self.tp, self.sequence_parallel, self.seq_len)
+        if self.seq_len > model.max_seq_len:
+            raise ValueError(f"seq_len: {self.seq_len} exceeds the model's max_seq_len "
+                             f"{model.max_seq_len}")
+        if self.markov_branching > model.vocab_size:
+            raise ValueError(f"markov_branching: {self.markov_branching} successors per token "
+                             f"exceed the vocabulary of {model.vocab_size}")
+        if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
+            raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
+                            f"{type(self.layers_per_stage).__name__}")
+        stage_layers(model.num_layers, self.pp * self.vpp, self.layers_per_stage)
+
+    def model_config(self) -> ModelConfig:
+        """The model: the preset with ``model_overrides`` applied."""
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(f"model_overrides: expected a dict, got "
+                            f"{type(self.model_overrides).__name__}")
+        return preset(self.preset, **self.model_overrides)
+
+    def layout(self, world_size: int) -> RunLayout:
+        """How the run splits over ``world_size`` processes; raises ValueError naming the
+        option that does not fit (before any process group is made)."""
+        check_int("world_size", world_size, minimum=1)
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel:
+            raise ValueError(f"tp: tp · pp = {model_parallel} does not divide the world size "
+                             f"{world_size}")
+        dp = world_size // model_parallel
+        if self.batch_size % dp:
+            raise ValueError(f"batch_size: {self.batch_size} sequences do not split over "
+                             f"{dp} data-parallel replicas")
+        per_replica = self.batch_size // dp
+        micro = self.micro_batch_size or per_replica
+        if per_replica % micro:
+            raise ValueError(f"micro_batch_size: {micro} does not divide the {per_replica} "
+                             f"sequences of each of the {dp} data-parallel replicas")
+        num_microbatches = per_replica // micro
+        if self.vpp > 1 and num_microbatches % self.pp:
+            raise ValueError(f"micro_batch_size: interleaving needs the microbatches per "
+                             f"replica ({num_microbatches}) to be a multiple of pp = {self.pp}")
+        return RunLayout(dp, per_replica, micro, num_microbatches,
+                         "interleaved-1f1b" if self.vpp > 1 else "1f1b")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What :meth:`TrainConfig.layout` derives from the world size: data-parallel replicas,
+    sequences per replica and per microbatch, microbatches per step, the schedule."""
+
+    dp: int
+    per_replica: int
+    micro_batch_size: int
+    num_microbatches: int
+    schedule: str
 
 
 def train(config: TrainConfig, process: Process, log: Callable[[str], None] = print,
           on_finish: Callable[[nn.ModuleList, ParallelGroups], None] | None = None,
+          on_step: Callable[[dict[str, float]], None] | None = None,
           ) -> list[dict[str, float]]:
     """Trains one model as ``config`` says on the processes of ``process``'s world.
 
     Every rank returns the metrics of each logged step (step, loss, lr, grad_norm,
-    tokens_per_s, step_ms); only rank 0 calls ``log``. ``on_finish`` receives this rank's
-    model chunks and the groups after the last step (saving, checking).
+    tokens_per_s, step_ms); only rank 0 calls ``log``. ``on_step`` receives each logged
+    step's metrics as it is logged (on every rank; writing them out as they come), and
+    ``on_finish`` this rank's model chunks and the groups after the last step (saving,
+    checking).
+
+    Every option is checked (``config.layout``, a memory estimate) before any process
+    group or model is made.
     """
-    model_config = preset(config.preset, **config.model_overrides)
-    model_config.check_layout(config.tp, config.sequence_parallel, config.seq_len)
-    if config.seq_len > model_config.max_seq_len:
-        raise ValueError(f"seq_len: {config.seq_len} exceeds the model's max_seq_len "
-                         f"{model_config.max_seq_len}")
+    model_config = config.model_config()
+    run = config.layout(process.world_size)
+    dp, per_replica, micro = run.dp, run.per_replica, run.micro_batch_size
+    num_microbatches, schedule_name = run.num_microbatches, run.schedule
+    check_memory(model_config, process)
+    source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
     groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
                                   device_type=process.device.type)
-    dp = groups.dp_size
-    if config.batch_size % dp:
-        raise ValueError(f"batch_size: {config.batch_size} sequences do not split over "
-                         f"{dp} data-parallel replicas")
-    per_replica = config.batch_size // dp
-    micro = config.micro_batch_size or per_replica
-    if per_replica % micro:
-        raise ValueError(f"micro_batch_size: {micro} does not divide the {per_replica} "
-                         f"sequences of each of the {dp} data-parallel replicas")
-    num_microbatches = per_replica // micro
-    schedule_name = "interleaved-1f1b" if config.vpp > 1 else "1f1b"
     schedule_steps = schedule(schedule_name, groups.pp_rank, config.pp, num_microbatches,
                               config.vpp)
+    # Ids are checked in the data path, once per batch on the CPU (check_token_ids below),
+    # so the model skips its per-forward check and the synchronisation it costs.
     model = nn.ModuleList(
         shard_data_parallel(chunk, groups, chunk.layers)
         for chunk in stage_chunks(model_config, groups, num_chunks=config.vpp,
                                   layers_per_stage=config.layers_per_stage,
                                   sequence_parallel=config.sequence_parallel,
-                                  device=process.device))
+                                  device=process.device, check_ids=False))
     optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
-    source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
     floor = source.entropy_rate()
     bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
     autocast = (torch.autocast(process.device.type, dtype=torch.bfloat16) if bf16
@@ -146,9 +219,11 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
             group["lr"] = lr
         # The global batch is a function of the step alone; each replica takes its rows, so
         # every layout trains on the same microbatches.
-        batch = source.batch(config.batch_size, config.seq_len, step, device=process.device)
+        batch = source.batch(config.batch_size, config.seq_len, step)
+        check_token_ids(model_config, batch.tokens, batch.labels, batch.position_ids)
         rows = slice(groups.dp_rank * per_replica, (groups.dp_rank + 1) * per_replica)
-        parts = [t[rows].split(micro) for t in (batch.tokens, batch.labels, batch.position_ids)]
+        parts = [t[rows].to(process.device).split(micro)
+                 for t in (batch.tokens, batch.labels, batch.position_ids)]
 
         def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None,
                          parts=parts) -> torch.Tensor:
@@ -178,6 +253,8 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
             metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
                        "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
             history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
             say(f"step {step:5d} | loss {loss_value:.4f} (floor {floor:.4f}) | lr {lr:.2e} | "
                 f"grad norm {norm_value:.3f} | {metrics['tokens_per_s']:,.0f} tokens/s | "
                 f"{metrics['step_ms']:.1f} ms")
@@ -188,6 +265,31 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
     if on_finish is not None:
         on_finish(model, groups)
     return history
+
+
+# Bytes per parameter that a rank keeps for the whole run: fp32 weight and gradient, and
+# AdamW's two fp32 moments. Activations come on top, so this is a floor.
+STATE_BYTES_PER_PARAMETER = 16
+
+
+def check_memory(model_config: ModelConfig, process: Process) -> None:
+    """Raises ValueError (naming ``preset``) when the model's weights, gradients and AdamW
+    state alone, spread evenly over the world's processes (TP, PP and FSDP all shard them),
+    exceed this device's memory (the host's for CPU processes, which share it): a run that
+    would otherwise be killed for memory after building the model."""
+    need = STATE_BYTES_PER_PARAMETER * model_config.num_parameters()
+    if process.device.type == "cuda":
+        need /= process.world_size
+        have = torch.cuda.get_device_properties(process.device).total_memory
+        where = f"per GPU, more than this GPU's {have / 2**30:.1f} GiB"
+    else:  # every CPU process shares the host's memory
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = f"on this host, more than its {have / 2**30:.1f} GiB"
+    if need > have:
+        raise ValueError(f"preset: {model_config.num_parameters() / 1e9:.2f}B parameters with "
+                         f"their gradients and AdamW state take {need / 2**30:.1f} GiB {where}"
+                         f"; shard the model over more GPUs (tp, pp, data parallelism) or pick "
+                         f"a smaller preset")
 
 
 def _parameters_per_stage(model: nn.ModuleList, groups: ParallelGroups) -> list[int]:

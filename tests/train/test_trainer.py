@@ -98,11 +98,12 @@ def test_microbatches_must_divide_the_batch():
         TrainConfig(batch_size=4, micro_batch_size=3)
 
 
-@pytest.mark.parametrize("kwargs, arg", [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"),
-                                         ({"warmup_steps": 400}, "warmup_steps"),
-                                         ({"tp": True}, "tp")])
-def test_bad_config_is_named(kwargs, arg):
-    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+@pytest.mark.parametrize("kwargs, arg, exc", [({"steps": 0}, "steps", ValueError),
+                                              ({"lr": 0.0}, "lr", ValueError),
+                                              ({"warmup_steps": 400}, "warmup_steps", ValueError),
+                                              ({"tp": True}, "tp", TypeError)])
+def test_bad_config_is_named(kwargs, arg, exc):
+    with pytest.raises(exc, match=rf"^{arg}\b"):
         TrainConfig(**kwargs)
 
 
