@@ -10,7 +10,7 @@ GPU shapes: bf16, 16384 tokens per batch (batch = 16384 / seq, seq 1024 .. 16384
 hidden size of 2048 split into heads: 32 heads of 64 or 16 heads of 128, kv_heads = heads
 (plain MHA), plus one GQA point (16 query heads, 4 kv heads of 128, seq 4096, causal).
 
-FLOPs (DESIGN.md, "Performance methodology"), with b the batch, h the query heads, sq and
+FLOPs (docs/design.md, "Performance methodology"), with b the batch, h the query heads, sq and
 sk the sequence lengths and d the head dim:
     fwd      4·b·h·sq·sk·d (q·kᵀ and p·v, 2·sq·sk·d each per head), halved when causal
     bwd      2.5 x fwd (five matmuls: q·kᵀ recomputed, dv, dp, dq, dk)
@@ -83,7 +83,7 @@ MakeImpl = Callable[[bool], Impl]
 def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
                     causal: bool, variant: str) -> int:
     """FLOPs of one call: 4·b·h·sq·sk·d forward, halved when causal; the backward 2.5x and
-    forward plus backward 3.5x the forward (DESIGN.md)."""
+    forward plus backward 3.5x the forward (docs/design.md)."""
     fwd = 4 * batch * heads * seqlen_q * seqlen_k * head_dim
     if causal:
         fwd //= 2

@@ -1,6 +1,6 @@
 """The one comparison helper for kernels against their float64 reference.
 
-The oracle (DESIGN.md, after FlashAttention): a kernel's error against the float64
+The oracle (docs/design.md, after FlashAttention): a kernel's error against the float64
 reference may be at most ``factor`` times the error of the plain PyTorch reference run in
 the same low precision, plus a small absolute term scaled by the reference's magnitude.
 """

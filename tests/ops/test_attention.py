@@ -1,7 +1,7 @@
 """eurocore.ops.flash_attention and flash_attention_varlen against their float64 reference,
 on every kernel backend.
 
-The oracle (DESIGN.md, after FlashAttention): the error against the float64 reference is at
+The oracle (docs/design.md, after FlashAttention): the error against the float64 reference is at
 most twice the error of the plain PyTorch reference run in the same low precision
 (``attention_reference(..., upcast=False)``), plus 1e-5. Under the CPU interpreter the tiles
 are 16 x 16, so lengths 17, 33 and 113 span several query and key blocks.
@@ -28,7 +28,7 @@ from tests.conftest import DEVICE
 from tests.helpers import assert_close_to_reference
 
 KERNEL_BACKENDS = [b for b in attention.IMPLEMENTED if b != "torch"]
-# The interpreter multiplies raw bits in a bfloat16 tl.dot (DESIGN.md): bf16 on a GPU only.
+# The interpreter multiplies raw bits in a bfloat16 tl.dot (docs/design.md): bf16 on a GPU only.
 DTYPES = [torch.float32, torch.float16, *([torch.bfloat16] if torch.cuda.is_available() else [])]
 # The absolute term of the oracle, for outputs and gradients alike (scaled by max|ref|, >= 1).
 ATOL = 1e-5
