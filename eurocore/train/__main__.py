@@ -11,8 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from eurocore.train.distributed import init_process, launch_environment, shutdown
-from eurocore.train.trainer import TrainConfig, train
+from eurocore.train.distributed import init_process, launch_environment, local_device, shutdown
+from eurocore.train.trainer import TrainConfig, check_memory, train
 from eurocore.utils.files import check_writable_file, write_json_atomically
 
 
@@ -64,12 +64,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
     options are all checked before any process group or model is made."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    rank = launch_environment()[0]
+    rank, world, local_rank, _ = launch_environment()
     try:
         config = _config(args)
-        config.layout(launch_environment()[1])
-        if args.metrics_json:
+        config.layout(world)
+        if args.metrics_json is not None:
             check_writable_file("metrics_json", args.metrics_json)
+        device = local_device(args.device, local_rank)
+        check_memory(config.model_config(), device, world)
         process = init_process(args.device)
     except ValueError as err:
         return _fail(parser, err, rank)
@@ -78,12 +80,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
 
         def write_metrics(metrics: dict) -> None:  # as each step is logged: nothing lost
             history.append(metrics)
-            if args.metrics_json and process.rank == 0:
+            if args.metrics_json is not None and process.rank == 0:
                 write_json_atomically(history, args.metrics_json)
 
         train(config, process, log=lambda line: print(line, flush=True), on_step=write_metrics)
     except ValueError as err:  # bad data met during the run, say
         return _fail(parser, err, process.rank)
+    except FloatingPointError as err:  # the run diverged: not the options' fault
+        _fail(parser, err, process.rank)
+        return 1
     finally:
         shutdown()
     return 0
@@ -111,7 +116,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         bf16={"auto": None, "on": True, "off": False}[args.bf16])
 
 
-def _fail(parser: argparse.ArgumentParser, err: ValueError, rank: int) -> int:
+def _fail(parser: argparse.ArgumentParser, err: Exception, rank: int) -> int:
     """Prints ``prog: error: --option: what is wrong`` (rank 0 only: every rank checks the
     same options) and returns the exit status 2, as argparse does for its own errors."""
     if rank == 0:

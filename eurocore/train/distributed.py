@@ -59,24 +59,31 @@ def check_rendezvous(host: str, multi_node: bool) -> None:
                          f"it. Use the first node's hostname (scripts/slurm/ shows how)")
 
 
+def local_device(device: str, local_rank: int) -> torch.device:
+    """The device of the process with ``local_rank`` on its node, for the ``device`` option:
+    "auto" (the GPU of the local rank when there is one, else the CPU), "cpu" or "cuda".
+    Raises ValueError naming ``device`` when it cannot be had. Changes nothing."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' asked for, but torch sees no GPU")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_process(device: str = "auto") -> Process:
     """Joins the process group the launcher describes; a plain ``python`` run is one
     process with no group.
 
-    device: "auto" (the GPU of the local rank when there is one, else the CPU), "cpu" or
-    "cuda". The backend is NCCL (RCCL on ROCm) for GPUs, gloo for the CPU.
+    device: as :func:`local_device` takes it. The backend is NCCL (RCCL on ROCm) for GPUs,
+    gloo for the CPU.
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
     rank, world, local_rank, multi_node = launch_environment()
-    use_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = local_device(device, local_rank)
+    use_gpu = dev.type == "cuda"
     if use_gpu:
-        if not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' asked for, but torch sees no GPU")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         host = os.environ.get("MASTER_ADDR")
         if host is None or "MASTER_PORT" not in os.environ:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -75,7 +76,8 @@ class TrainConfig:
             if self.batch_size % self.micro_batch_size:
                 raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide "
                                  f"batch_size {self.batch_size}")
-        check_number("lr", self.lr, minimum=0.0, inclusive=False)
+        # AdamW moves each weight by about lr per step: beyond 1 every step scrambles them.
+        check_number("lr", self.lr, minimum=0.0, maximum=1.0, inclusive=False)
         if self.min_lr is not None:
             check_number("min_lr", self.min_lr, minimum=0.0, maximum=self.lr)
         if self.warmup_steps is not None:
@@ -102,7 +104,12 @@ class TrainConfig:
         if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
             raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
                             f"{type(self.layers_per_stage).__name__}")
-        stage_layers(model.num_layers, self.pp * self.vpp, self.layers_per_stage)
+        stages = self.pp * self.vpp
+        if model.num_layers < stages:
+            raise ValueError(f"{'vpp' if self.vpp > 1 else 'pp'}: {stages} pipeline stages "
+                             f"need at least as many decoder layers, the model has "
+                             f"{model.num_layers}")
+        stage_layers(model.num_layers, stages, self.layers_per_stage)
 
     def model_config(self) -> ModelConfig:
         """The model: the preset with ``model_overrides`` applied."""
@@ -117,8 +124,9 @@ class TrainConfig:
         check_int("world_size", world_size, minimum=1)
         model_parallel = self.tp * self.pp
         if world_size % model_parallel:
-            raise ValueError(f"tp: tp · pp = {model_parallel} does not divide the world size "
-                             f"{world_size}")
+            name = "pp" if self.tp == 1 else "tp"  # the option the user set
+            raise ValueError(f"{name}: tp · pp = {model_parallel} does not divide the world "
+                             f"size {world_size}")
         dp = world_size // model_parallel
         if self.batch_size % dp:
             raise ValueError(f"batch_size: {self.batch_size} sequences do not split over "
@@ -167,7 +175,7 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
     run = config.layout(process.world_size)
     dp, per_replica, micro = run.dp, run.per_replica, run.micro_batch_size
     num_microbatches, schedule_name = run.num_microbatches, run.schedule
-    check_memory(model_config, process)
+    check_memory(model_config, process.device, process.world_size)
     source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
     groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
                                   device_type=process.device.type)
@@ -246,6 +254,11 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
         optimizer.zero_grad(set_to_none=True)
         if step % config.log_every == 0 or step == config.steps - 1:
             loss_value, norm_value = loss.item(), grad_norm.item()  # waits for the step
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise FloatingPointError(
+                    f"loss: {loss_value} with gradient norm {norm_value} at step {step} (lr "
+                    f"{lr:.3g}): the run diverged; lower the learning rate or raise the "
+                    f"warmup")
             now = time.perf_counter()
             # averaged over the steps since the last log: the device runs ahead in between
             per_step = (now - last_time) / (step - last_step)
@@ -272,15 +285,15 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
 STATE_BYTES_PER_PARAMETER = 16
 
 
-def check_memory(model_config: ModelConfig, process: Process) -> None:
+def check_memory(model_config: ModelConfig, device: torch.device, world_size: int) -> None:
     """Raises ValueError (naming ``preset``) when the model's weights, gradients and AdamW
-    state alone, spread evenly over the world's processes (TP, PP and FSDP all shard them),
-    exceed this device's memory (the host's for CPU processes, which share it): a run that
-    would otherwise be killed for memory after building the model."""
+    state alone, spread evenly over ``world_size`` processes (TP, PP and FSDP all shard
+    them), exceed ``device``'s memory (the host's for CPU processes, which share it): a run
+    that would otherwise be killed for memory after building the model."""
     need = STATE_BYTES_PER_PARAMETER * model_config.num_parameters()
-    if process.device.type == "cuda":
-        need /= process.world_size
-        have = torch.cuda.get_device_properties(process.device).total_memory
+    if device.type == "cuda":
+        need /= world_size
+        have = torch.cuda.get_device_properties(device).total_memory
         where = f"per GPU, more than this GPU's {have / 2**30:.1f} GiB"
     else:  # every CPU process shares the host's memory
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

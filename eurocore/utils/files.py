@@ -14,31 +14,38 @@ from typing import Any
 
 
 def check_writable_dir(arg: str, path: str | os.PathLike[str]) -> Path:
-    """Creates ``path`` (and its parents) if needed and proves a file can be written there
-    (a probe file is created and removed); raises ValueError naming ``arg`` otherwise."""
+    """That files can be written in the directory ``path``: it, or the nearest of its
+    parents that exists, is a directory where a probe file can be created and removed.
+    Creates nothing that stays (a rejected run leaves no empty directories); raises
+    ValueError naming ``arg`` otherwise."""
+    if not str(path):
+        raise ValueError(f"{arg}: the empty string names no directory")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{arg}: {str(path)!r} exists and is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{arg}: cannot write under {str(path)!r}: {str(existing)!r} is not "
+                         f"a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ValueError(f"{arg}: cannot write to the directory {str(path)!r} "
-                         f"({err.strerror or err})") from None
+        raise ValueError(f"{arg}: cannot write under {str(path)!r} ({str(existing)!r}: "
+                         f"{err.strerror or err})") from None
     return path
 
 
 def check_writable_file(arg: str, path: str | os.PathLike[str]) -> Path:
-    """That ``path`` can be (re)written atomically: its directory is writable (created if
-    missing) and the path is not a directory; raises ValueError naming ``arg`` otherwise."""
+    """That ``path`` can be (re)written atomically: not a directory, in a directory that
+    :func:`check_writable_dir` accepts; raises ValueError naming ``arg`` otherwise."""
+    if not str(path):
+        raise ValueError(f"{arg}: the empty string names no file")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{arg}: {str(path)!r} is a directory; expected a file path")
-    if path.name in ("", ".", ".."):
-        raise ValueError(f"{arg}: {str(path)!r} names no file")
-    check_writable_dir(arg, path.parent if str(path.parent) else Path("."))
+    check_writable_dir(arg, path.parent)
     return path
 
 
