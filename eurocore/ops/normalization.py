@@ -8,11 +8,10 @@ traces through them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from eurocore.ops.backends import resolve_backend
+from eurocore.utils.checks import check_bool, check_number
 
 IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,10 +106,8 @@ def _check_args(x, weight, eps, residual, zero_centered_weight) -> None:
                              f"got {tuple(tensor.shape)}")
         if tensor.device != x.device:
             raise ValueError(f"{arg}: is on {tensor.device} but x is on {x.device}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+    check_number("eps", eps, minimum=0.0)
+    check_bool("zero_centered_weight", zero_centered_weight)
     if zero_centered_weight and weight is None:
         raise ValueError("zero_centered_weight: True scales by 1 + weight, but weight is None")
 
