@@ -293,7 +293,7 @@ def token_positions(
         tokens = torch.arange(total, device=device)
         if cu_seqlens is None:
             return tokens + _as_offsets(seqlen_offsets, device)
-        cu = cu_seqlens.long()
+        cu = cu_seqlens.long().contiguous()  # searchsorted warns on strided boundaries
         sequence = torch.searchsorted(cu[1:], tokens, right=True)
         return tokens - cu[sequence] + _as_offsets(seqlen_offsets, device, sequence)
     batch, seq = (q.shape[0], q.shape[1]) if layout == "bshd" else (q.shape[1], q.shape[0])

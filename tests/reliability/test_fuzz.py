@@ -35,7 +35,7 @@ from eurocore.ops import (
     rms_norm_reference,
     rope_cos_sin,
 )
-from eurocore.ops.backends import backend_status
+from eurocore.ops.backends import backend_status, triton_interpreter_active
 from tests.conftest import DEVICE
 from tests.helpers import assert_close_to_reference
 from tests.reliability.strategies import (
@@ -91,6 +91,16 @@ def outputs_and_grads(outputs: list[torch.Tensor], inputs: list[torch.Tensor],
 def assert_all_close(names, actual, same_precision, reference64, what, atol=None) -> None:
     for name, a, s, ref in zip(names, actual, same_precision, reference64, strict=True):
         assert_close_to_reference(a, ref, s, name=f"{what}: {name}", atol=atol)
+
+
+def interpreter_atol(backend: str, *tensors: torch.Tensor | None) -> float | None:
+    """The oracle's absolute term where Triton's interpreter rounds bf16 toward zero inside
+    an fp32 result (a normalised value just below 1 drops a whole unit, where GPUs round it
+    to 1): one bf16 unit. None (the helper's default) elsewhere."""
+    bf16 = any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
+    if backend == "triton" and bf16 and triton_interpreter_active():
+        return torch.finfo(torch.bfloat16).eps
+    return None
 
 
 def assert_unchanged(snapshot: dict[str, tuple[torch.Tensor, int]], args: dict) -> None:
@@ -181,7 +191,7 @@ def _rms_norm_run(fn, case: dict, x, weight, residual) -> list[torch.Tensor]:
     return outputs_and_grads(outputs, inputs, grads)
 
 
-@examples(60)
+@examples(200)
 @given(case=rms_norm_cases())
 def test_rms_norm_backends_agree_with_the_reference(case):
     x, weight, residual = (leaf(case[k]) for k in ("x", "weight", "residual"))
@@ -197,7 +207,7 @@ def test_rms_norm_backends_agree_with_the_reference(case):
         actual = _rms_norm_run(fn, case, x, weight, residual)
         assert_all_close(names, actual, same, ref64,
                          f"rms_norm {backend} x {tuple(x.shape)} {x.dtype} strides "
-                         f"{x.stride()}")
+                         f"{x.stride()}", atol=interpreter_atol(backend, x, weight, residual))
 
 
 RMS_MUTATIONS = {
@@ -229,7 +239,7 @@ RMS_MUTATIONS = {
 }
 
 
-@examples(25)
+@examples(80)
 @given(case=rms_norm_cases())
 def test_rms_norm_rejects_invalid_inputs(case):
     base = {k: case[k] for k in ("x", "weight", "eps", "residual", "zero_centered_weight")}
@@ -323,7 +333,7 @@ def laid_out_copy(t: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(t)
 
 
-@examples(80)
+@examples(300)
 @given(case=rotary_cases())
 def test_rotary_backends_agree_with_the_reference(case):
     q, k = leaf(case["q"]), leaf(case["k"])
@@ -338,7 +348,8 @@ def test_rotary_backends_agree_with_the_reference(case):
         actual = _rotary_run(fn, case, q, k, inplace=case["inplace"])
         assert_all_close(names, actual, same, ref64,
                          f"apply_rotary {backend} {case['kwargs']} q {tuple(q.shape)} "
-                         f"{q.dtype} strides {q.stride()} inplace={case['inplace']}")
+                         f"{q.dtype} strides {q.stride()} inplace={case['inplace']}",
+                         atol=interpreter_atol(backend, q, case["cos"]))
 
 
 def _tokens(a: dict) -> int:
@@ -435,7 +446,7 @@ ROTARY_MUTATIONS = {
 }
 
 
-@examples(25)
+@examples(80)
 @given(case=rotary_cases())
 def test_rotary_rejects_invalid_inputs(case):
     base = {"q": case["q"], "k": case["k"], "cos": case["cos"], "sin": case["sin"],
@@ -516,7 +527,7 @@ def _attention_fn(case: dict, backend: str | None, upcast: bool = True):
     return lambda q, k, v: flash_attention(q, k, v, return_lse=True, backend=backend, **options)
 
 
-@examples(40)
+@examples(150)
 @given(case=attention_cases())
 def test_attention_backends_agree_with_the_reference(case):
     q, k, v = (leaf(case[name]) for name in "qkv")
@@ -599,7 +610,7 @@ ATTENTION_MUTATIONS = {
 }
 
 
-@examples(25)
+@examples(80)
 @given(case=attention_cases())
 def test_attention_rejects_invalid_inputs(case):
     base = {"q": case["q"], "k": case["k"], "v": case["v"], **case["options"]}
