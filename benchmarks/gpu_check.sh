@@ -7,7 +7,9 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR     (tests: at most 7 minutes; then at most 200 s per op)
 #
-# Environment: PYTHON (default python3); PYTEST_ARGS (extra pytest arguments, paths too);
+# Environment: PYTHON (default python3); PYTEST_ARGS (extra pytest arguments, paths too;
+# default -m "not fuzz": the fuzzer compiles a kernel for most examples it draws, more than
+# the time here allows; PYTEST_ARGS="-m fuzz" runs it alone);
 # TEST_TIMEOUT (s, default 420; 0 skips the tests); BENCH_OPS (ops to time, default all,
 # "none" for none); BENCH_ARGS (e.g. --quick); BENCH_TIMEOUT (s per op, default 200).
 #   PYTEST_ARGS="-n 8 tests/ops" BENCH_OPS="rms_norm rotary" benchmarks/gpu_check.sh OUTDIR
@@ -50,7 +52,7 @@ fi
 if [ "${TEST_TIMEOUT:-420}" != 0 ]; then
   echo "== tests (compiled Triton, no interpreter)"
   timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -rs -p no:cacheprovider \
-    --junitxml="$out/tests.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
+    --junitxml="$out/tests.xml" ${PYTEST_ARGS:--m "not fuzz"} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
 fi
 
 # One run per op, each under its own time limit and writing its own JSON (in OUTDIR/<op>/),

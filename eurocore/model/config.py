@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from eurocore.utils.checks import check_int
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -37,9 +39,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "ffn_hidden_size", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads "
                              f"= {self.num_heads}")

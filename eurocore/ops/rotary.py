@@ -32,6 +32,7 @@ from eurocore.ops.checks import (
     kernel_index,
     reads_allowed,
 )
+from eurocore.utils.checks import check_int, check_number
 
 IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,13 +81,8 @@ def rope_cos_sin(
     Returns:
         ``(cos, sin)``, each float32 of shape (seqlen, rotary_dim // 2).
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
-        raise TypeError(f"seqlen: expected an int, got {type(seqlen).__name__}")
-    if seqlen < 0:
-        raise ValueError(f"seqlen: expected >= 0, got {seqlen}")
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int):
-        raise TypeError(f"rotary_dim: expected an int, got {type(rotary_dim).__name__}")
-    if rotary_dim <= 0 or rotary_dim % 2:
+    check_int("seqlen", seqlen, minimum=0)
+    if check_int("rotary_dim", rotary_dim) <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim: rotates pairs of dims, so it must be even and > 0, "
                          f"got {rotary_dim}")
     inv_freq = _inv_freq(rotary_dim, theta, scaling)
@@ -99,10 +95,7 @@ def _inv_freq(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None) 
     """The (rotary_dim // 2,) float64 inverse frequencies of HF's rope types."""
     params = _scaling_params(scaling)
     theta = params.pop("rope_theta", theta)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise TypeError(f"theta: expected a number, got {type(theta).__name__}")
-    if not (math.isfinite(theta) and theta > 1):
-        raise ValueError(f"theta: expected a finite number > 1, got {theta}")
+    check_number("theta", theta, minimum=1.0, inclusive=False)
     # On the CPU whatever the default device: a few dozen numbers.
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim
     inv_freq = 1.0 / (float(theta) ** exponents)
@@ -408,11 +401,8 @@ def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interl
         if tuple(seqlen_offsets.shape) != (expected_len,):
             raise ValueError(f"seqlen_offsets: expected one offset per sequence, shape "
                              f"({expected_len},), got {tuple(seqlen_offsets.shape)}")
-    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, int):
-        raise TypeError(f"seqlen_offsets: expected an int or an integer tensor, got "
-                        f"{type(seqlen_offsets).__name__}")
-    elif seqlen_offsets < 0:
-        raise ValueError(f"seqlen_offsets: expected >= 0, got {seqlen_offsets}")
+    else:
+        check_int("seqlen_offsets", seqlen_offsets, minimum=0)
 
 
 def _leaf_or_view_of_leaf(tensor: torch.Tensor) -> bool:

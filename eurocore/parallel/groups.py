@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from eurocore.utils.checks import check_int
+
 
 @dataclass(frozen=True)
 class ParallelGroups:
@@ -58,8 +60,7 @@ class ParallelGroups:
         for name, size in (("tp", tp), ("pp", pp), ("dp", dp)):
             if size is None and name == "dp":
                 continue
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {size!r}")
+            check_int(name, size, minimum=1)
         if dp is None:
             if world % (tp * pp):
                 raise ValueError(

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from eurocore.utils.checks import check_int
+
 
 @dataclass(frozen=True)
 class Step:
@@ -39,8 +41,7 @@ class Step:
 def _check(rank: int, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> None:
     for name, value in (("num_stages", num_stages), ("num_microbatches", num_microbatches),
                         ("num_chunks", num_chunks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        check_int(name, value, minimum=1)
     if not 0 <= rank < num_stages:
         raise ValueError(f"rank: expected 0 .. {num_stages - 1}, got {rank}")
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eurocore.utils.checks import check_int
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -42,12 +44,8 @@ class MarkovSource:
     """
 
     def __init__(self, vocab_size: int, branching: int = 4, seed: int = 0) -> None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
-        if (isinstance(branching, bool) or not isinstance(branching, int)
-                or not 1 <= branching <= vocab_size):
-            raise ValueError(f"branching: expected an int in [1, {vocab_size}], got "
-                             f"{branching!r}")
+        check_int("vocab_size", vocab_size, minimum=1)
+        check_int("branching", branching, minimum=1, maximum=vocab_size)
         gen = torch.Generator().manual_seed(seed)
         self.vocab_size, self.branching, self.seed = vocab_size, branching, seed
         # k distinct successors per token: the top k of random scores over the vocabulary;

@@ -126,10 +126,12 @@ def test_sequence_parallel_needs_divisible_seq():
         _config().check_layout(4, sequence_parallel=True, seq_len=10)
 
 
-@pytest.mark.parametrize("field, value", [("hidden_size", 65), ("num_kv_heads", 3),
-                                          ("vocab_size", 0), ("num_layers", True)])
-def test_bad_config_is_rejected(field, value):
-    with pytest.raises(ValueError, match=rf"^{field}\b"):
+@pytest.mark.parametrize("field, value, exc", [("hidden_size", 65, ValueError),
+                                               ("num_kv_heads", 3, ValueError),
+                                               ("vocab_size", 0, ValueError),
+                                               ("num_layers", True, TypeError)])
+def test_bad_config_is_rejected(field, value, exc):
+    with pytest.raises(exc, match=rf"^{field}\b"):
         _config(**{field: value})
 
 

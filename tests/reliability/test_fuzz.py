@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,6 +51,8 @@ from tests.reliability.strategies import (
     sequence_lengths,
     tensors,
 )
+
+pytestmark = pytest.mark.fuzz
 
 REJECTIONS = (ValueError, TypeError, NotImplementedError)
 # bf16 tl.dot is wrong on the interpreter (docs/design.md): attention takes bf16 on GPUs only.
