@@ -123,6 +123,7 @@ from eurocore.ops import attention as attention_op
 from eurocore.ops import normalization as normalization_op
 from eurocore.ops import rotary as rotary_op
 from eurocore.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
+from eurocore.utils.checks import check_int
 from eurocore.utils.files import check_writable_dir, write_json_atomically
 
 from . import harness, pipeline_timeline
@@ -644,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        for option, value in (("--seq", args.seq), ("--batch", args.batch),
+                              *(("--tp", t) for t in args.tp)):
+            check_int(option, value, minimum=1)
         config = config_from_args(args)
         settings = [Setting(t, sp) for t in args.tp for sp in ((False,) if t == 1
                                                               else (False, True))]

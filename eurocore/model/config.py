@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from eurocore.utils.checks import check_int
+from eurocore.ops.rotary import rope_cos_sin
+from eurocore.utils.checks import check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,17 @@ class ModelConfig:
                              f"{self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"hidden_size: head_dim = {self.head_dim} must be even for RoPE")
+        check_number("rope_theta", self.rope_theta, minimum=1.0, inclusive=False)
+        check_number("norm_eps", self.norm_eps, minimum=0.0)
+        check_number("init_std", self.init_std, minimum=0.0, inclusive=False)
+        check_bool("tie_embeddings", self.tie_embeddings)
+        # seed · 2**32 + the per-weight offsets must stay a valid generator seed (< 2**63)
+        check_int("seed", self.seed, minimum=0, maximum=2**31 - 1)
+        try:  # the rope op owns the rules of the scaling dict: no table is made for 0 rows
+            rope_cos_sin(0, self.head_dim, theta=self.rope_theta, scaling=self.rope_scaling)
+        except (TypeError, ValueError) as err:
+            message = str(err).removeprefix("scaling: ").removeprefix("theta: ")
+            raise type(err)(f"rope_scaling: {message}") from None
 
     @property
     def head_dim(self) -> int:

@@ -25,7 +25,7 @@ from torch import nn
 
 from eurocore.model.config import ModelConfig
 from eurocore.nn import FlashAttention, RotaryEmbedding
-from eurocore.ops.checks import reads_allowed
+from eurocore.ops.checks import check_index_tensor, reads_allowed
 from eurocore.parallel import (
     ColumnParallelLinear,
     ParallelGroups,
@@ -38,6 +38,7 @@ from eurocore.parallel import (
     vocab_parallel_cross_entropy,
 )
 from eurocore.parallel.pipeline import stage_layers
+from eurocore.utils.checks import check_bool, check_int
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,9 @@ class LlamaModel(nn.Module):
                  dtype: torch.dtype | None = None, check_ids: bool = True) -> None:
         super().__init__()
         groups = groups or ParallelGroups.single()
+        for arg, flag in (("sequence_parallel", sequence_parallel), ("pre_process", pre_process),
+                          ("post_process", post_process), ("check_ids", check_ids)):
+            check_bool(arg, flag)
         self.check_ids = check_ids
         config.check_layout(groups.tp_size, sequence_parallel)
         self.config, self.sequence_parallel = config, sequence_parallel
@@ -322,6 +326,9 @@ class LlamaModel(nn.Module):
             rank's vocabulary slice (padding columns included). Other stages: hidden states
             (seq [/ tp], batch, hidden).
         """
+        for arg, ids in (("tokens", tokens), ("labels", labels), ("position_ids", position_ids)):
+            if ids is not None:  # a float would be truncated or crash deep in torch
+                check_index_tensor(arg, ids, tokens.device, anchor="tokens")
         if tokens.dim() != 2:
             raise ValueError(f"tokens: expected (batch, seq), got shape {tuple(tokens.shape)}")
         batch, seq = tokens.shape
@@ -359,7 +366,7 @@ def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int
     c · pp + pp_rank of pp · num_chunks, its layers from ``eurocore.parallel.pipeline.
     stage_layers``; the first holds the embedding, the last the head (the whole model
     without pipeline parallelism)."""
-    num_stages = groups.pp_size * num_chunks
+    num_stages = groups.pp_size * check_int("num_chunks", num_chunks, minimum=1)
     splits = stage_layers(config.num_layers, num_stages, layers_per_stage)
     stages = [chunk * groups.pp_size + groups.pp_rank for chunk in range(num_chunks)]
     return [LlamaModel(config, groups, sequence_parallel=sequence_parallel,

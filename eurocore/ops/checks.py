@@ -18,14 +18,15 @@ def reads_allowed() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_index_tensor(arg: str, tensor, device: torch.device) -> None:
-    """An int32/int64 tensor on ``device``; raises TypeError/ValueError naming ``arg``."""
+def check_index_tensor(arg: str, tensor, device: torch.device, anchor: str = "q") -> None:
+    """An int32/int64 tensor on ``device`` (``anchor``'s, the tensor the others follow);
+    raises TypeError/ValueError naming ``arg``."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{arg}: expected int32 or int64, got {tensor.dtype}")
     if tensor.device != device:
-        raise ValueError(f"{arg}: is on {tensor.device} but q is on {device}")
+        raise ValueError(f"{arg}: is on {tensor.device} but {anchor} is on {device}")
 
 
 def check_cu_seqlens_shape(arg: str, cu_seqlens, device: torch.device) -> None:
@@ -62,11 +63,8 @@ def check_no_self_overlap(arg: str, tensor: torch.Tensor) -> None:
     writing it in place would write those places twice."""
     if tensor.numel() == 0:
         return
-    dims = [(stride, size) for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
-            if size > 1]
-    dims.sort(reverse=True)
     inner_span = 0
-    for stride, size in reversed(dims):  # innermost first
+    for stride, size in sorted(_dims(tensor)):  # innermost first
         if stride <= inner_span:
             raise ValueError(f"{arg}: some of its elements share memory (strides "
                              f"{tuple(tensor.stride())} for shape {tuple(tensor.shape)}, an "
@@ -94,11 +92,10 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     ``Σ i_d · stride_d``; two views collide when ``Σ (i_d − j_d) · stride_d`` equals the
     distance between their first elements. Walking the strides from the largest, only a
     couple of values of ``i_d − j_d`` leave the rest of the distance reachable by the inner
-    dims, so the search stays small (see ``_collide``).
+    dims, so the search stays small (see ``_collide``). Addresses, not storages, decide:
+    two storages may wrap the same memory (``torch.from_numpy`` of two overlapping slices).
     """
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     first_a, first_b = a.data_ptr(), b.data_ptr()
     last_a = first_a + _span(a) * a.element_size() + a.element_size()
@@ -120,9 +117,14 @@ def _span(t: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
 
 
+def _dims(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(stride, size) of the dims longer than 1 (the others place no element)."""
+    return [(stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1]
+
+
 def _size_by_stride(t: torch.Tensor) -> dict[int, int] | None:
     """{stride: size} of the dims longer than 1; None when two share a stride or one is 0."""
-    dims = [(stride, size) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 1]
+    dims = _dims(t)
     strides = [stride for stride, _ in dims]
     if 0 in strides or len(set(strides)) != len(strides):
         return None

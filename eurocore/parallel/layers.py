@@ -32,6 +32,7 @@ from eurocore.parallel.collectives import (
     reduce_scatter_forward_all_gather_backward,
 )
 from eurocore.parallel.grads import mark_replicated_over_tp
+from eurocore.utils.checks import check_int, check_number
 
 # Rows drawn per generator: the unit of layout-independent initialisation.
 INIT_BLOCK_ROWS = 64
@@ -129,6 +130,8 @@ class ColumnParallelLinear(nn.Module):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
         tp, rank = _tp(tp_group)
         output_sizes = tuple(output_sizes) if output_sizes is not None else (out_features,)
         if sum(output_sizes) != out_features:
@@ -202,6 +205,8 @@ class RowParallelLinear(nn.Module):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int("in_features", in_features, minimum=1)
+        check_int("out_features", out_features, minimum=1)
         tp, rank = _tp(tp_group)
         local_in = _divide("in_features", in_features, tp)
         self.in_features, self.out_features = in_features, out_features
@@ -245,6 +250,8 @@ class ParallelRMSNorm(nn.Module):
                  sequence_parallel: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int("hidden_size", hidden_size, minimum=1)
+        check_number("eps", eps, minimum=0.0)  # the op would say so only at the first forward
         self.eps, self.tp_group, self.sequence_parallel = eps, tp_group, sequence_parallel
         self.weight = mark_replicated_over_tp(
             nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)))
@@ -289,6 +296,8 @@ class VocabParallelEmbedding(nn.Module):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int("num_embeddings", num_embeddings, minimum=1)
+        check_int("embedding_dim", embedding_dim, minimum=1)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.first, self.last, self.padded_size = _vocab_range(num_embeddings, tp_group)
@@ -325,7 +334,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     Args:
         logits: (..., padded_vocab / tp), this rank's columns of the padded vocabulary (the
             output of a column-parallel head); padding columns are ignored.
-        target: (...) int64 in [0, vocab_size), or ignore_index.
+        target: (...) int64 or int32 in [0, vocab_size), or ignore_index.
         vocab_size: the real vocabulary size.
 
     Returns:
@@ -333,7 +342,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
         when every token is ignored), as ``F.cross_entropy(full_logits, target)``.
     """
     first, last, _ = _vocab_range(vocab_size, tp_group)
-    logits = logits.float()
+    logits, target = logits.float(), target.long()  # gather takes int64 indices only
     column = torch.arange(first, last, device=logits.device)
     logits = logits.masked_fill(column >= vocab_size, float("-inf"))  # padding columns
     # Shift by the global max for a stable exp; constant for the gradient.

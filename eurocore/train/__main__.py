@@ -8,17 +8,39 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
 from collections.abc import Sequence
 
 from eurocore.train.distributed import init_process, launch_environment, local_device, shutdown
 from eurocore.train.trainer import TrainConfig, check_memory, train
 from eurocore.utils.files import check_writable_file, write_json_atomically
 
+# --metrics-json is rewritten whole (a JSON list, atomically): at most this often, and once
+# more when the run ends, however it ends, so a long run with log_every=1 does not rewrite a
+# growing file at every step.
+METRICS_WRITE_INTERVAL_S = 30.0
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+
+class _Parser(argparse.ArgumentParser):
+    """Remembers each option's first spelling by its destination, so an error naming a
+    config field (``lr: ...``) can name the option the user typed (``--lr: ...``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.option_of: dict[str, str] = {}  # before the parent adds --help
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings:
+            self.option_of[action.dest] = action.option_strings[0]
+        return action
+
+
+def _parser(prog: str) -> _Parser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog, description="Trains the Llama-style model on a synthetic Markov source "
         "whose entropy rate (the loss floor) is known, under torchrun or as one process.")
     p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
@@ -54,44 +76,67 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="bf16 autocast (auto: on GPUs)")
     p.add_argument("--metrics-json", default=None, metavar="PATH",
                    help="rank 0 writes the logged metrics here (a JSON list, rewritten "
-                        "atomically at each logged step)")
+                        f"atomically at most every {METRICS_WRITE_INTERVAL_S:g} s and at the "
+                        "end)")
+    # Model fields an option sets: their errors name the option.
+    p.option_of.update(num_layers="--layers", model_overrides="--layers")
     return p
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.train") -> int:
     """Parses ``argv``, checks every option, joins torchrun's process group (if any) and
-    trains. Returns 0, or 2 after a one-line message when an option (or the data) is bad:
-    options are all checked before any process group or model is made."""
+    trains. Returns 0; 2 after a one-line message when an option (or the data) is bad, all
+    options being checked before any process group or model is made; 1 when the run
+    diverges."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    rank, world, local_rank, _ = launch_environment()
     try:
+        rank, world, local_rank, _ = launch_environment()
+    except ValueError as err:
+        return _fail(parser, err)
+    try:  # what every rank finds alike: one rank says it
         config = _config(args)
         config.layout(world)
         if args.metrics_json is not None:
             check_writable_file("metrics_json", args.metrics_json)
-        device = local_device(args.device, local_rank)
-        check_memory(config.model_config(), device, world)
+    except ValueError as err:
+        return _fail(parser, err) if rank == 0 else 2
+    where = rank if world > 1 else None
+    try:  # this rank's device: each rank says what it found
+        check_memory(config.model_config(), local_device(args.device, local_rank), world)
         process = init_process(args.device)
     except ValueError as err:
-        return _fail(parser, err, rank)
+        return _fail(parser, err, where)
+    metrics = _MetricsFile(args.metrics_json if rank == 0 else None)
     try:
-        history: list[dict] = []
-
-        def write_metrics(metrics: dict) -> None:  # as each step is logged: nothing lost
-            history.append(metrics)
-            if args.metrics_json is not None and process.rank == 0:
-                write_json_atomically(history, args.metrics_json)
-
-        train(config, process, log=lambda line: print(line, flush=True), on_step=write_metrics)
+        train(config, process, log=lambda line: print(line, flush=True), on_step=metrics.add)
     except ValueError as err:  # bad data met during the run, say
-        return _fail(parser, err, process.rank)
+        return _fail(parser, err, where)
     except FloatingPointError as err:  # the run diverged: not the options' fault
-        _fail(parser, err, process.rank)
+        _fail(parser, err, where)
         return 1
     finally:
+        metrics.write()
         shutdown()
     return 0
+
+
+class _MetricsFile:
+    """The logged steps so far, rewritten to ``path`` (None: nowhere) atomically, at most
+    every METRICS_WRITE_INTERVAL_S seconds, and by :meth:`write` at the end."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path, self.history, self.written_at = path, [], -math.inf
+
+    def add(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if time.monotonic() - self.written_at >= METRICS_WRITE_INTERVAL_S:
+            self.write()
+
+    def write(self) -> None:
+        if self.path is not None and self.history:
+            write_json_atomically(self.history, self.path)
+            self.written_at = time.monotonic()
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
@@ -116,24 +161,16 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         bf16={"auto": None, "on": True, "off": False}[args.bf16])
 
 
-def _fail(parser: argparse.ArgumentParser, err: Exception, rank: int) -> int:
-    """Prints ``prog: error: --option: what is wrong`` (rank 0 only: every rank checks the
-    same options) and returns the exit status 2, as argparse does for its own errors."""
-    if rank == 0:
-        name, sep, rest = str(err).partition(": ")
-        option = _option_names(parser).get(name) if sep else None
-        message = f"{option}: {rest}" if option else str(err)
-        print(f"{parser.prog}: error: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+def _fail(parser: _Parser, err: Exception, rank: int | None = None) -> int:
+    """Prints ``prog: error: --option: what is wrong`` on one line (with the rank when
+    ``rank`` is given: what one rank of several found) and returns the exit status 2, as
+    argparse does for its own errors."""
+    name, sep, rest = str(err).partition(": ")
+    option = parser.option_of.get(name) if sep else None
+    message = (f"{option}: {rest}" if option else str(err)).splitlines()[0]
+    where = f" (rank {rank})" if rank is not None else ""
+    print(f"{parser.prog}: error: {message}{where}", file=sys.stderr, flush=True)
     return 2
-
-
-def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """The command-line spelling of each name an error may start with: every option's
-    destination, and the model fields the options set."""
-    names = {action.dest: action.option_strings[0] for action in parser._actions
-             if action.option_strings}
-    names.update(num_layers=names["layers"], model_overrides=names["layers"])
-    return names
 
 
 if __name__ == "__main__":

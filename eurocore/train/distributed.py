@@ -29,16 +29,26 @@ class Process:
 
 def launch_environment(env: dict[str, str] | None = None) -> tuple[int, int, int, bool]:
     """(rank, world size, local rank, spans several nodes) from torchrun's variables, else
-    SLURM's, else one process."""
+    SLURM's, else one process. Raises ValueError naming a variable that is not a number."""
     env = dict(os.environ) if env is None else env
+
+    def number(name: str, default: int) -> int:
+        value = env.get(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{name}: the launcher's variable should be an integer, got "
+                             f"{value!r}") from None
+
     if "RANK" in env or "WORLD_SIZE" in env:
-        world = int(env.get("WORLD_SIZE", "1"))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
-        return (int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
-                world > local_world)
+        world = number("WORLD_SIZE", 1)
+        local_world = number("LOCAL_WORLD_SIZE", world)
+        return number("RANK", 0), world, number("LOCAL_RANK", 0), world > local_world
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                int(env.get("SLURM_LOCALID", "0")), int(env.get("SLURM_NNODES", "1")) > 1)
+        return (number("SLURM_PROCID", 0), number("SLURM_NTASKS", 1),
+                number("SLURM_LOCALID", 0), number("SLURM_NNODES", 1) > 1)
     return 0, 1, 0, False
 
 

@@ -67,9 +67,10 @@ class TrainConfig:
     bf16: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "steps", "batch_size", "seq_len", "log_every",
+        for name in ("tp", "pp", "vpp", "steps", "batch_size", "log_every",
                      "markov_branching"):
             check_int(name, getattr(self, name), minimum=1)
+        check_int("seq_len", self.seq_len, minimum=2)  # one token has no next one to learn
         check_int("data_seed", self.data_seed, minimum=0, maximum=2**63 - 1)
         if self.micro_batch_size is not None:
             check_int("micro_batch_size", self.micro_batch_size, minimum=1)

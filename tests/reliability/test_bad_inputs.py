@@ -6,7 +6,9 @@ Regression cases the fuzzer (test_fuzz.py) found live here too.
 Classes: 1 index tensors with non-unit strides; 2 ids outside the vocabulary or the
 positions; 3 one lse semantics on every backend; 4 in place on aliased memory; 8 late or
 unclear errors of modules (and the cuda backend on empty heads); 9 bad packed-sequence
-bounds where the checks are skipped (compiled graphs) stay inside the tensors.
+bounds where the checks are skipped (compiled graphs) stay inside the tensors; 10 the
+design document lives in the repository. The run options (classes 5 to 8 of the command
+line) are in test_run_options.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ import torch
 import eurocore.ops.attention as attention_op
 import eurocore.ops.rotary as rotary_op
 from eurocore.kernels import flash_attention as attention_kernels
-from eurocore.model import LlamaModel, check_token_ids, preset
+from eurocore.model import LlamaModel, check_token_ids, preset, stage_chunks
 from eurocore.nn import FlashAttention, LlamaRMSNorm, RMSNorm, RotaryEmbedding
 from eurocore.ops import (
     apply_rotary,
@@ -31,9 +34,17 @@ from eurocore.ops import (
     attention_varlen_reference,
     flash_attention,
     flash_attention_varlen,
+    rms_norm,
     rope_cos_sin,
 )
 from eurocore.ops.backends import backend_status
+from eurocore.parallel import (
+    ColumnParallelLinear,
+    ParallelGroups,
+    ParallelRMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from eurocore.train.distributed import Process
 from eurocore.train.trainer import TrainConfig, train
 from tests.conftest import DEVICE
@@ -425,6 +436,106 @@ def test_from_hf_config_checks_partial_rotary_factor(factor):
 def test_from_hf_config_without_head_dim_field_works():
     rope = RotaryEmbedding.from_hf_config(types.SimpleNamespace(**HF_CONFIG))
     assert rope.rotary_dim == 16 and rope.max_position_embeddings == 32
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "triton", "cuda")
+                                     if backend_status(b).available])
+def test_rms_norm_zero_centered_weight_must_be_a_bool(backend):
+    """A fuzzer find: the torch backend took zero_centered_weight=1 as True."""
+    x, weight = _randn(0, 3, 8), _randn(1, 8)
+    with pytest.raises(TypeError, match=r"^zero_centered_weight: expected a bool"):
+        rms_norm(x, weight, zero_centered_weight=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ROTARY_BACKENDS)
+def test_in_place_rotary_sees_overlap_across_storages(backend):
+    """Two tensors over the same memory need not share a storage object (torch.from_numpy
+    of two overlapping slices): the overlap is found by address (a review find)."""
+    numpy = pytest.importorskip("numpy")
+    if DEVICE.type != "cpu":
+        pytest.skip("numpy arrays live on the CPU")
+    array = numpy.random.RandomState(0).randn(96).astype(numpy.float32)
+    q = torch.from_numpy(array[:64]).view(1, 4, 2, 8)
+    k = torch.from_numpy(array[32:]).view(1, 4, 2, 8)
+    before = array.copy()
+    with pytest.raises(ValueError, match=r"^k: shares memory with q"):
+        apply_rotary(q, k, *_tables(8, 8), inplace=True, backend=backend)
+    assert (array == before).all()
+
+
+PARALLEL_ARGUMENTS = [
+    (lambda: ParallelRMSNorm(8, eps=-1.0), ValueError, "eps"),
+    (lambda: ParallelRMSNorm(0), ValueError, "hidden_size"),
+    (lambda: ColumnParallelLinear(4, -1), ValueError, "out_features"),
+    (lambda: ColumnParallelLinear(0, 5), ValueError, "in_features"),
+    (lambda: RowParallelLinear(4, 0), ValueError, "out_features"),
+    (lambda: VocabParallelEmbedding(10, -4), ValueError, "embedding_dim"),
+    (lambda: LlamaModel(preset("tiny"), check_ids=1), TypeError, "check_ids"),
+    (lambda: LlamaModel(preset("tiny"), sequence_parallel="x"), TypeError,
+     "sequence_parallel"),
+    (lambda: stage_chunks(preset("tiny"), ParallelGroups.single(), num_chunks=0), ValueError,
+     "num_chunks"),
+]
+
+
+@pytest.mark.parametrize("build, exc, arg", PARALLEL_ARGUMENTS,
+                         ids=[arg for _, _, arg in PARALLEL_ARGUMENTS])
+def test_parallel_layers_and_model_check_arguments_when_built(build, exc, arg):
+    """The parallel layers and the model refuse impossible sizes and flags when built (a
+    review find: accepted, or a torch RuntimeError deep inside, or a ZeroDivisionError)."""
+    with pytest.raises(exc, match=rf"^{arg}: "):
+        build()
+
+
+MODEL_FIELDS = [
+    ({"init_std": math.nan}, ValueError, "init_std"),  # a NaN loss, silently
+    ({"init_std": -0.02}, ValueError, "init_std"),
+    ({"tie_embeddings": "no"}, TypeError, "tie_embeddings"),  # truthy: tied, silently
+    ({"norm_eps": -1.0}, ValueError, "norm_eps"),
+    ({"rope_theta": -1.0}, ValueError, "rope_theta"),
+    ({"seed": -5}, ValueError, "seed"),
+    ({"rope_scaling": {"rope_type": "bogus"}}, ValueError, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "linear"}}, ValueError, "rope_scaling"),
+]
+
+
+@pytest.mark.parametrize("fields, exc, arg", MODEL_FIELDS,
+                         ids=[arg for _, _, arg in MODEL_FIELDS])
+def test_model_config_checks_every_field(fields, exc, arg):
+    with pytest.raises(exc, match=rf"^{arg}: "):
+        preset("tiny", **fields)
+
+
+@pytest.mark.parametrize("arg", ["tokens", "labels", "position_ids"])
+def test_model_refuses_float_ids(tiny_model, arg):
+    """Float ids were truncated (position ids) or crashed deep in torch (tokens, labels)."""
+    batch = {"tokens": _ids(0), "labels": _ids(1),
+             "position_ids": torch.arange(SEQ).repeat(2, 1)}
+    batch[arg] = batch[arg].float() + 0.5
+    with pytest.raises(TypeError, match=rf"^{arg}: expected int32 or int64"):
+        tiny_model(batch["tokens"], batch["labels"], position_ids=batch["position_ids"])
+
+
+def test_model_takes_int32_ids(tiny_model):
+    tokens, labels = _ids(0), _ids(1)
+    torch.testing.assert_close(tiny_model(tokens.int(), labels.int()),
+                               tiny_model(tokens, labels))
+
+
+# -------------------------------------------------------------------------------------------
+# 10. The project carries its own design document
+# -------------------------------------------------------------------------------------------
+
+def test_readme_links_the_design_document():
+    """README links docs/design.md, which exists; nothing points at a file outside the
+    repository (the README sent readers to ../shared/DESIGN.md)."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    assert "(docs/design.md)" in readme and (root / "docs" / "design.md").is_file()
+    design = (root / "docs" / "design.md").read_text()
+    for section in ("## Layers", "## The kernel contract", "## Bad input", "## Testing"):
+        assert section in design, section
+    assert "../shared" not in readme and "../shared" not in design
 
 
 # -------------------------------------------------------------------------------------------

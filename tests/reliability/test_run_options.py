@@ -112,6 +112,7 @@ NUMERIC = [
     pytest.param(["--micro-batch-size", "0"], "--micro-batch-size", id="micro-batch-zero"),
     pytest.param(["--seq-len", "257"], "--seq-len", id="seq-len-beyond-max"),
     pytest.param(["--seq-len", "0"], "--seq-len", id="seq-len-zero"),
+    pytest.param(["--seq-len", "1"], "--seq-len", id="seq-len-one"),  # failed in the data
     pytest.param(["--tp", "2", "--sequence-parallel", "--seq-len", "33"], "--seq-len",
                  id="seq-len-not-divisible-by-tp"),
     pytest.param(["--data-seed=-1"], "--data-seed", id="data-seed-negative"),
@@ -175,6 +176,31 @@ def test_layout_option_is_refused_at_start_up(argv, option, no_run, capsys):
     _assert_one_error_line(err, TRAIN_PROG, option)
     assert out == ""
     assert not no_run["init_process"].calls and not no_run["train"].calls
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "RANK", "SLURM_NTASKS"])
+def test_launcher_variable_that_is_not_a_number_is_named(monkeypatch, variable, no_run, capsys):
+    """A malformed launcher variable: one line naming it, not a traceback from int()."""
+    if variable.startswith("SLURM"):
+        monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv(variable, "abc")
+    assert train_main([]) == 2
+    _assert_one_error_line(capsys.readouterr().err, TRAIN_PROG, variable)
+    assert not no_run["init_process"].calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_each_rank_says_what_its_device_lacks(monkeypatch, no_run, capsys):
+    """What one rank finds about its own device, that rank says, with its rank (a rank other
+    than 0 used to exit 2 in silence); what every rank finds alike, rank 0 alone says."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert train_main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err, TRAIN_PROG, "--device")
+    assert err.rstrip().endswith("(rank 1)")
+    assert train_main(["--lr", "nan"]) == 2
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
@@ -345,8 +371,9 @@ def test_metrics_json_holds_every_logged_step(tmp_path, capsys):
 
 
 def test_metrics_json_grows_as_steps_are_logged(tmp_path, monkeypatch, capsys):
-    """Each logged step is on disk when the next starts: the file read at each on_step
-    holds every step so far."""
+    """With no minimum interval between rewrites, each logged step is on disk when the next
+    starts: the file read at each on_step holds every step so far."""
+    monkeypatch.setattr(train_module, "METRICS_WRITE_INTERVAL_S", 0.0)
     path = tmp_path / "metrics.json"
     seen: list[list[int]] = []
 
@@ -359,6 +386,21 @@ def test_metrics_json_grows_as_steps_are_logged(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_module, "train", spy_train)
     assert train_main([*SHORT_RUN, "--metrics-json", str(path)]) == 0
     assert seen == [[0], [0, 1], [0, 1, 2]]
+
+
+def test_metrics_json_rewrites_are_throttled(tmp_path, monkeypatch, capsys):
+    """Within the minimum interval the file is written once, at the first logged step, and
+    once more at the end with every step (a run with log_every=1 does not rewrite a growing
+    file at every step)."""
+    monkeypatch.setattr(train_module, "METRICS_WRITE_INTERVAL_S", 3600.0)
+    path = tmp_path / "metrics.json"
+    writes: list[int] = []
+    original = train_module.write_json_atomically
+    monkeypatch.setattr(train_module, "write_json_atomically",
+                        lambda payload, p: writes.append(len(payload)) or original(payload, p))
+    assert train_main([*SHORT_RUN, "--metrics-json", str(path)]) == 0
+    assert writes == [1, 3]
+    assert [m["step"] for m in json.loads(path.read_text())] == [0, 1, 2]
 
 
 def test_metrics_json_keeps_the_steps_of_a_run_cut_short(tmp_path, monkeypatch):
