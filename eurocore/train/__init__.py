@@ -1,8 +1,10 @@
-"""Training: synthetic data with a known loss floor, AdamW and its schedule, the loop and
-the command line (``python -m eurocore.train``)."""
+"""Training: the run's configuration (a TOML file and the command line generated from
+it), AdamW and its schedule, the ``Trainer`` and the command line
+(``python -m eurocore.train``)."""
 
-from eurocore.train.data import Batch, MarkovSource
+from eurocore.train.config import TrainConfig, load_config, to_toml
 from eurocore.train.optim import adamw, learning_rate
-from eurocore.train.trainer import TrainConfig, train
+from eurocore.train.trainer import Trainer, train
 
-__all__ = ["Batch", "MarkovSource", "TrainConfig", "adamw", "learning_rate", "train"]
+__all__ = ["TrainConfig", "Trainer", "adamw", "learning_rate", "load_config", "to_toml",
+           "train"]

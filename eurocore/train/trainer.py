@@ -1,283 +1,240 @@
-"""The training loop: model, synthetic data, AdamW, schedule, clipping, logging."""
+"""The training run: a ``Trainer`` builds the process groups, model chunks, optimizer,
+pipeline schedule and data once; ``train_step`` runs one optimizer step; ``state_dict`` is
+everything a resume needs. ``train`` runs a whole ``TrainConfig``."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from eurocore.model import (
-    ModelConfig,
-    check_token_ids,
-    preset,
-    stage_chunks,
-    sum_tied_embedding_grads,
-)
+from eurocore.data import SyntheticSource, TokenSource
+from eurocore.model import ModelConfig, check_token_ids, stage_chunks, sum_tied_embedding_grads
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
-from eurocore.parallel.pipeline import run_schedule, stage_layers
+from eurocore.parallel.pipeline import run_schedule
 from eurocore.parallel.schedules import bubble_fraction, schedule
-from eurocore.train.data import MarkovSource, uniform_loss
+from eurocore.train.config import RunLayout, TrainConfig
 from eurocore.train.distributed import Process
 from eurocore.train.optim import adamw, learning_rate
-from eurocore.utils.checks import check_bool, check_int, check_number
+
+__all__ = ["RunLayout", "TrainConfig", "Trainer", "build_source", "check_memory", "train"]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. ``batch_size`` counts sequences per optimizer step (the global
-    batch), split into microbatches of ``micro_batch_size`` (default: one microbatch) whose
-    gradients accumulate; their losses are averaged with equal weights. ``vpp`` virtual
-    stages per pipeline rank select the interleaved 1F1B schedule.
+def build_source(config: TrainConfig, model_config: ModelConfig) -> TokenSource:
+    """The run's token source: the synthetic Markov source over the model's vocabulary."""
+    return SyntheticSource(model_config.vocab_size, config.batch_size, config.seq_len,
+                           branching=config.markov_branching, seed=config.data_seed)
 
-    bf16: autocast matrix products to bfloat16 (parameters, optimizer state and gradients
-    stay fp32); None: on GPUs only. warmup_steps None: a tenth of the steps.
 
-    Construction checks every field, alone and against the model it names (a ValueError
-    naming the field); :meth:`layout` adds what depends on the number of processes. Both
-    run before any process group or model exists.
+class Trainer:
+    """One training run on the processes of ``process``'s world.
+
+    Construction checks what depends on the world (``config.layout``) and a memory estimate
+    before any process group or model exists, then builds the groups, this rank's model
+    chunks (FSDP2-wrapped over data parallelism), AdamW, the pipeline schedule and the data
+    (``data``, else :func:`build_source`). Only rank 0 calls ``log``.
+
+    Attributes:
+        step: the next optimizer step to run (0 for a new run).
+        model: this rank's chunks, one per virtual stage (``nn.ModuleList``).
+        groups, layout, data, optimizer, model_config: the run's pieces.
     """
 
-    preset: str = "tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    layers_per_stage: tuple[int, ...] | None = None
-    sequence_parallel: bool = False
-    steps: int = 300
-    batch_size: int = 16
-    micro_batch_size: int | None = None
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    markov_branching: int = 4
-    data_seed: int = 0
-    log_every: int = 10
-    bf16: bool | None = None
+    def __init__(self, config: TrainConfig, process: Process,
+                 log: Callable[[str], None] = print, data: TokenSource | None = None) -> None:
+        self.config, self.process = config, process
+        self.model_config = config.model_config()
+        self.layout = config.layout(process.world_size)
+        check_memory(self.model_config, process.device, process.world_size)
+        self.data = data if data is not None else build_source(config, self.model_config)
+        self.groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
+                                           device_type=process.device.type)
+        self.schedule_steps = schedule(self.layout.schedule, self.groups.pp_rank, config.pp,
+                                       self.layout.num_microbatches, config.vpp)
+        # Ids are checked in the data path, once per batch on the CPU (check_token_ids in
+        # train_step), so the model skips its per-forward check and the synchronisation.
+        self.model = nn.ModuleList(
+            shard_data_parallel(chunk, self.groups, chunk.layers)
+            for chunk in stage_chunks(self.model_config, self.groups, num_chunks=config.vpp,
+                                      layers_per_stage=config.layers_per_stage,
+                                      sequence_parallel=config.sequence_parallel,
+                                      device=process.device, check_ids=False))
+        self.optimizer = adamw(self.model, lr=config.lr, weight_decay=config.weight_decay)
+        self.bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
+        self.step = 0
+        self._log = log if process.rank == 0 else (lambda _: None)
+        seq_shard = (config.seq_len // config.tp if config.sequence_parallel
+                     else config.seq_len)
+        self._activation_shape = (seq_shard, self.layout.micro_batch_size,
+                                  self.model_config.hidden_size)
+        self._describe()
 
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp", "vpp", "steps", "batch_size", "log_every",
-                     "markov_branching"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("seq_len", self.seq_len, minimum=2)  # one token has no next one to learn
-        check_int("data_seed", self.data_seed, minimum=0, maximum=2**63 - 1)
-        if self.micro_batch_size is not None:
-            check_int("micro_batch_size", self.micro_batch_size, minimum=1)
-            if self.batch_size % self.micro_batch_size:
-                raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide "
-                                 f"batch_size {self.batch_size}")
-        # AdamW moves each weight by about lr per step: beyond 1 every step scrambles them.
-        check_number("lr", self.lr, minimum=0.0, maximum=1.0, inclusive=False)
-        if self.min_lr is not None:
-            check_number("min_lr", self.min_lr, minimum=0.0, maximum=self.lr)
-        if self.warmup_steps is not None:
-            check_int("warmup_steps", self.warmup_steps, minimum=0, maximum=self.steps)
-        check_number("weight_decay", self.weight_decay, minimum=0.0)
-        if self.lr * self.weight_decay >= 1:  # each step would scale weights by <= 0
-            raise ValueError(f"weight_decay: lr · weight_decay = {self.lr * self.weight_decay:g}"
-                             f" must stay below 1 (AdamW scales weights by 1 - lr · wd)")
-        check_number("grad_clip", self.grad_clip, minimum=0.0, inclusive=False)
-        check_bool("sequence_parallel", self.sequence_parallel)
-        if self.bf16 is not None:
-            check_bool("bf16", self.bf16)
-        if self.vpp > 1 and self.pp < 2:
-            raise ValueError(f"vpp: {self.vpp} virtual stages interleave a pipeline; they "
-                             f"need pp >= 2, got pp = {self.pp}")
-        model = self.model_config()
-        model.check_layout(self.tp, self.sequence_parallel, self.seq_len)
-        if self.seq_len > model.max_seq_len:
-            raise ValueError(f"seq_len: {self.seq_len} exceeds the model's max_seq_len "
-                             f"{model.max_seq_len}")
-        if self.markov_branching > model.vocab_size:
-            raise ValueError(f"markov_branching: {self.markov_branching} successors per token "
-                             f"exceed the vocabulary of {model.vocab_size}")
-        if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
-            raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
-                            f"{type(self.layers_per_stage).__name__}")
-        stages = self.pp * self.vpp
-        if model.num_layers < stages:
-            raise ValueError(f"{'vpp' if self.vpp > 1 else 'pp'}: {stages} pipeline stages "
-                             f"need at least as many decoder layers, the model has "
-                             f"{model.num_layers}")
-        stage_layers(model.num_layers, stages, self.layers_per_stage)
+    def _describe(self) -> None:
+        """The start-up summary (rank 0): model, layout, parameters per stage, data."""
+        config, run = self.config, self.layout
+        self._log(f"eurocore train: {config.preset} "
+                  f"({self.model_config.num_parameters() / 1e6:.2f}M parameters) on "
+                  f"{self.process.world_size} x {self.process.device.type}"
+                  f"{', bf16 autocast' if self.bf16 else ''}")
+        sp_note = " (sequence parallel)" if config.sequence_parallel else ""
+        vpp_note = f" ({config.vpp} virtual stages each)" if config.vpp > 1 else ""
+        dp_note = " (FSDP2)" if run.dp > 1 else ""
+        microbatches = run.num_microbatches
+        self._log(f"layout: tp {config.tp}{sp_note} x pp {config.pp}{vpp_note} x dp "
+                  f"{run.dp}{dp_note}; {microbatches} microbatch"
+                  f"{'es' if microbatches > 1 else ''} of {run.micro_batch_size} x "
+                  f"{config.seq_len} tokens per replica; schedule {run.schedule}; expected "
+                  f"pipeline bubble {bubble_fraction(config.pp, microbatches, config.vpp):.1%}")
+        per_stage = _parameters_per_stage(self.model, self.groups)
+        self._log("parameters per rank: " + ", ".join(
+            f"stage {stage} {count / 1e6:.3f}M" for stage, count in enumerate(per_stage)))
+        self._log(f"data: {self.data.describe()}")
 
-    def model_config(self) -> ModelConfig:
-        """The model: the preset with ``model_overrides`` applied."""
-        if not isinstance(self.model_overrides, dict):
-            raise TypeError(f"model_overrides: expected a dict, got "
-                            f"{type(self.model_overrides).__name__}")
-        return preset(self.preset, **self.model_overrides)
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step``: warmup, then cosine to min_lr."""
+        config = self.config
+        return learning_rate(
+            step, peak=config.lr, total_steps=config.steps,
+            warmup_steps=config.steps // 10 if config.warmup_steps is None
+            else config.warmup_steps,
+            minimum=config.lr / 10 if config.min_lr is None else config.min_lr)
 
-    def layout(self, world_size: int) -> RunLayout:
-        """How the run splits over ``world_size`` processes; raises ValueError naming the
-        option that does not fit (before any process group is made)."""
-        check_int("world_size", world_size, minimum=1)
-        model_parallel = self.tp * self.pp
-        if world_size % model_parallel:
-            name = "pp" if self.tp == 1 else "tp"  # the option the user set
-            raise ValueError(f"{name}: tp · pp = {model_parallel} does not divide the world "
-                             f"size {world_size}")
-        dp = world_size // model_parallel
-        if self.batch_size % dp:
-            raise ValueError(f"batch_size: {self.batch_size} sequences do not split over "
-                             f"{dp} data-parallel replicas")
-        per_replica = self.batch_size // dp
-        micro = self.micro_batch_size or per_replica
-        if per_replica % micro:
-            raise ValueError(f"micro_batch_size: {micro} does not divide the {per_replica} "
-                             f"sequences of each of the {dp} data-parallel replicas")
-        num_microbatches = per_replica // micro
-        if self.vpp > 1 and num_microbatches % self.pp:
-            raise ValueError(f"micro_batch_size: interleaving needs the microbatches per "
-                             f"replica ({num_microbatches}) to be a multiple of pp = {self.pp}")
-        return RunLayout(dp, per_replica, micro, num_microbatches,
-                         "interleaved-1f1b" if self.vpp > 1 else "1f1b")
+    def train_step(self) -> dict[str, Any]:
+        """Runs optimizer step ``self.step`` and advances it.
 
+        Returns the step's metrics: ``step``, ``lr`` (floats), ``loss`` (the mean over the
+        global batch) and ``grad_norm`` (before clipping) as 0-dim fp32 tensors on the
+        device, so that a step need not wait for the device (``.item()`` does).
+        """
+        step, run = self.step, self.layout
+        lr = self.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # The global batch is a function of the step alone; each replica takes its rows,
+        # so every layout trains on the same microbatches.
+        rows = slice(self.groups.dp_rank * run.per_replica,
+                     (self.groups.dp_rank + 1) * run.per_replica)
+        batch = self.data.global_batch(step, rows)
+        check_token_ids(self.model_config, batch.tokens, batch.labels, batch.position_ids)
+        parts = [t.to(self.process.device).split(run.micro_batch_size)
+                 for t in (batch.tokens, batch.labels, batch.position_ids)]
+        autocast = (torch.autocast(self.process.device.type, dtype=torch.bfloat16)
+                    if self.bf16 else contextlib.nullcontext())
 
-@dataclass(frozen=True)
-class RunLayout:
-    """What :meth:`TrainConfig.layout` derives from the world size: data-parallel replicas,
-    sequences per replica and per microbatch, microbatches per step, the schedule."""
+        def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None) -> torch.Tensor:
+            tokens, labels, positions = (part[mb] for part in parts)
+            with autocast:
+                return self.model[chunk](tokens, labels, position_ids=positions,
+                                         hidden_states=hidden)
 
-    dp: int
-    per_replica: int
-    micro_batch_size: int
-    num_microbatches: int
-    schedule: str
+        loss = run_schedule(
+            self.schedule_steps, forward_step, self.groups, num_chunks=self.config.vpp,
+            num_microbatches=run.num_microbatches, activation_shape=self._activation_shape,
+            dtype=next(self.model.parameters()).dtype, device=self.process.device,
+            before_backward=lambda c, last: set_gradient_sync(self.model[c], last))
+        if run.dp > 1:  # the mean over the replicas, for the log
+            torch.distributed.all_reduce(loss, group=self.groups.dp_group)
+            loss /= run.dp
+        sum_tied_embedding_grads(self.model, self.groups)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.grad_clip,
+                                    self.groups)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm}
+
+    def train(self, on_step: Callable[[dict[str, float]], None] | None = None
+              ) -> list[dict[str, float]]:
+        """Runs the steps from ``self.step`` to ``config.steps``, logging every
+        ``log_every`` steps and the last: the metrics of each logged step (step, loss, lr,
+        grad_norm, tokens_per_s, step_ms) are returned on every rank and passed to
+        ``on_step`` as they come.
+
+        Raises:
+            FloatingPointError: a logged loss or gradient norm is not finite (diverged).
+        """
+        config = self.config
+        floor = self.data.loss_floor
+        floor_note = f" (floor {floor:.4f})" if floor is not None else ""
+        tokens_per_step = config.batch_size * config.seq_len
+        history: list[dict[str, float]] = []
+        last_time, last_step = time.perf_counter(), self.step - 1
+        while self.step < config.steps:
+            result = self.train_step()
+            step = result["step"]
+            if step % config.log_every and step != config.steps - 1:
+                continue
+            loss, norm = result["loss"].item(), result["grad_norm"].item()  # waits
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                raise FloatingPointError(
+                    f"loss: {loss} with gradient norm {norm} at step {step} (lr "
+                    f"{result['lr']:.3g}): the run diverged; lower the learning rate or raise "
+                    f"the warmup")
+            now = time.perf_counter()
+            # averaged over the steps since the last log: the device runs ahead in between
+            per_step = (now - last_time) / (step - last_step)
+            last_time, last_step = now, step
+            metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
+                       "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            self._log(f"step {step:5d} | loss {loss:.4f}{floor_note} | lr {result['lr']:.2e} "
+                      f"| grad norm {norm:.3f} | {metrics['tokens_per_s']:,.0f} tokens/s | "
+                      f"{metrics['step_ms']:.1f} ms")
+        if history:
+            summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"
+                       if floor is not None else "")
+            self._log(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in "
+                      f"{config.steps} steps{summary}")
+        return history
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: the next step, this rank's model chunks and optimizer
+        state, the data's identity, the random generators and the config."""
+        return {
+            "step": self.step,
+            "model": [chunk.state_dict() for chunk in self.model],
+            "optimizer": self.optimizer.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": (torch.cuda.get_rng_state(self.process.device)
+                             if self.process.device.type == "cuda" else None)},
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` of the same run (same layout; the checkpoint issue
+        adds resharding). Raises ValueError when the data differs."""
+        self.data.load_state_dict(state["data"])
+        for chunk, chunk_state in zip(self.model, state["model"], strict=True):
+            chunk.load_state_dict(chunk_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and self.process.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.process.device)
+        self.step = state["step"]
 
 
 def train(config: TrainConfig, process: Process, log: Callable[[str], None] = print,
           on_finish: Callable[[nn.ModuleList, ParallelGroups], None] | None = None,
           on_step: Callable[[dict[str, float]], None] | None = None,
           ) -> list[dict[str, float]]:
-    """Trains one model as ``config`` says on the processes of ``process``'s world.
-
-    Every rank returns the metrics of each logged step (step, loss, lr, grad_norm,
-    tokens_per_s, step_ms); only rank 0 calls ``log``. ``on_step`` receives each logged
-    step's metrics as it is logged (on every rank; writing them out as they come), and
-    ``on_finish`` this rank's model chunks and the groups after the last step (saving,
-    checking).
-
-    Every option is checked (``config.layout``, a memory estimate) before any process
-    group or model is made.
-    """
-    model_config = config.model_config()
-    run = config.layout(process.world_size)
-    dp, per_replica, micro = run.dp, run.per_replica, run.micro_batch_size
-    num_microbatches, schedule_name = run.num_microbatches, run.schedule
-    check_memory(model_config, process.device, process.world_size)
-    source = MarkovSource(model_config.vocab_size, config.markov_branching, config.data_seed)
-    groups = ParallelGroups.build(tp=config.tp, pp=config.pp,
-                                  device_type=process.device.type)
-    schedule_steps = schedule(schedule_name, groups.pp_rank, config.pp, num_microbatches,
-                              config.vpp)
-    # Ids are checked in the data path, once per batch on the CPU (check_token_ids below),
-    # so the model skips its per-forward check and the synchronisation it costs.
-    model = nn.ModuleList(
-        shard_data_parallel(chunk, groups, chunk.layers)
-        for chunk in stage_chunks(model_config, groups, num_chunks=config.vpp,
-                                  layers_per_stage=config.layers_per_stage,
-                                  sequence_parallel=config.sequence_parallel,
-                                  device=process.device, check_ids=False))
-    optimizer = adamw(model, lr=config.lr, weight_decay=config.weight_decay)
-    floor = source.entropy_rate()
-    bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
-    autocast = (torch.autocast(process.device.type, dtype=torch.bfloat16) if bf16
-                else contextlib.nullcontext())
-    say = log if process.rank == 0 else (lambda _: None)
-    say(f"eurocore train: {config.preset} ({model_config.num_parameters() / 1e6:.2f}M "
-        f"parameters) on {process.world_size} x {process.device.type}"
-        f"{', bf16 autocast' if bf16 else ''}")
-    sp_note = " (sequence parallel)" if config.sequence_parallel else ""
-    vpp_note = f" ({config.vpp} virtual stages each)" if config.vpp > 1 else ""
-    dp_note = " (FSDP2)" if dp > 1 else ""
-    say(f"layout: tp {config.tp}{sp_note} x pp {config.pp}{vpp_note} x dp {dp}{dp_note}; "
-        f"{num_microbatches} microbatch{'es' if num_microbatches > 1 else ''} of {micro} x "
-        f"{config.seq_len} tokens per replica; "
-        f"schedule {schedule_name}; expected pipeline bubble "
-        f"{bubble_fraction(config.pp, num_microbatches, config.vpp):.1%}")
-    per_stage = _parameters_per_stage(model, groups)
-    say("parameters per rank: " + ", ".join(
-        f"stage {stage} {count / 1e6:.3f}M" for stage, count in enumerate(per_stage)))
-    say(f"data: Markov source over {model_config.vocab_size} tokens, {config.markov_branching} "
-        f"successors each; loss floor (entropy rate) {floor:.4f}, uniform "
-        f"{uniform_loss(model_config.vocab_size):.4f} nats")
-    tokens_per_step = config.batch_size * config.seq_len
-    seq_shard = config.seq_len // config.tp if config.sequence_parallel else config.seq_len
-    activation_shape = (seq_shard, micro, model_config.hidden_size)
-    activation_dtype = next(model.parameters()).dtype
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
-    warmup_steps = config.steps // 10 if config.warmup_steps is None else config.warmup_steps
-    history = []
-    last_time, last_step = time.perf_counter(), -1
-    for step in range(config.steps):
-        lr = learning_rate(step, peak=config.lr, warmup_steps=warmup_steps,
-                           total_steps=config.steps, minimum=min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # The global batch is a function of the step alone; each replica takes its rows, so
-        # every layout trains on the same microbatches.
-        batch = source.batch(config.batch_size, config.seq_len, step)
-        check_token_ids(model_config, batch.tokens, batch.labels, batch.position_ids)
-        rows = slice(groups.dp_rank * per_replica, (groups.dp_rank + 1) * per_replica)
-        parts = [t[rows].to(process.device).split(micro)
-                 for t in (batch.tokens, batch.labels, batch.position_ids)]
-
-        def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None,
-                         parts=parts) -> torch.Tensor:
-            tokens, labels, positions = (part[mb] for part in parts)
-            with autocast:
-                return model[chunk](tokens, labels, position_ids=positions,
-                                    hidden_states=hidden)
-
-        loss = run_schedule(schedule_steps, forward_step, groups, num_chunks=config.vpp,
-                            num_microbatches=num_microbatches,
-                            activation_shape=activation_shape, dtype=activation_dtype,
-                            device=process.device,
-                            before_backward=lambda c, last: set_gradient_sync(model[c], last))
-        if dp > 1:  # the mean over the replicas, for the log
-            torch.distributed.all_reduce(loss, group=groups.dp_group)
-            loss /= dp
-        sum_tied_embedding_grads(model, groups)
-        grad_norm = clip_grad_norm_(model.parameters(), config.grad_clip, groups)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % config.log_every == 0 or step == config.steps - 1:
-            loss_value, norm_value = loss.item(), grad_norm.item()  # waits for the step
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise FloatingPointError(
-                    f"loss: {loss_value} with gradient norm {norm_value} at step {step} (lr "
-                    f"{lr:.3g}): the run diverged; lower the learning rate or raise the "
-                    f"warmup")
-            now = time.perf_counter()
-            # averaged over the steps since the last log: the device runs ahead in between
-            per_step = (now - last_time) / (step - last_step)
-            last_time, last_step = now, step
-            metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                       "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
-            history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
-            say(f"step {step:5d} | loss {loss_value:.4f} (floor {floor:.4f}) | lr {lr:.2e} | "
-                f"grad norm {norm_value:.3f} | {metrics['tokens_per_s']:,.0f} tokens/s | "
-                f"{metrics['step_ms']:.1f} ms")
-    if history:
-        say(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in "
-            f"{config.steps} steps (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} "
-            f"above it)")
+    """Trains one model as ``config`` says (:class:`Trainer`, then ``Trainer.train``);
+    returns the logged metrics. ``on_finish`` receives this rank's model chunks and the
+    groups after the last step (saving, checking)."""
+    trainer = Trainer(config, process, log)
+    history = trainer.train(on_step)
     if on_finish is not None:
-        on_finish(model, groups)
+        on_finish(trainer.model, trainer.groups)
     return history
 
 

@@ -17,20 +17,12 @@ document's last token is -100 (its successor starts an unrelated document).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from eurocore.data.source import Batch
 from eurocore.utils.checks import check_int
-
-
-@dataclass(frozen=True)
-class Batch:
-    """tokens, labels, position_ids: (batch, seq) int64 on one device."""
-
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    position_ids: torch.Tensor
 
 
 class MarkovSource:
@@ -138,3 +130,41 @@ def _distinct_successors(vocab_size: int, branching: int, gen: torch.Generator) 
 def uniform_loss(vocab_size: int) -> float:
     """log(vocab): the loss of a model that knows nothing, the start of the curve."""
     return math.log(vocab_size)
+
+
+class SyntheticSource:
+    """The Markov chain as a token source (``eurocore.data.source.TokenSource``): global
+    batch ``step`` is ``chain.batch(batch_size, seq_len, step)``, its loss floor the chain's
+    entropy rate. No validation split: every batch is fresh and the floor is known."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, *, branching: int = 4,
+                 seed: int = 0) -> None:
+        self.chain = MarkovSource(vocab_size, branching, seed)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.loss_floor = self.chain.entropy_rate()
+
+    def global_batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        return self.chain.batch(self.batch_size, self.seq_len, step).rows(rows)
+
+    def validation_batch(self, index: int, rows: slice = slice(None)) -> Batch | None:
+        return None
+
+    def describe(self) -> str:
+        chain = self.chain
+        return (f"Markov source over {chain.vocab_size} tokens, {chain.branching} successors "
+                f"each; loss floor (entropy rate) {self.loss_floor:.4f}, uniform "
+                f"{uniform_loss(chain.vocab_size):.4f} nats")
+
+    def state_dict(self) -> dict[str, Any]:
+        chain = self.chain
+        return {"source": "markov", "vocab_size": chain.vocab_size,
+                "branching": chain.branching, "seed": chain.seed,
+                "batch_size": self.batch_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ours = self.state_dict()
+        differ = sorted(k for k in set(ours) | set(state) if ours.get(k) != state.get(k))
+        if differ:
+            raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: "
+                             f"saved {[state.get(k) for k in differ]}, now "
+                             f"{[ours.get(k) for k in differ]}")

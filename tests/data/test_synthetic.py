@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from eurocore.train.data import MarkovSource
+from eurocore.data import MarkovSource
 
 
 def test_one_successor_has_zero_entropy_rate():

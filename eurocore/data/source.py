@@ -1,0 +1,60 @@
+"""The one interface between the data and the trainer.
+
+A token source serves global batches as a pure function of the step: every rank asks for
+the rows it trains on, and every layout (TP, PP, DP) trains on the same global batches.
+The synthetic Markov source and the tokenized corpus both implement it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """tokens, labels, position_ids: (rows, seq) int64. ``position_ids`` restart at 0 at
+    each document's first token; a label of -100 is not trained on."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+
+    def rows(self, rows: slice) -> Batch:
+        """The rows ``rows`` of this batch."""
+        return Batch(self.tokens[rows], self.labels[rows], self.position_ids[rows])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.tokens, self.labels, self.position_ids)))
+
+
+class TokenSource(Protocol):
+    """Global batches of ``batch_size`` rows of ``seq_len`` tokens, on the CPU.
+
+    ``loss_floor`` is the loss no model can beat in expectation, when the source knows it
+    (None otherwise). ``describe`` is one line for the run's log. ``state_dict`` is what a
+    resume must find unchanged (the data's identity) and where the run stands in it.
+    """
+
+    batch_size: int
+    seq_len: int
+    loss_floor: float | None
+
+    def global_batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        """Rows ``rows`` of the global batch of optimizer step ``step``."""
+
+    def validation_batch(self, index: int, rows: slice = slice(None)) -> Batch | None:
+        """Rows ``rows`` of validation batch ``index`` (None: the source has no held-out
+        data)."""
+
+    def describe(self) -> str:
+        """One line saying what the data is."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data's identity, for a resume to check."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks ``state`` names this data; raises ValueError saying what differs."""

@@ -1,0 +1,381 @@
+"""The run's configuration: one frozen dataclass whose fields carry their own help, section
+and command-line spelling, so the command line and the TOML file are both generated from
+it (one source of truth for every option's name, type, default and help).
+
+    config = TrainConfig(tp=2, steps=100)              # in Python
+    config = load_config("run.toml", overrides={"lr": 1e-3})   # a file, flags on top
+    text = to_toml(config)                             # what load_config reads back
+
+File layout (``configs/`` has examples): sections ``[model]`` (``preset`` and any
+``ModelConfig`` field as an override), ``[parallel]``, ``[optimizer]``, ``[data]``,
+``[logging]`` and ``[run]``, each holding the fields this module assigns to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eurocore.model import ModelConfig, preset
+from eurocore.parallel.pipeline import stage_layers
+from eurocore.utils.checks import check_bool, check_int, check_number
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
+
+SECTIONS = ("model", "parallel", "optimizer", "data", "logging", "run")
+
+
+def option(default: Any, section: str, help: str, *, flag: str | None = None,
+           aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, cli: bool = True) -> Any:
+    """A TrainConfig field with what the command line and the file need to know of it:
+    ``section`` (TOML), ``help``, the ``flag`` (default ``--field-name``; booleans that
+    default to True get ``--no-field-name``), ``aliases``, ``choices``, ``metavar``;
+    ``cli=False`` keeps it to the file."""
+    metadata = {"section": section, "help": help, "flag": flag, "aliases": aliases,
+                "choices": choices, "metavar": metavar, "cli": cli}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``batch_size`` counts sequences per optimizer step (the global
+    batch), split into microbatches of ``micro_batch_size`` (default: one microbatch) whose
+    gradients accumulate; their losses are averaged with equal weights. ``vpp`` virtual
+    stages per pipeline rank select the interleaved 1F1B schedule.
+
+    Construction checks every field, alone and against the model it names (a ValueError
+    naming the field); :meth:`layout` adds what depends on the number of processes. Both
+    run before any process group or model exists.
+    """
+
+    # [model]
+    preset: str = option("tiny", "model", "model preset: tiny, llama-1b, llama3-8b, eurollm-9b")
+    num_layers: int | None = option(None, "model", "override the preset's decoder layers",
+                                    flag="--layers")
+    model_overrides: dict[str, Any] = option(
+        {}, "model", "any ModelConfig field over the preset's (the file's [model] keys)",
+        cli=False)
+    # [parallel]
+    tp: int = option(1, "parallel", "tensor-parallel degree")
+    pp: int = option(1, "parallel", "pipeline stages")
+    vpp: int = option(1, "parallel", "virtual stages per pipeline rank (> 1: interleaved 1F1B)")
+    layers_per_stage: tuple[int, ...] | None = option(
+        None, "parallel", "decoder layers of each (virtual) stage; default: an even split "
+        "with the first and last stages lighter", metavar="N,N,...")
+    sequence_parallel: bool = option(False, "parallel",
+                                     "split activations along the sequence between TP regions")
+    # [optimizer]
+    steps: int = option(300, "optimizer", "optimizer steps")
+    lr: float = option(3e-3, "optimizer", "peak learning rate, in (0, 1]")
+    min_lr: float | None = option(None, "optimizer", "final learning rate (default lr / 10)")
+    warmup_steps: int | None = option(None, "optimizer",
+                                      "linear warmup steps (default: a tenth of the steps)")
+    weight_decay: float = option(0.1, "optimizer", "AdamW weight decay of the matrices")
+    grad_clip: float = option(1.0, "optimizer", "gradient norm clipping threshold")
+    # [data]
+    seq_len: int = option(128, "data", "tokens per sequence")
+    batch_size: int = option(16, "data", "sequences per optimizer step (the global batch)",
+                             flag="--global-batch-size", aliases=("--batch-size",))
+    micro_batch_size: int | None = option(
+        None, "data", "sequences per microbatch (default: the global batch, one microbatch)")
+    markov_branching: int = option(4, "data", "successors per token in the synthetic source")
+    data_seed: int = option(0, "data", "seed of the data order (and the synthetic source)")
+    # [logging]
+    log_every: int = option(10, "logging", "log every N steps (and the last)")
+    metrics_json: str | None = option(None, "logging",
+                                      "rank 0 writes the logged metrics here (a JSON list)",
+                                      metavar="PATH")
+    # [run]
+    device: str = option("auto", "run", "auto (the local GPU if any), cpu or cuda",
+                         choices=("auto", "cpu", "cuda"))
+    bf16: bool | None = option(None, "run", "bf16 autocast; None (auto): on GPUs")
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "vpp", "steps", "batch_size", "log_every",
+                     "markov_branching"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("seq_len", self.seq_len, minimum=2)  # one token has no next one to learn
+        check_int("data_seed", self.data_seed, minimum=0, maximum=2**63 - 1)
+        if self.micro_batch_size is not None:
+            check_int("micro_batch_size", self.micro_batch_size, minimum=1)
+            if self.batch_size % self.micro_batch_size:
+                raise ValueError(f"micro_batch_size: {self.micro_batch_size} does not divide "
+                                 f"batch_size {self.batch_size}")
+        # AdamW moves each weight by about lr per step: beyond 1 every step scrambles them.
+        check_number("lr", self.lr, minimum=0.0, maximum=1.0, inclusive=False)
+        if self.min_lr is not None:
+            check_number("min_lr", self.min_lr, minimum=0.0, maximum=self.lr)
+        if self.warmup_steps is not None:
+            check_int("warmup_steps", self.warmup_steps, minimum=0, maximum=self.steps)
+        check_number("weight_decay", self.weight_decay, minimum=0.0)
+        if self.lr * self.weight_decay >= 1:  # each step would scale weights by <= 0
+            raise ValueError(f"weight_decay: lr · weight_decay = {self.lr * self.weight_decay:g}"
+                             f" must stay below 1 (AdamW scales weights by 1 - lr · wd)")
+        check_number("grad_clip", self.grad_clip, minimum=0.0, inclusive=False)
+        check_bool("sequence_parallel", self.sequence_parallel)
+        if self.bf16 is not None:
+            check_bool("bf16", self.bf16)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.metrics_json is not None and not isinstance(self.metrics_json, str):
+            raise TypeError(f"metrics_json: expected a path, got "
+                            f"{type(self.metrics_json).__name__}")
+        if self.vpp > 1 and self.pp < 2:
+            raise ValueError(f"vpp: {self.vpp} virtual stages interleave a pipeline; they "
+                             f"need pp >= 2, got pp = {self.pp}")
+        model = self.model_config()
+        model.check_layout(self.tp, self.sequence_parallel, self.seq_len)
+        if self.seq_len > model.max_seq_len:
+            raise ValueError(f"seq_len: {self.seq_len} exceeds the model's max_seq_len "
+                             f"{model.max_seq_len}")
+        if self.markov_branching > model.vocab_size:
+            raise ValueError(f"markov_branching: {self.markov_branching} successors per token "
+                             f"exceed the vocabulary of {model.vocab_size}")
+        if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
+            raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
+                            f"{type(self.layers_per_stage).__name__}")
+        stages = self.pp * self.vpp
+        if model.num_layers < stages:
+            raise ValueError(f"{'vpp' if self.vpp > 1 else 'pp'}: {stages} pipeline stages "
+                             f"need at least as many decoder layers, the model has "
+                             f"{model.num_layers}")
+        stage_layers(model.num_layers, stages, self.layers_per_stage)
+
+    def model_config(self) -> ModelConfig:
+        """The model: the preset with ``model_overrides`` and ``num_layers`` applied."""
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(f"model_overrides: expected a dict, got "
+                            f"{type(self.model_overrides).__name__}")
+        overrides = dict(self.model_overrides)
+        if self.num_layers is not None:
+            overrides["num_layers"] = self.num_layers
+        return preset(self.preset, **overrides)
+
+    def layout(self, world_size: int) -> RunLayout:
+        """How the run splits over ``world_size`` processes; raises ValueError naming the
+        option that does not fit (before any process group is made)."""
+        check_int("world_size", world_size, minimum=1)
+        model_parallel = self.tp * self.pp
+        if world_size % model_parallel:
+            name = "pp" if self.tp == 1 else "tp"  # the option the user set
+            raise ValueError(f"{name}: tp · pp = {model_parallel} does not divide the world "
+                             f"size {world_size}")
+        dp = world_size // model_parallel
+        if self.batch_size % dp:
+            raise ValueError(f"batch_size: {self.batch_size} sequences do not split over "
+                             f"{dp} data-parallel replicas")
+        per_replica = self.batch_size // dp
+        micro = self.micro_batch_size or per_replica
+        if per_replica % micro:
+            raise ValueError(f"micro_batch_size: {micro} does not divide the {per_replica} "
+                             f"sequences of each of the {dp} data-parallel replicas")
+        num_microbatches = per_replica // micro
+        if self.vpp > 1 and num_microbatches % self.pp:
+            raise ValueError(f"micro_batch_size: interleaving needs the microbatches per "
+                             f"replica ({num_microbatches}) to be a multiple of pp = {self.pp}")
+        return RunLayout(dp, per_replica, micro, num_microbatches,
+                         "interleaved-1f1b" if self.vpp > 1 else "1f1b")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What :meth:`TrainConfig.layout` derives from the world size: data-parallel replicas,
+    sequences per replica and per microbatch, microbatches per step, the schedule."""
+
+    dp: int
+    per_replica: int
+    micro_batch_size: int
+    num_microbatches: int
+    schedule: str
+
+
+# -------------------------------------------------------------------------------------------
+# The fields' own descriptions: types, sections, flags
+# -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One TrainConfig field as the command line and the file see it."""
+
+    name: str
+    kind: str  # "bool", "int", "float", "str", "ints" (tuple of ints), "strs", "dict"
+    optional: bool  # None is a value (and the default's meaning is in the help)
+    default: Any
+    section: str
+    help: str
+    flags: tuple[str, ...]
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    cli: bool
+
+
+def field_specs() -> list[FieldSpec]:
+    """Every TrainConfig field, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    specs = []
+    for f in dataclasses.fields(TrainConfig):
+        kind, optional = _kind(hints[f.name])
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = meta["flag"] or ("--no-" if kind == "bool" and default is True else "--") + \
+            f.name.replace("_", "-")
+        specs.append(FieldSpec(f.name, kind, optional, default, meta["section"], meta["help"],
+                               (flag, *meta["aliases"]), meta["choices"], meta["metavar"],
+                               meta["cli"]))
+    return specs
+
+
+def _kind(annotation: Any) -> tuple[str, bool]:
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if optional:
+        (annotation,) = [a for a in args if a is not type(None)]
+    if annotation in (bool, int, float, str):
+        return annotation.__name__, optional
+    origin, inner = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple and inner[0] is int:
+        return "ints", optional
+    if origin is tuple and inner[0] is str:
+        return "strs", optional
+    if origin is dict:
+        return "dict", optional
+    raise TypeError(f"TrainConfig: no command-line form for {annotation!r}")
+
+
+# -------------------------------------------------------------------------------------------
+# TOML files
+# -------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+                ) -> TrainConfig:
+    """The TrainConfig of the TOML file at ``path`` (None: the defaults) with ``overrides``
+    (field name -> value: command-line flags) on top.
+
+    Raises:
+        ValueError: the file is missing or not TOML, a section or key is unknown (the
+            closest valid one suggested), or a value has the wrong type; the message names
+            the file and the key. Then every field check of TrainConfig.
+    """
+    values = read_config_file(path) if path is not None else {}
+    values.update(overrides or {})
+    return TrainConfig(**values)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields a TOML file sets, checked for names and types (see :func:`load_config`)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config: {str(path)!r} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"config: cannot read {str(path)!r} ({err.strerror or err})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"config: {str(path)!r} is not valid TOML: {err}") from None
+    specs = {spec.name: spec for spec in field_specs()}
+    by_section: dict[str, dict[str, FieldSpec]] = {s: {} for s in SECTIONS}
+    for spec in specs.values():
+        by_section[spec.section][spec.name] = spec
+    values: dict[str, Any] = {}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for section, table in document.items():
+        where = f"{str(path)!r}"
+        if section not in by_section:
+            raise ValueError(f"config: unknown section [{section}] in {where}"
+                             f"{_suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ValueError(f"config: {section} in {where} must be a [{section}] table")
+        for key, value in table.items():
+            spec = by_section[section].get(key)
+            if spec is None and section == "model" and key in model_fields:
+                values.setdefault("model_overrides", {})[key] = value
+                continue
+            if spec is None:
+                known = [*by_section[section], *(model_fields if section == "model" else ())]
+                elsewhere = [s.section for s in specs.values() if s.name == key]
+                hint = (f" (it belongs in [{elsewhere[0]}])" if elsewhere
+                        else _suggest(key, known))
+                raise ValueError(f"config: unknown key {section}.{key} in {where}{hint}")
+            values[key] = _from_toml(spec, value, f"{section}.{key} in {where}")
+    return values
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _from_toml(spec: FieldSpec, value: Any, where: str) -> Any:
+    """``value`` as the field's type; ValueError naming ``where`` otherwise."""
+    expected = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string",
+                "ints": "an array of integers", "strs": "an array of strings",
+                "dict": "a table"}[spec.kind]
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str),
+          "ints": isinstance(value, list) and all(isinstance(v, int) and
+                                                  not isinstance(v, bool) for v in value),
+          "strs": isinstance(value, list) and all(isinstance(v, (str, int, float)) and
+                                                  not isinstance(v, bool) for v in value),
+          "dict": isinstance(value, dict)}[spec.kind]
+    if not ok:
+        raise ValueError(f"config: {where} must be {expected}, got {value!r}")
+    if spec.kind == "float":
+        return float(value)
+    if spec.kind == "ints":
+        return tuple(value)
+    if spec.kind == "strs":
+        return tuple(str(v) for v in value)
+    return value
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The config as a TOML file that :func:`load_config` reads back to an equal config
+    (fields left at None are omitted: None is their default)."""
+    specs = field_specs()
+    lines = ["# eurocore run configuration (written by eurocore; --config reads it)"]
+    for section in SECTIONS:
+        lines.append(f"\n[{section}]")
+        for spec in (s for s in specs if s.section == section):
+            value = getattr(config, spec.name)
+            if spec.kind == "dict":
+                lines += [f"{key} = {_toml_value(v)}" for key, v in sorted(value.items())
+                          if v is not None]
+            elif value is not None:
+                lines.append(f"{spec.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value)
+                                                        else "inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"config: no TOML form for {value!r}")
