@@ -1,6 +1,7 @@
 """The ``eurocore`` command (also ``python -m eurocore``).
 
     eurocore train [ARGS...]     the training run (python -m eurocore.train ARGS; torchrun too)
+    eurocore data prepare ...    tokenize text into a Megatron indexed dataset
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
     eurocore backends            which backends this machine can run, and why (not)
 
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("bench", help="kernel benchmarks (see 'eurocore bench --help')",
                    add_help=False)
+    sub.add_parser("data", help="data tools: prepare (see 'eurocore data --help')",
+                   add_help=False)
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
     return parser
 
@@ -44,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from eurocore.train.__main__ import main as train_main
 
         return train_main(argv[1:], prog="eurocore train")
+    if argv and argv[0] == "data":
+        from eurocore.data.__main__ import main as data_main
+
+        return data_main(argv[1:], prog="eurocore data")
     if argv and argv[0] == "bench":
         from eurocore.benchmarks.__main__ import main as bench_main
 

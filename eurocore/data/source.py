@@ -30,6 +30,11 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking)
                        for t in (self.tokens, self.labels, self.position_ids)))
 
+    def pin_memory(self) -> Batch:
+        """In page-locked memory (what DataLoader's pin_memory calls): a copy to the GPU
+        can then run beside the compute."""
+        return Batch(*(t.pin_memory() for t in (self.tokens, self.labels, self.position_ids)))
+
 
 class TokenSource(Protocol):
     """Global batches of ``batch_size`` rows of ``seq_len`` tokens, on the CPU.

@@ -15,6 +15,7 @@ activation with a gradient.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -60,8 +61,12 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
                  num_chunks: int, num_microbatches: int, activation_shape: Sequence[int],
                  dtype: torch.dtype, device: torch.device,
                  before_backward: Callable[[int, bool], None] | None = None,
-                 trace: list[tuple[Step, float, float]] | None = None) -> torch.Tensor:
+                 trace: list[tuple[Step, float, float]] | None = None,
+                 forward_only: bool = False) -> torch.Tensor:
     """Runs this rank's ``steps``; gradients accumulate in the chunks' parameters.
+
+    ``forward_only`` (evaluation): the forward steps alone, in the schedule's order, under
+    ``torch.no_grad``; nothing is kept for a backward and no gradient is touched.
 
     Args:
         steps: this rank's schedule (``schedules.schedule(...)``).
@@ -99,21 +104,26 @@ def run_schedule(steps: Sequence[Step], forward_step: ForwardStep, groups: Paral
         dist.irecv(buffer, groups.pp_ranks[from_rank], group=group).wait()
         return buffer
 
+    if forward_only:
+        steps = [step for step in steps if step.kind == "F"]
     final_backward = {step.chunk: i for i, step in enumerate(steps) if step.kind == "B"}
+    grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
     for index, step in enumerate(steps):
         stage = step.chunk * p + rank
         key = (step.microbatch, step.chunk)
         if step.kind == "F":
             x = None
             if stage > 0:
-                x = receive((rank - 1) % p, groups.pp_group).requires_grad_()
+                x = receive((rank - 1) % p, groups.pp_group).requires_grad_(not forward_only)
             start = time.perf_counter()
-            out = forward_step(step.chunk, step.microbatch, x)
+            with grad_mode:
+                out = forward_step(step.chunk, step.microbatch, x)
             if stage == last:
                 losses.append(out.detach().float())
             else:
                 send(out, (rank + 1) % p, groups.pp_group)
-            saved[key] = (x, out)
+            if not forward_only:
+                saved[key] = (x, out)
             if trace is not None:
                 trace.append((step, start, time.perf_counter()))
         else:

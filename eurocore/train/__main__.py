@@ -7,15 +7,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from eurocore.train.cli import ConfigParser, build_parser, parse_config
+from eurocore.train.config import TrainConfig, to_toml
 from eurocore.train.distributed import init_process, launch_environment, local_device, shutdown
-from eurocore.train.trainer import check_memory, train
-from eurocore.utils.files import check_writable_file, write_json_atomically
+from eurocore.train.trainer import build_source, check_memory, train
+from eurocore.utils.files import (
+    check_writable_dir,
+    check_writable_file,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 # --metrics-json is rewritten whole (a JSON list, atomically): at most this often, and once
 # more when the run ends, however it ends, so a long run with log_every=1 does not rewrite a
@@ -23,8 +32,15 @@ from eurocore.utils.files import check_writable_file, write_json_atomically
 METRICS_WRITE_INTERVAL_S = 30.0
 
 
-DESCRIPTION = ("Trains the Llama-style model under torchrun, srun or as one process, on a "
+DESCRIPTION = ("Trains the Llama-style model under torchrun, srun or as one process, on "
+               "tokenized corpora (--data-path; 'eurocore data prepare' makes them) or on a "
                "synthetic Markov source whose entropy rate (the loss floor) is known.")
+
+
+def default_output_dir(config: TrainConfig) -> str:
+    """runs/<preset>-<date-time> (UTC, to the second)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"runs/{config.preset}-{stamp}"
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.train") -> int:
@@ -39,9 +55,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         return _fail(parser, err)
     try:  # what every rank finds alike: one rank says it
         config = parse_config(parser, argv)
+        if config.output_dir is None:
+            config = dataclasses.replace(config, output_dir=default_output_dir(config))
         config.layout(world)
         if config.metrics_json is not None:
             check_writable_file("metrics_json", config.metrics_json)
+        check_writable_dir("output_dir", config.output_dir)
+        data = build_source(config, config.model_config())
     except ValueError as err:
         return _fail(parser, err) if rank == 0 else 2
     where = rank if world > 1 else None
@@ -51,8 +71,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
     except ValueError as err:
         return _fail(parser, err, where)
     metrics = _MetricsFile(config.metrics_json if rank == 0 else None)
+    if rank == 0:
+        resolved = to_toml(config)
+        path = write_text_atomically(resolved, Path(config.output_dir) / "config.toml")
+        print(f"run directory {config.output_dir}; its config ({path.name}, which --config "
+              f"reads):\n{resolved}", flush=True)
     try:
-        train(config, process, log=lambda line: print(line, flush=True), on_step=metrics.add)
+        train(config, process, log=lambda line: print(line, flush=True), on_step=metrics.add,
+              data=data)
     except ValueError as err:  # bad data met during the run, say
         return _fail(parser, err, where)
     except FloatingPointError as err:  # the run diverged: not the options' fault

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eurocore.data.blend import parse_data_path
+from eurocore.data.corpus import parse_split
+from eurocore.data.tokenizer import load_tokenizer, tokenizer_file
 from eurocore.model import ModelConfig, preset
 from eurocore.parallel.pipeline import stage_layers
 from eurocore.utils.checks import check_bool, check_int, check_number
@@ -92,10 +96,36 @@ class TrainConfig:
                              flag="--global-batch-size", aliases=("--batch-size",))
     micro_batch_size: int | None = option(
         None, "data", "sequences per microbatch (default: the global batch, one microbatch)")
+    data_path: tuple[str, ...] | None = option(
+        None, "data", "tokenized corpora, Megatron's syntax: W1 PREFIX1 W2 PREFIX2 ..., or "
+        "prefixes alone (weighted by their tokens); none: the synthetic Markov source",
+        metavar="W PREFIX")
+    valid_data_path: tuple[str, ...] | None = option(
+        None, "data", "validation corpora, the same syntax (instead of --split)",
+        metavar="W PREFIX")
+    split: str | None = option(None, "data", "train,valid[,test] weights of each corpus's "
+                               "documents, e.g. 99,1 (the last documents validate)")
+    tokenizer: str | None = option(None, "data", "the corpora's Hugging Face tokenizer (a "
+                                   "directory or tokenizer.json); sets the model's vocab_size",
+                                   metavar="PATH")
+    document_masking: bool = option(True, "data", "no attention and no label across a "
+                                    "document boundary inside a row (off: Megatron's default, "
+                                    "one causal sequence per row)")
+    data_workers: int = option(2, "data", "loader processes reading batches ahead (0: in the "
+                               "training process)")
+    data_cache_dir: str | None = option(None, "data", "where corpus index permutations are "
+                                        "cached (default ~/.cache/eurocore/data-index)",
+                                        metavar="DIR")
     markov_branching: int = option(4, "data", "successors per token in the synthetic source")
     data_seed: int = option(0, "data", "seed of the data order (and the synthetic source)")
+    eval_every: int = option(100, "data", "validation every N steps and at the last (0: "
+                             "never); needs validation data")
+    eval_iters: int = option(10, "data", "validation batches, the same ones every time")
     # [logging]
     log_every: int = option(10, "logging", "log every N steps (and the last)")
+    output_dir: str | None = option(None, "logging", "the run's directory: its resolved "
+                                    "config.toml (the command line's default: "
+                                    "runs/<preset>-<date-time>)", metavar="DIR")
     metrics_json: str | None = option(None, "logging",
                                       "rank 0 writes the logged metrics here (a JSON list)",
                                       metavar="PATH")
@@ -131,9 +161,15 @@ class TrainConfig:
             check_bool("bf16", self.bf16)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.metrics_json is not None and not isinstance(self.metrics_json, str):
-            raise TypeError(f"metrics_json: expected a path, got "
-                            f"{type(self.metrics_json).__name__}")
+        for name in ("metrics_json", "output_dir", "tokenizer", "data_cache_dir", "split"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
+        check_bool("document_masking", self.document_masking)
+        check_int("data_workers", self.data_workers, minimum=0)
+        check_int("eval_every", self.eval_every, minimum=0)
+        check_int("eval_iters", self.eval_iters, minimum=1)
+        self._check_data()
         if self.vpp > 1 and self.pp < 2:
             raise ValueError(f"vpp: {self.vpp} virtual stages interleave a pipeline; they "
                              f"need pp >= 2, got pp = {self.pp}")
@@ -155,15 +191,45 @@ class TrainConfig:
                              f"{model.num_layers}")
         stage_layers(model.num_layers, stages, self.layers_per_stage)
 
+    def _check_data(self) -> None:
+        """The data options' syntax and files (a corpus's content is checked when the run's
+        data is built: eurocore.train.trainer.build_source)."""
+        for name in ("data_path", "valid_data_path"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, tuple):
+                    raise TypeError(f"{name}: expected a tuple of strings, got "
+                                    f"{type(value).__name__}")
+                parse_data_path(value, name)
+        if (self.valid_data_path or self.split) and self.data_path is None:
+            which = "valid_data_path" if self.valid_data_path else "split"
+            raise ValueError(f"{which}: validation data needs training corpora (data_path)")
+        if self.split is not None:
+            parse_split(self.split)
+            if self.valid_data_path:
+                raise ValueError("split: give a split or validation prefixes "
+                                 "(valid_data_path), not both")
+        if self.tokenizer is not None:
+            tokenizer_file(self.tokenizer)
+
     def model_config(self) -> ModelConfig:
-        """The model: the preset with ``model_overrides`` and ``num_layers`` applied."""
+        """The model: the preset with ``model_overrides`` and ``num_layers`` applied, and
+        the tokenizer's vocabulary size unless an override sets ``vocab_size``."""
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides: expected a dict, got "
                             f"{type(self.model_overrides).__name__}")
         overrides = dict(self.model_overrides)
         if self.num_layers is not None:
             overrides["num_layers"] = self.num_layers
+        if self.tokenizer is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = _tokenizer_vocab(self.tokenizer)
         return preset(self.preset, **overrides)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the run has held-out data (a split or validation corpora)."""
+        split_valid = self.split is not None and parse_split(self.split)[1] > 0
+        return bool(self.valid_data_path) or split_valid
 
     def layout(self, world_size: int) -> RunLayout:
         """How the run splits over ``world_size`` processes; raises ValueError naming the
@@ -189,6 +255,11 @@ class TrainConfig:
                              f"replica ({num_microbatches}) to be a multiple of pp = {self.pp}")
         return RunLayout(dp, per_replica, micro, num_microbatches,
                          "interleaved-1f1b" if self.vpp > 1 else "1f1b")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_vocab(path: str) -> int:
+    return load_tokenizer(path).get_vocab_size(with_added_tokens=True)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from eurocore.data import SyntheticSource, TokenSource
+from eurocore.data import Batch, SyntheticSource, TokenSource
+from eurocore.data.corpus import DEFAULT_CACHE_DIR, CorpusSource
+from eurocore.data.loader import prefetch
 from eurocore.model import ModelConfig, check_token_ids, stage_chunks, sum_tied_embedding_grads
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
@@ -29,9 +31,23 @@ __all__ = ["RunLayout", "TrainConfig", "Trainer", "build_source", "check_memory"
 
 
 def build_source(config: TrainConfig, model_config: ModelConfig) -> TokenSource:
-    """The run's token source: the synthetic Markov source over the model's vocabulary."""
-    return SyntheticSource(model_config.vocab_size, config.batch_size, config.seq_len,
-                           branching=config.markov_branching, seed=config.data_seed)
+    """The run's token source: the corpora of ``config.data_path`` (their token ids checked
+    against the model's vocabulary), else the synthetic Markov source over the model's
+    vocabulary. Raises ValueError naming the option whose data is wrong."""
+    if config.data_path is None:
+        return SyntheticSource(model_config.vocab_size, config.batch_size, config.seq_len,
+                               branching=config.markov_branching, seed=config.data_seed)
+    source = CorpusSource(
+        config.data_path, seq_len=config.seq_len, batch_size=config.batch_size,
+        seed=config.data_seed, split=config.split, valid_data_path=config.valid_data_path,
+        document_masking=config.document_masking,
+        cache_dir=config.data_cache_dir or DEFAULT_CACHE_DIR, planned_steps=config.steps)
+    largest = source.max_token_id()
+    if largest >= model_config.vocab_size:
+        raise ValueError(f"data_path: the corpora hold token id {largest}, beyond the model's "
+                         f"vocab_size {model_config.vocab_size} (--tokenizer sets it from the "
+                         f"tokenizer that made them)")
+    return source
 
 
 class Trainer:
@@ -70,6 +86,9 @@ class Trainer:
         self.optimizer = adamw(self.model, lr=config.lr, weight_decay=config.weight_decay)
         self.bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
         self.step = 0
+        self._rows = slice(self.groups.dp_rank * self.layout.per_replica,
+                           (self.groups.dp_rank + 1) * self.layout.per_replica)
+        self._batches = None
         self._log = log if process.rank == 0 else (lambda _: None)
         seq_shard = (config.seq_len // config.tp if config.sequence_parallel
                      else config.seq_len)
@@ -114,17 +133,34 @@ class Trainer:
         global batch) and ``grad_norm`` (before clipping) as 0-dim fp32 tensors on the
         device, so that a step need not wait for the device (``.item()`` does).
         """
-        step, run = self.step, self.layout
+        step = self.step
         lr = self.learning_rate(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # The global batch is a function of the step alone; each replica takes its rows,
         # so every layout trains on the same microbatches.
-        rows = slice(self.groups.dp_rank * run.per_replica,
-                     (self.groups.dp_rank + 1) * run.per_replica)
-        batch = self.data.global_batch(step, rows)
+        if self._batches is None:  # read ahead from here (again after a load_state_dict)
+            self._batches = prefetch(self.data, self._rows, start=step,
+                                     stop=self.config.steps, workers=self.config.data_workers,
+                                     pin=self.process.device.type == "cuda")
+        loaded, batch = next(self._batches)
+        assert loaded == step, (loaded, step)
+        loss = self._run(batch, forward_only=False)
+        sum_tied_embedding_grads(self.model, self.groups)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.grad_clip,
+                                    self.groups)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm}
+
+    def _run(self, batch: Batch, forward_only: bool) -> torch.Tensor:
+        """This rank's rows of one global batch through the pipeline schedule; returns the
+        mean loss over the global batch (every rank). The ids are checked here, on the CPU,
+        before the copy (the model's own check is off)."""
+        run = self.layout
         check_token_ids(self.model_config, batch.tokens, batch.labels, batch.position_ids)
-        parts = [t.to(self.process.device).split(run.micro_batch_size)
+        parts = [t.to(self.process.device, non_blocking=True).split(run.micro_batch_size)
                  for t in (batch.tokens, batch.labels, batch.position_ids)]
         autocast = (torch.autocast(self.process.device.type, dtype=torch.bfloat16)
                     if self.bf16 else contextlib.nullcontext())
@@ -139,17 +175,23 @@ class Trainer:
             self.schedule_steps, forward_step, self.groups, num_chunks=self.config.vpp,
             num_microbatches=run.num_microbatches, activation_shape=self._activation_shape,
             dtype=next(self.model.parameters()).dtype, device=self.process.device,
-            before_backward=lambda c, last: set_gradient_sync(self.model[c], last))
-        if run.dp > 1:  # the mean over the replicas, for the log
+            before_backward=lambda c, last: set_gradient_sync(self.model[c], last),
+            forward_only=forward_only)
+        if run.dp > 1:  # the mean over the replicas
             torch.distributed.all_reduce(loss, group=self.groups.dp_group)
             loss /= run.dp
-        sum_tied_embedding_grads(self.model, self.groups)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.config.grad_clip,
-                                    self.groups)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm}
+        return loss
+
+    def evaluate(self) -> float | None:
+        """The mean loss over the validation batches 0 .. eval_iters - 1 (the same ones in
+        every layout and every time), None without validation data."""
+        losses = []
+        for index in range(self.config.eval_iters):
+            batch = self.data.validation_batch(index, self._rows)
+            if batch is None:
+                return None
+            losses.append(self._run(batch, forward_only=True))
+        return torch.stack(losses).mean().item()
 
     def train(self, on_step: Callable[[dict[str, float]], None] | None = None
               ) -> list[dict[str, float]]:
@@ -170,7 +212,11 @@ class Trainer:
         while self.step < config.steps:
             result = self.train_step()
             step = result["step"]
-            if step % config.log_every and step != config.steps - 1:
+            last = step == config.steps - 1
+            valid = None
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or last):
+                valid = self.evaluate()
+            if step % config.log_every and not last and valid is None:
                 continue
             loss, norm = result["loss"].item(), result["grad_norm"].item()  # waits
             if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -184,12 +230,16 @@ class Trainer:
             last_time, last_step = now, step
             metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
                        "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
+            valid_note = ""
+            if valid is not None:
+                metrics["valid_loss"] = valid
+                valid_note = f" | valid loss {valid:.4f}"
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
-            self._log(f"step {step:5d} | loss {loss:.4f}{floor_note} | lr {result['lr']:.2e} "
-                      f"| grad norm {norm:.3f} | {metrics['tokens_per_s']:,.0f} tokens/s | "
-                      f"{metrics['step_ms']:.1f} ms")
+            self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
+                      f"{result['lr']:.2e} | grad norm {norm:.3f} | "
+                      f"{metrics['tokens_per_s']:,.0f} tokens/s | {metrics['step_ms']:.1f} ms")
         if history:
             summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"
                        if floor is not None else "")
@@ -222,16 +272,17 @@ class Trainer:
         if state["rng"]["cuda"] is not None and self.process.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.process.device)
         self.step = state["step"]
+        self._batches = None  # read ahead from the restored step
 
 
 def train(config: TrainConfig, process: Process, log: Callable[[str], None] = print,
           on_finish: Callable[[nn.ModuleList, ParallelGroups], None] | None = None,
           on_step: Callable[[dict[str, float]], None] | None = None,
-          ) -> list[dict[str, float]]:
+          data: TokenSource | None = None) -> list[dict[str, float]]:
     """Trains one model as ``config`` says (:class:`Trainer`, then ``Trainer.train``);
     returns the logged metrics. ``on_finish`` receives this rank's model chunks and the
-    groups after the last step (saving, checking)."""
-    trainer = Trainer(config, process, log)
+    groups after the last step (saving, checking); ``data`` as the Trainer takes it."""
+    trainer = Trainer(config, process, log, data=data)
     history = trainer.train(on_step)
     if on_finish is not None:
         on_finish(trainer.model, trainer.groups)

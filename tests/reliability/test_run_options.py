@@ -36,7 +36,7 @@ TRAIN_PROG = "python -m eurocore.train"
 BENCH_PROG = "python -m eurocore.benchmarks"
 # A real run that takes well under a second on the CPU.
 SHORT_RUN = ["--steps", "3", "--log-every", "1", "--global-batch-size", "2", "--seq-len", "16",
-             "--device", "cpu"]
+             "--device", "cpu", "--data-workers", "0"]
 # What a launcher sets; one leaking in from the shell would make main() join a process group.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                     "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",

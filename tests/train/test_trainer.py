@@ -17,7 +17,10 @@ from eurocore.train.trainer import TrainConfig, Trainer, train
 from tests.parallel.launch import run_on_ranks
 
 CPU = Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-SHORT = {"steps": 6, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "log_every": 1}
+# data_workers 0: short runs pay no loader-process start-up (test_loader_workers_change_nothing
+# runs the workers)
+SHORT = {"steps": 6, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "log_every": 1,
+         "data_workers": 0}
 
 
 def test_loss_falls_toward_the_floor():
@@ -92,6 +95,14 @@ def test_pipeline_run_takes_the_same_steps(layout, world):
     expected = train(TrainConfig(**FOUR_LAYERS, **SHORT), CPU, log=lambda _: None,
                      on_finish=_final_parameters(reference))
     run_on_ranks(_run_layout, world, expected, {**FOUR_LAYERS, **layout}, reference)
+
+
+def test_loader_workers_change_nothing():
+    """Batches read ahead by two worker processes train exactly as batches made in the
+    training process."""
+    inline = train(TrainConfig(**SHORT), CPU, log=lambda _: None)
+    workers = train(TrainConfig(**{**SHORT, "data_workers": 2}), CPU, log=lambda _: None)
+    assert [m["loss"] for m in inline] == [m["loss"] for m in workers]
 
 
 def test_state_dict_resumes_bit_for_bit():

@@ -1,0 +1,392 @@
+"""Tokenized corpora as a token source: blended, shuffled and packed into rows.
+
+Each source (one ``PREFIX``, or its train or validation split) is read as an endless stream
+of its documents: epoch e lists them in a shuffled order of its own, and epochs follow one
+another (a source smaller than its share of the run is re-read in a fresh order; the log
+says how many epochs). With L = seq_len, the source's sample a is the tokens
+``[a·L, a·L + L + 1)`` of that stream: L tokens and the next one, whole documents and
+pieces of them. Sample slots are shuffled in blocks of an epoch's worth of samples, so one
+global batch does not hold neighbouring windows of the same documents.
+
+Global sample i comes from the source and slot that ``eurocore.data.blend`` assigns it;
+global batch s holds samples ``s·B .. s·B + B - 1``. Everything is a pure function of
+(seed, step, index): the same samples reach the same batch positions in every layout.
+
+A row (``pack``): tokens are the window's first L, labels the next L. With document masking
+(the default) ``position_ids`` restart at every document start and a document's last token
+(its end-of-document token) predicts nothing (-100): no token attends to another document,
+no label crosses a boundary. Without, the row is one causal sequence (Megatron's default).
+
+Permutations are cached as ``.npy`` (``IndexCache``), keyed by everything that changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eurocore.data.blend import blend, parse_data_path, shares
+from eurocore.data.indexed import IndexedDataset
+from eurocore.data.source import Batch
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "eurocore", "data-index")
+
+
+def _rng(*keys: int) -> np.random.RandomState:
+    """A generator for ``keys``: the legacy RandomState (its streams never change between
+    NumPy versions) seeded through SeedSequence's documented hash."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint32)[0]
+    return np.random.RandomState(int(state))
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file (an index file: a few bytes per document)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class IndexCache:
+    """Arrays computed from a dataset, stored as ``.npy`` under ``directory/<key hash>/``.
+
+    The key is everything that changes them (the index file's sha256, the token file's
+    size, the documents used, the seed, seq_len and the cache format); a different key is a
+    different directory, so a stale array is never read. Files are written atomically; a
+    cache that cannot be written is skipped (the arrays are recomputed).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None, key: dict[str, Any]) -> None:
+        text = json.dumps({"version": CACHE_VERSION, **key}, sort_keys=True)
+        self.key = json.loads(text)
+        self.dir = (Path(directory) / hashlib.sha256(text.encode()).hexdigest()[:24]
+                    if directory is not None else None)
+        self.hits = self.misses = 0
+
+    def get(self, name: str, compute) -> np.ndarray:
+        """The array ``name``: read from the cache, else ``compute()`` and stored."""
+        path = self.dir / f"{name}.npy" if self.dir is not None else None
+        if path is not None and path.is_file():
+            try:
+                array = np.load(path, mmap_mode="r")
+                self.hits += 1
+                return array
+            except (OSError, ValueError):  # unreadable: recompute and replace
+                pass
+        array = compute()
+        self.misses += 1
+        if path is not None:
+            self._store(path, array)
+        return array
+
+    def _store(self, path: Path, array: np.ndarray) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key_file = path.parent / "key.json"
+            if not key_file.exists():
+                _atomic(key_file, lambda f: f.write(json.dumps(self.key, indent=1).encode()))
+            _atomic(path, lambda f: np.save(f, array))
+        except OSError:
+            pass  # a read-only cache directory costs recomputation, not the run
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class SourceSamples:
+    """The samples of one source: documents ``first_document .. end_document - 1`` of
+    ``dataset``, shuffled per epoch with ``seed`` and ``source_id`` (see the module
+    docstring).
+
+    Raises:
+        ValueError: naming the prefix, when the documents hold no two-token document.
+    """
+
+    def __init__(self, dataset: IndexedDataset, documents: range, seq_len: int, seed: int,
+                 source_id: int, cache_dir: str | os.PathLike[str] | None,
+                 name: str = "") -> None:
+        self.dataset, self.documents, self.seq_len = dataset, documents, seq_len
+        self.seed, self.source_id = seed, source_id
+        self.name = name or dataset.prefix
+        lengths = dataset.document_lengths[documents.start:documents.stop]
+        self.lengths = lengths
+        self.tokens_per_epoch = int(lengths.sum())
+        if len(lengths) == 0 or lengths.max() < 2:
+            raise ValueError(f"data_path: {self.name!r} has no document of 2 tokens or more "
+                             f"({len(lengths)} documents, {self.tokens_per_epoch} tokens): "
+                             f"nothing to learn")
+        # Sample slots are shuffled in blocks of an epoch's worth of samples.
+        self.block = max(1, self.tokens_per_epoch // seq_len)
+        self.cache = IndexCache(cache_dir, {
+            "index_sha256": file_digest(dataset.idx_path),
+            "bin_bytes": dataset.bin_path.stat().st_size,
+            "documents": [documents.start, documents.stop], "seq_len": seq_len, "seed": seed,
+            "source": source_id})
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def epochs_for(self, samples: int) -> float:
+        """Epochs of this source that ``samples`` samples read."""
+        return samples * self.seq_len / self.tokens_per_epoch
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, token end of each document in that order) of epoch ``e``."""
+        if e not in self._epochs:
+            order = self.cache.get(f"epoch-{e}-order", lambda: _rng(
+                self.seed, self.source_id, 0, e).permutation(len(self.lengths)).astype(np.int64))
+            ends = self.cache.get(f"epoch-{e}-ends",
+                                  lambda: np.cumsum(self.lengths[order], dtype=np.int64))
+            self._epochs[e] = (order, ends)
+        return self._epochs[e]
+
+    def slot_sample(self, slot: int) -> int:
+        """The sample that slot ``slot`` of this source reads (slots shuffled in blocks)."""
+        block, within = divmod(slot, self.block)
+        if block not in self._blocks:
+            self._blocks[block] = self.cache.get(f"block-{block}", lambda: _rng(
+                self.seed, self.source_id, 1, block).permutation(self.block).astype(np.int64))
+        return block * self.block + int(self._blocks[block][within])
+
+    def window(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (L + 1,) int64, starts (L + 1,) bool: a document begins there) of the
+        sample in ``slot``."""
+        length = self.seq_len + 1
+        tokens = np.empty(length, np.int64)
+        starts = np.zeros(length, bool)
+        position = self.slot_sample(slot) * self.seq_len
+        epoch, offset = divmod(position, self.tokens_per_epoch)
+        order, ends = self.epoch(epoch)
+        index = int(np.searchsorted(ends, offset, side="right"))
+        within = offset - (int(ends[index]) - int(self.lengths[order[index]]))
+        filled = 0
+        data = self.dataset.tokens()
+        first_document = self.documents.start
+        while filled < length:
+            if index == len(order):  # on into the next epoch's order
+                epoch += 1
+                order, ends = self.epoch(epoch)
+                index = 0
+            document = int(order[index])
+            size = int(self.lengths[document])
+            take = min(size - within, length - filled)
+            if take > 0:
+                start = int(self.dataset.document_starts[first_document + document]) + within
+                tokens[filled:filled + take] = data[start:start + take]
+                starts[filled] = within == 0
+                filled += take
+            index, within = index + 1, 0
+        return tokens, starts
+
+
+def pack(windows: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int,
+         document_masking: bool = True) -> Batch:
+    """Rows of ``seq_len`` tokens from windows of ``seq_len + 1`` (tokens, document starts;
+    see the module docstring)."""
+    tokens = (torch.from_numpy(np.stack([w[0] for w in windows])) if windows
+              else torch.zeros(0, seq_len + 1, dtype=torch.int64))
+    starts = (torch.from_numpy(np.stack([w[1] for w in windows])) if windows
+              else torch.zeros(0, seq_len + 1, dtype=torch.bool))
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].clone()
+    rows, length = inputs.shape
+    columns = torch.arange(length).expand(rows, length)
+    if not document_masking:
+        return Batch(inputs, labels, columns.contiguous())
+    begins = starts[:, :-1].clone()
+    begins[:, 0] = True  # each row starts a document, or a piece of one
+    # position = column - the column of the latest document start at or before it
+    last_start = torch.where(begins, columns, torch.zeros_like(columns)).cummax(dim=1).values
+    labels[starts[:, 1:]] = -100  # a document's last token: its successor is another's
+    return Batch(inputs, labels, (columns - last_start).contiguous())
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Which documents of a dataset train and which validate."""
+
+    train: range
+    valid: range
+
+
+def split_documents(count: int, split: tuple[float, ...] | None) -> _Split:
+    """The first documents train, the next validate (``split``: train, valid[, test]
+    weights, Megatron's --split; the test share is not read here)."""
+    if split is None:
+        return _Split(range(count), range(count, count))
+    share = shares(split)
+    train_end = round(count * share[0])
+    valid_end = round(count * (share[0] + share[1]))
+    return _Split(range(train_end), range(train_end, valid_end))
+
+
+def parse_split(text: str, arg: str = "split") -> tuple[float, ...]:
+    """``"99,1"`` (or ``"969,30,1"``) to weights; ValueError naming ``arg``."""
+    try:
+        parts = tuple(float(p) for p in str(text).replace("/", ",").split(","))
+    except ValueError:
+        raise ValueError(f"{arg}: expected comma-separated weights like 99,1, got {text!r}"
+                         ) from None
+    if not 2 <= len(parts) <= 3 or any(not math.isfinite(p) or p < 0 for p in parts) or \
+            parts[0] <= 0 or sum(parts) <= 0:
+        raise ValueError(f"{arg}: expected train,valid[,test] weights >= 0 with a train share, "
+                         f"got {text!r}")
+    return parts
+
+
+class Blend:
+    """Sources with shares, and the global sample order over them (eurocore.data.blend)."""
+
+    def __init__(self, sources: Sequence[SourceSamples], weights: Sequence[float]) -> None:
+        self.sources, self.weights = list(sources), shares(weights)
+
+    def windows(self, first: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        source, slot = blend(self.weights, first, count)
+        return [self.sources[d].window(int(k)) for d, k in zip(source, slot, strict=True)]
+
+    def samples_of(self, total: int) -> np.ndarray:
+        """How many of the first ``total`` global samples each source serves."""
+        source, _ = blend(self.weights, 0, total) if total else (np.zeros(0, np.int64), None)
+        return np.bincount(source, minlength=len(self.sources))
+
+
+class CorpusSource:
+    """Tokenized corpora as a ``TokenSource``: global batch s is global samples
+    ``s·batch_size ..`` of the training blend, packed into rows; validation batch i the
+    same of the validation blend (held-out documents of each source, ``split``, or separate
+    prefixes, ``valid_data_path``).
+
+    Args:
+        data_path: Megatron's syntax (see ``eurocore.data.blend``).
+        seq_len, batch_size: the rows of a global batch.
+        seed: fixes every order.
+        split: train,valid[,test] weights of each source's documents, or None.
+        valid_data_path: validation prefixes (instead of a split).
+        document_masking: positions restart and labels stop at document boundaries.
+        cache_dir: where permutations are cached (None: not cached).
+        planned_steps: the run's length, for the epochs line of :meth:`describe`.
+
+    Raises:
+        ValueError: naming ``data_path`` (or ``valid_data_path``, ``split``), for a missing
+            or malformed dataset, a source with nothing to learn, or a bad syntax.
+    """
+
+    def __init__(self, data_path: Sequence[str], *, seq_len: int, batch_size: int,
+                 seed: int = 0, split: str | None = None,
+                 valid_data_path: Sequence[str] | None = None, document_masking: bool = True,
+                 cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
+                 planned_steps: int = 0) -> None:
+        started = time.perf_counter()
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.document_masking, self.loss_floor = document_masking, None
+        self.split = parse_split(split) if split is not None else None
+        if self.split is not None and valid_data_path:
+            raise ValueError("split: give a split or validation prefixes (valid_data_path), "
+                             "not both")
+        pairs = parse_data_path(data_path, "data_path")
+        datasets = {prefix: _open(prefix, "data_path") for _, prefix in pairs}
+        weights = [w if w is not None else datasets[p].num_tokens for w, p in pairs]
+        splits = [split_documents(datasets[p].num_documents, self.split) for _, p in pairs]
+        self.train = Blend([SourceSamples(datasets[p], s.train, seq_len, seed, d, cache_dir, p)
+                            for d, ((_, p), s) in enumerate(zip(pairs, splits, strict=True))],
+                           weights)
+        self.valid: Blend | None = None
+        if self.split is not None and self.split[1] > 0:
+            self.valid = Blend([SourceSamples(datasets[p], s.valid, seq_len, seed, d,
+                                              cache_dir, f"{p} (validation split)")
+                                for d, ((_, p), s) in enumerate(zip(pairs, splits,
+                                                                    strict=True))], weights)
+        elif valid_data_path:
+            valid_pairs = parse_data_path(valid_data_path, "valid_data_path")
+            valid_sets = {p: _open(p, "valid_data_path") for _, p in valid_pairs}
+            self.valid = Blend(
+                [SourceSamples(valid_sets[p], range(valid_sets[p].num_documents), seq_len,
+                               seed, d, cache_dir, p) for d, (_, p) in enumerate(valid_pairs)],
+                [w if w is not None else valid_sets[p].num_tokens for w, p in valid_pairs])
+        self.prefixes = [p for _, p in pairs]
+        self.datasets = datasets
+        self.planned_steps = planned_steps
+        self.build_seconds = time.perf_counter() - started
+
+    def global_batch(self, step: int, rows: slice = slice(None)) -> Batch:
+        first, stop, _ = rows.indices(self.batch_size)
+        windows = self.train.windows(step * self.batch_size + first, max(0, stop - first))
+        return pack(windows, self.seq_len, self.document_masking)
+
+    def validation_batch(self, index: int, rows: slice = slice(None)) -> Batch | None:
+        if self.valid is None:
+            return None
+        first, stop, _ = rows.indices(self.batch_size)
+        windows = self.valid.windows(index * self.batch_size + first, max(0, stop - first))
+        return pack(windows, self.seq_len, self.document_masking)
+
+    def max_token_id(self) -> int:
+        """The largest token id of every dataset (from its PREFIX.json when that belongs to
+        this index, else by reading the tokens)."""
+        return max(_max_token(dataset) for dataset in self.datasets.values())
+
+    def describe(self) -> str:
+        samples = self.train.samples_of(self.planned_steps * self.batch_size)
+        parts = []
+        for source, share, n in zip(self.train.sources, self.train.weights, samples,
+                                    strict=True):
+            epochs = source.epochs_for(int(n))
+            parts.append(f"{source.name} {share:.1%} ({source.tokens_per_epoch:,} tokens, "
+                         f"{epochs:.2f} epoch{'s' if epochs != 1 else ''} in this run)")
+        valid = "none" if self.valid is None else (
+            "the split's held-out documents" if self.split else "separate prefixes")
+        masking = "per document" if self.document_masking else "off (causal over the row)"
+        return (f"{len(parts)} source(s): {'; '.join(parts)}; validation: {valid}; "
+                f"document masking {masking}; indices built in {self.build_seconds:.2f} s")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"source": "corpus", "prefixes": self.prefixes,
+                "weights": [float(w) for w in self.train.weights],
+                "index_sha256": [s.cache.key["index_sha256"] for s in self.train.sources],
+                "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "split": list(self.split) if self.split else None,
+                "document_masking": self.document_masking}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ours = self.state_dict()
+        differ = sorted(k for k in set(ours) | set(state) if ours.get(k) != state.get(k))
+        if differ:
+            raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: "
+                             f"saved {[state.get(k) for k in differ]}, now "
+                             f"{[ours.get(k) for k in differ]}")
+
+
+def _open(prefix: str, arg: str) -> IndexedDataset:
+    try:
+        return IndexedDataset(prefix)
+    except ValueError as err:
+        raise ValueError(f"{arg}: {str(err).removeprefix('data: ')}") from None
+
+
+def _max_token(dataset: IndexedDataset) -> int:
+    summary = Path(dataset.prefix + ".json")
+    if summary.is_file():
+        try:
+            info = json.loads(summary.read_text())
+            if info.get("tokens") == dataset.num_tokens and "max_token_id" in info:
+                return int(info["max_token_id"])
+        except (OSError, ValueError):
+            pass
+    return dataset.max_token()
