@@ -1,0 +1,300 @@
+"""Corpora as a token source: exact blending, epochs of shuffled documents, packing into
+rows (positions, labels, no attention across documents), batches independent of the
+layout, the index cache, and the start-up checks."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from eurocore.data import indexed
+from eurocore.data.blend import blend, parse_data_path
+from eurocore.data.corpus import CorpusSource, IndexCache, SourceSamples, pack
+from eurocore.data.indexed import IndexedDataset, IndexedDatasetWriter
+from eurocore.model import LlamaModel, preset
+from tests.data.corpora import make_corpus, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """A tokenizer and three prepared corpora of different sizes."""
+    root = tmp_path_factory.mktemp("corpora")
+    tokenizer = make_tokenizer(root)
+    prefixes = [make_corpus(root, tokenizer, name, count, seed)
+                for name, count, seed in (("big", 300, 0), ("mid", 120, 1), ("small", 20, 2))]
+    return tokenizer, prefixes, root
+
+
+def _source(prefixes, tmp_path, **kwargs):
+    weights = kwargs.pop("weights", (0.6, 0.3, 0.1))
+    data_path = [str(x) for pair in zip(weights, prefixes, strict=True) for x in pair]
+    options = dict(seq_len=32, batch_size=8, seed=3, cache_dir=tmp_path / "cache")
+    return CorpusSource(data_path, **{**options, **kwargs})
+
+
+# --- blending -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", [(0.7, 0.2, 0.1), (1, 1), (5, 3, 1, 1, 0.5), (0.999, 0.001)])
+def test_every_window_of_1000_is_within_one_point_of_the_weights(weights):
+    source, _ = blend(weights, 0, 40_000)
+    shares = np.asarray(weights) / sum(weights)
+    for start in range(0, 39_000, 487):
+        counts = np.bincount(source[start:start + 1000], minlength=len(weights)) / 1000
+        assert np.abs(counts - shares).max() <= 0.01, (start, counts, shares)
+
+
+def test_blend_is_a_pure_function_of_the_index():
+    """Any slice of the order equals the same slice computed alone, far into a run too;
+    each source's samples come in order 0, 1, 2, ..."""
+    weights = (0.5, 0.3, 0.2)
+    source, index = blend(weights, 0, 20_000)
+    for first in (0, 1, 777, 19_000):
+        s, i = blend(weights, first, 1000)
+        assert np.array_equal(s, source[first:first + 1000])
+        assert np.array_equal(i, index[first:first + 1000])
+    for d in range(3):
+        assert np.array_equal(index[source == d], np.arange((source == d).sum()))
+    far = blend(weights, 10**12, 64)[0]
+    assert np.abs(np.bincount(far, minlength=3) / 64 - np.array(weights)).max() < 0.05
+
+
+@pytest.mark.parametrize("items, message", [
+    (["0.5", "a", "b"], "pairs"),
+    (["a", "0.5", "b"], "a weight before every prefix"),
+    (["0", "a"], "finite and > 0"),
+    (["nan", "a"], "finite and > 0"),
+    (["0.5", "1.0"], "W PREFIX pairs"),
+    ([], "expected W1 PREFIX1"),
+])
+def test_data_path_syntax_errors_name_the_option(items, message):
+    with pytest.raises(ValueError, match=rf"^data_path: .*{message}"):
+        parse_data_path(items)
+
+
+# --- the samples of one source ----------------------------------------------------------
+
+def test_consecutive_samples_continue_the_stream_across_epochs(corpora, tmp_path):
+    """Sample a ends where sample a + 1 begins (one token shared: the last label); an
+    epoch reads every document once; the next epoch reads them in another order."""
+    _, prefixes, _ = corpora
+    dataset = IndexedDataset(prefixes[2])
+    samples = SourceSamples(dataset, range(dataset.num_documents), 16, seed=5, source_id=0,
+                            cache_dir=None)
+    stream = []
+    per_epoch = samples.tokens_per_epoch
+    count = 3 * per_epoch // 16
+    windows = [_window_of_sample(samples, a) for a in range(count)]
+    for a in range(count - 1):
+        assert windows[a][0][-1] == windows[a + 1][0][0]
+        stream.extend(windows[a][0][:-1])
+    first, second = samples.epoch(0)[0], samples.epoch(1)[0]
+    assert sorted(first.tolist()) == list(range(dataset.num_documents))
+    assert not np.array_equal(first, second)
+    expected = np.concatenate([dataset.document(int(d)) for d in first])
+    assert np.array_equal(np.asarray(stream[:per_epoch]), expected)
+
+
+def _window_of_sample(samples: SourceSamples, sample: int):
+    """The window of sample ``sample`` itself (not of a slot): bypass the slot shuffle."""
+    real = samples.slot_sample
+    samples.slot_sample = lambda slot: slot
+    try:
+        return samples.window(sample)
+    finally:
+        samples.slot_sample = real
+
+
+def test_slots_are_a_shuffle_of_samples_in_blocks(corpora):
+    _, prefixes, _ = corpora
+    dataset = IndexedDataset(prefixes[1])
+    samples = SourceSamples(dataset, range(dataset.num_documents), 16, seed=1, source_id=2,
+                            cache_dir=None)
+    block = samples.block
+    served = [samples.slot_sample(k) for k in range(3 * block)]
+    for b in range(3):
+        assert sorted(served[b * block:(b + 1) * block]) == list(range(b * block,
+                                                                      (b + 1) * block))
+    assert served[:block] != list(range(block))
+
+
+def test_document_starts_in_a_window(corpora):
+    _, prefixes, _ = corpora
+    dataset = IndexedDataset(prefixes[0])
+    samples = SourceSamples(dataset, range(dataset.num_documents), 64, seed=0, source_id=0,
+                            cache_dir=None)
+    _order, ends = samples.epoch(0)
+    _tokens, starts = _window_of_sample(samples, 0)
+    boundaries = [int(e) for e in ends if int(e) < 65]
+    assert starts[0] and [i for i in range(1, 65) if starts[i]] == [b for b in boundaries
+                                                                   if b > 0]
+
+
+# --- packing ----------------------------------------------------------------------------
+
+def _windows():
+    """Two windows of 8 + 1 tokens: documents [0..2], [3..6], [7..8]; and one document
+    piece [0..4] then a document from 5."""
+    first = (np.arange(9), np.array([1, 0, 0, 1, 0, 0, 0, 1, 0], bool))
+    second = (np.arange(100, 109), np.array([0, 0, 0, 0, 0, 1, 0, 0, 0], bool))
+    return [first, second]
+
+
+def test_packing_restarts_positions_and_stops_labels_at_documents():
+    batch = pack(_windows(), 8)
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 0, 1, 2]]
+    assert batch.tokens.tolist() == [list(range(8)), list(range(100, 108))]
+    assert batch.labels.tolist() == [[1, 2, -100, 4, 5, 6, -100, 8],
+                                     [101, 102, 103, 104, -100, 106, 107, 108]]
+
+
+def test_packing_without_document_masking_is_one_causal_sequence():
+    batch = pack(_windows(), 8, document_masking=False)
+    assert batch.position_ids.tolist() == [list(range(8))] * 2
+    assert batch.labels.tolist() == [list(range(1, 9)), list(range(101, 109))]
+
+
+def test_a_model_on_packed_rows_equals_one_forward_per_document(corpora, tmp_path):
+    """The loss of packed rows equals the token-weighted mean of each document piece run
+    alone: no token attends across a document boundary, no label crosses it."""
+    _tokenizer, prefixes, _ = corpora
+    source = _source(prefixes, tmp_path)
+    batch = source.global_batch(0)
+    model = LlamaModel(preset("tiny", vocab_size=600, max_seq_len=64))
+    packed = model(batch.tokens, batch.labels, position_ids=batch.position_ids)
+    total, count = 0.0, 0
+    for row in range(batch.tokens.shape[0]):
+        starts = [*(batch.position_ids[row] == 0).nonzero().flatten().tolist(), source.seq_len]
+        for begin, end in itertools.pairwise(starts):
+            labels = batch.labels[row, begin:end]
+            kept = int((labels != -100).sum())
+            if kept:
+                loss = model(batch.tokens[row:row + 1, begin:end], labels[None])
+                total += loss.item() * kept
+                count += kept
+    assert count == int((batch.labels != -100).sum())
+    assert packed.item() == pytest.approx(total / count, rel=1e-5)
+
+
+# --- the source --------------------------------------------------------------------------
+
+def test_batches_do_not_depend_on_the_layout(corpora, tmp_path):
+    """A replica's rows are its slice of the global batch: DP 2's two halves (and DP 4's
+    quarters) put together are DP 1's batch, for the training and validation data."""
+    _, prefixes, _ = corpora
+    source = _source(prefixes, tmp_path, split="90,10")
+    for step in (0, 5):
+        whole = source.global_batch(step)
+        for replicas in (2, 4):
+            size = source.batch_size // replicas
+            parts = [source.global_batch(step, slice(r * size, (r + 1) * size))
+                     for r in range(replicas)]
+            for name in ("tokens", "labels", "position_ids"):
+                assert torch.equal(torch.cat([getattr(p, name) for p in parts]),
+                                   getattr(whole, name))
+    valid = source.validation_batch(1)
+    assert torch.equal(torch.cat([source.validation_batch(1, slice(0, 4)).tokens,
+                                  source.validation_batch(1, slice(4, 8)).tokens]), valid.tokens)
+
+
+def test_the_order_is_a_pure_function_of_the_seed(corpora, tmp_path):
+    _, prefixes, _ = corpora
+    a, b = _source(prefixes, tmp_path), _source(prefixes, tmp_path / "other")
+    c = _source(prefixes, tmp_path, seed=4)
+    assert torch.equal(a.global_batch(3).tokens, b.global_batch(3).tokens)
+    assert not torch.equal(a.global_batch(3).tokens, c.global_batch(3).tokens)
+
+
+def test_split_keeps_validation_documents_out_of_training(corpora, tmp_path):
+    _, prefixes, _ = corpora
+    source = _source(prefixes[:1], tmp_path, weights=(1,), split="80,20")
+    (train,), (valid,) = source.train.sources, source.valid.sources
+    assert train.documents.stop == valid.documents.start
+    assert valid.documents.stop == IndexedDataset(prefixes[0]).num_documents
+    assert len(valid.documents) == round(0.2 * IndexedDataset(prefixes[0]).num_documents)
+
+
+def test_small_sources_are_reread_in_fresh_epochs(corpora, tmp_path):
+    """The smallest corpus serves 10% of a long run: several epochs, said in the log."""
+    _, prefixes, _ = corpora
+    source = _source(prefixes, tmp_path, planned_steps=200)
+    line = source.describe()
+    small = source.train.sources[2]
+    epochs = small.epochs_for(int(source.train.samples_of(200 * 8)[2]))
+    assert epochs > 2 and f"{epochs:.2f} epochs" in line
+
+
+def test_the_cache_is_used_and_never_stale(corpora, tmp_path):
+    tokenizer, prefixes, _root = corpora
+    first = _source(prefixes, tmp_path)
+    first.global_batch(0)
+    second = _source(prefixes, tmp_path)
+    before = second.global_batch(0)
+    assert all(s.cache.hits > 0 and s.cache.misses == 0 for s in second.train.sources
+               if s.cache.hits + s.cache.misses)
+    # the same prefix rewritten with other documents: another key, recomputed
+    copy = tmp_path / "copy"
+    prefix = make_corpus(copy, tokenizer, "big", 300, seed=9)
+    shutil.copy(prefix + ".bin", prefixes[0] + ".bin.new")
+    changed = CorpusSource([prefix], seq_len=32, batch_size=8, seed=3,
+                           cache_dir=tmp_path / "cache")
+    assert changed.train.sources[0].cache.dir != second.train.sources[0].cache.dir
+    os.unlink(prefixes[0] + ".bin.new")
+    # a damaged cache file is recomputed
+    directory = second.train.sources[0].cache.dir
+    for path in directory.glob("*.npy"):
+        path.write_bytes(b"not an array")
+    third = _source(prefixes, tmp_path)
+    assert torch.equal(third.global_batch(0).tokens, before.tokens)
+
+
+def test_a_read_only_cache_directory_costs_recomputation_only(corpora, tmp_path):
+    _, _prefixes, _ = corpora
+    cache = IndexCache(tmp_path / "file-not-dir" / "x", {"k": 1})
+    (tmp_path / "file-not-dir").write_text("")
+    assert cache.get("a", lambda: np.arange(3)).tolist() == [0, 1, 2]
+
+
+# --- start-up checks ---------------------------------------------------------------------
+
+def test_a_missing_prefix_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"^data_path: '.*nope.idx' does not exist"):
+        CorpusSource([str(tmp_path / "nope")], seq_len=8, batch_size=2, cache_dir=None)
+
+
+def test_a_corpus_of_one_token_documents_is_refused(tmp_path):
+    prefix = str(tmp_path / "ones")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for token in range(20):
+            writer.add_document(np.array([token]))
+    with pytest.raises(ValueError, match=r"^data_path: .* no document of 2 tokens or more"):
+        CorpusSource([prefix], seq_len=8, batch_size=2, cache_dir=None)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(corpora, tmp_path):
+    from eurocore.train.config import TrainConfig
+    from eurocore.train.trainer import build_source
+
+    _, prefixes, _ = corpora
+    config = TrainConfig(data_path=(prefixes[0],), seq_len=32, data_cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^data_path: the corpora hold token id \d+, beyond "
+                                         r"the model's vocab_size 250"):
+        build_source(config, config.model_config())  # tiny's 250 < the tokenizer's 500
+
+
+def test_thousands_of_prefixes_stay_within_the_map_budget(corpora):
+    """Opening and reading 2,000 datasets keeps at most MAX_OPEN_MAPS token files mapped,
+    so file descriptors (a map holds one) stay within that budget instead of 2,000."""
+    _, prefixes, _ = corpora
+    fds_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    opened = [IndexedDataset(prefixes[2]) for _ in range(2000)]
+    for dataset in opened:
+        assert dataset.document(0).size > 0
+    mapped = sum(d._tokens is not None for d in opened)
+    assert mapped <= indexed.MAX_OPEN_MAPS
+    if fds_before:
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + indexed.MAX_OPEN_MAPS + 4
