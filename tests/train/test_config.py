@@ -4,6 +4,7 @@ file round-trips, flags override the file, and bad files name the key and the fi
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,30 @@ def test_values_from_the_file_are_checked_like_flags(tmp_path):
 
 def test_field_specs_cover_every_field():
     assert [s.name for s in field_specs()] == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+@pytest.mark.parametrize("name, world", [("eurollm-9b-lumi.toml", 16),
+                                         ("llama3-8b-nvidia.toml", 8)])
+def test_shipped_configs_load_and_fit_their_scripts(name, world):
+    """Every config in configs/ is valid and fits the ranks of the SLURM script using it."""
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "configs" / name)
+    config.layout(world)
+    script = (root / "scripts" / "slurm" / ("lumi.sbatch" if "lumi" in name
+                                            else "nvidia.sbatch")).read_text()
+    assert f"--config configs/{name}" in script
+
+
+def test_a_run_directory_config_is_read_back_as_it_is(tmp_path, monkeypatch):
+    """A run writes its resolved config.toml; --config reads it to the same config."""
+    import eurocore.train.__main__ as cli
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    runs = []
+    monkeypatch.setattr(cli, "train", lambda config, *a, **k: runs.append(config) or [])
+    argv = ["--steps", "3", "--lr", "0.001", "--layers", "3", "--output-dir",
+            str(tmp_path / "run"), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    written = tmp_path / "run" / "config.toml"
+    assert parse_config(_parser(), ["--config", str(written)]) == runs[0]
