@@ -323,6 +323,11 @@ class CorpusSource:
         self.prefixes = [p for _, p in pairs]
         self.datasets = datasets
         self.planned_steps = planned_steps
+        # Epoch 0's index now (from the cache, or built and cached): loader processes
+        # forked from here share it, and the start-up line says what it cost.
+        for blend_ in (self.train, self.valid):
+            for source in blend_.sources if blend_ is not None else ():
+                source.epoch(0)
         self.build_seconds = time.perf_counter() - started
 
     def global_batch(self, step: int, rows: slice = slice(None)) -> Batch:
@@ -353,8 +358,10 @@ class CorpusSource:
         valid = "none" if self.valid is None else (
             "the split's held-out documents" if self.split else "separate prefixes")
         masking = "per document" if self.document_masking else "off (causal over the row)"
+        cached = all(s.cache.hits and not s.cache.misses for s in self.train.sources)
         return (f"{len(parts)} source(s): {'; '.join(parts)}; validation: {valid}; "
-                f"document masking {masking}; indices built in {self.build_seconds:.2f} s")
+                f"document masking {masking}; indices "
+                f"{'read from the cache' if cached else 'built'} in {self.build_seconds:.2f} s")
 
     def state_dict(self) -> dict[str, Any]:
         return {"source": "corpus", "prefixes": self.prefixes,

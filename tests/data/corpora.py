@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from eurocore.data.example import EOS, train_tokenizer
+
 # Multilingual text with the hard cases: accents, Cyrillic, Greek, CJK, emoji, blank lines.
 TEXTS = [
     "Hyvää päivää! Tämä on suomenkielinen lause, jossa on ääkkösiä.",
@@ -24,26 +26,13 @@ TEXTS = [
     "Zażółć gęślą jaźń. Příliš žluťoučký kůň úpěl ďábelské ódy.",
     "The quick brown fox jumps over the lazy dog.\nA second line in the same document.",
 ]
-EOS = "</s>"
 
 
 def make_tokenizer(directory: Path, vocab_size: int = 500) -> Path:
     """A byte-level BPE tokenizer trained on TEXTS (any Unicode encodes), with ``</s>`` as
-    its end-of-document token named in tokenizer_config.json; returns its directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(TEXTS * 10, trainer)
-    directory = Path(directory) / "tokenizer"
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
-    return directory
+    its end-of-document token named in tokenizer_config.json; returns its directory
+    (``directory/tokenizer``)."""
+    return train_tokenizer(TEXTS * 10, Path(directory) / "tokenizer", vocab_size, EOS)
 
 
 def documents(count: int, seed: int = 0) -> list[str]:
