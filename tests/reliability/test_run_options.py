@@ -44,10 +44,12 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAS
 
 
 @pytest.fixture(autouse=True)
-def _one_plain_process(monkeypatch):
-    """Every test here runs as one plain process, whatever the shell exported."""
+def _one_plain_process(monkeypatch, tmp_path):
+    """Every test here runs as one plain process, whatever the shell exported, in a fresh
+    directory (a run's default output directory, runs/..., lands there)."""
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 class Calls:
@@ -366,7 +368,7 @@ def test_metrics_json_holds_every_logged_step(tmp_path, capsys):
     assert isinstance(history, list)
     assert [m["step"] for m in history] == [0, 1, 2]
     assert all(math.isfinite(m["loss"]) and m["lr"] > 0 for m in history)
-    assert sum(line.startswith("step") for line in out.splitlines()) == 3
+    assert sum(line.startswith("step ") for line in out.splitlines()) == 3
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
 
@@ -377,11 +379,11 @@ def test_metrics_json_grows_as_steps_are_logged(tmp_path, monkeypatch, capsys):
     path = tmp_path / "metrics.json"
     seen: list[list[int]] = []
 
-    def spy_train(config, process, log, on_step):
+    def spy_train(config, process, log, on_step, data=None):
         def watch(metrics):
             on_step(metrics)
             seen.append([m["step"] for m in json.loads(path.read_text())])
-        return train(config, process, log=log, on_step=watch)
+        return train(config, process, log=log, on_step=watch, data=data)
 
     monkeypatch.setattr(train_module, "train", spy_train)
     assert train_main([*SHORT_RUN, "--metrics-json", str(path)]) == 0
@@ -405,9 +407,9 @@ def test_metrics_json_rewrites_are_throttled(tmp_path, monkeypatch, capsys):
 
 def test_metrics_json_keeps_the_steps_of_a_run_cut_short(tmp_path, monkeypatch):
     """A run that dies after its first logged step leaves that step in the file."""
-    path = tmp_path / "metrics.json"
+    path = tmp_path / "out" / "metrics.json"
 
-    def dies_after_one_step(config, process, log, on_step):
+    def dies_after_one_step(config, process, log, on_step, data=None):
         on_step({"step": 0, "loss": 5.5, "lr": 3e-3, "grad_norm": 1.0,
                  "tokens_per_s": 1.0, "step_ms": 1.0})
         raise RuntimeError("killed")
@@ -416,7 +418,7 @@ def test_metrics_json_keeps_the_steps_of_a_run_cut_short(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         train_main([*SHORT_RUN, "--metrics-json", str(path)])
     assert [m["step"] for m in json.loads(path.read_text())] == [0]
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 
 
 def test_train_calls_on_step_as_each_step_is_logged():

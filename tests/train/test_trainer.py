@@ -175,7 +175,8 @@ def test_torchrun_tp_and_pp_on_four_ranks(tmp_path):
          "-m", "eurocore.train", "--tp", "2", "--pp", "2", "--sequence-parallel",
          "--micro-batch-size", "4", "--steps", "3", "--log-every", "1",
          "--metrics-json", str(metrics)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tp 2 (sequence parallel) x pp 2" in result.stdout
     assert "expected pipeline bubble 20.0%" in result.stdout  # (2 - 1) / (4 + 2 - 1)
@@ -191,7 +192,7 @@ def test_torchrun_command(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "-m", "eurocore.train", "--tp", "2", "--sequence-parallel", "--steps", "8",
          "--log-every", "4", "--metrics-json", str(metrics)],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout and "floor" in result.stdout
     history = json.loads(metrics.read_text())
