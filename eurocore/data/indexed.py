@@ -266,8 +266,10 @@ class IndexedDatasetWriter:
         self._bin.write(np.ascontiguousarray(tokens, self.dtype).tobytes())
         self._lengths.extend(int(n) for n in lengths)
 
-    def finish(self) -> None:
-        """Writes the index and renames both files into place (the ``.idx`` last)."""
+    def finish(self, before_index=None) -> None:
+        """Writes the index and renames both files into place, the ``.idx`` last;
+        ``before_index()`` runs between the two (a summary file that a dataset must never
+        lack: until the ``.idx`` is in place there is no dataset)."""
         self._bin.close()
         lengths = np.asarray(self._lengths, np.int32)
         pointers = np.zeros(len(lengths), np.int64)
@@ -282,6 +284,8 @@ class IndexedDatasetWriter:
         # An older .idx must not pair with the new .bin if we stop between the renames.
         self.idx_path.unlink(missing_ok=True)
         os.replace(self._bin_tmp, self.bin_path)
+        if before_index is not None:
+            before_index()
         os.replace(self._idx_tmp, self.idx_path)
         self.finished = True
 

@@ -21,6 +21,7 @@ output is the same whatever their number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gzip
 import io
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,48 @@ def _format(path: str) -> tuple[str, str | None]:
     return "text", compression
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a zstd file, frame after frame; a file that ends inside a
+    frame raises EOFError (zstandard's stream reader would just stop there, and the rest of
+    the corpus would be lost without a word)."""
+
+    def __init__(self, raw: io.RawIOBase, zstandard) -> None:
+        self.raw, self.zstandard = raw, zstandard
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+        self.inside = False  # a frame has begun and not ended
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.inside:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._feed(chunk)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            self.inside = True
+            self.pending += self.frame.decompress(chunk)
+            if not self.frame.eof:
+                return
+            chunk = self.frame.unused_data  # the next frame begins here
+            self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+            self.inside = False
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 def _open(path: str, compression: str | None) -> tuple[BinaryIO, _CountingReader]:
     raw = _CountingReader(open(path, "rb"))  # noqa: SIM115 (closed with the stream)
     if compression == ".gz":
@@ -102,7 +146,7 @@ def _open(path: str, compression: str | None) -> tuple[BinaryIO, _CountingReader
             raw.close()
             raise ValueError(f"input: {path!r} is zstd-compressed and needs the 'zstandard' "
                              f"package (pip install 'eurocore[data]')") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), raw
+        return io.BufferedReader(_ZstdFrames(raw, zstandard)), raw
     return io.BufferedReader(raw), raw
 
 
@@ -133,7 +177,7 @@ def read_records(path: str, *, text_key: str, line_docs: bool,
                 else:
                     yield Record(path, f"line {number}",
                                  text=_decode(line, path, f"line {number}").rstrip("\r\n"))
-    except (OSError, EOFError) as err:  # unreadable, truncated or corrupt compression
+    except (OSError, EOFError, zlib.error) as err:  # unreadable, truncated or corrupt
         raise ValueError(f"input: cannot read {path!r} ({getattr(err, 'strerror', None) or err})"
                          ) from None
     except Exception as err:
@@ -221,6 +265,8 @@ def _json_text(record: Record) -> str:
     if not isinstance(value, dict) or key not in value:
         keys = ", ".join(map(repr, value)) if isinstance(value, dict) else type(value).__name__
         raise ValueError(f"{where}: no {key!r} key (found {keys}); see --text-key")
+    if value[key] is None:  # no text: an empty document, as a null Parquet cell
+        return ""
     if not isinstance(value[key], str):
         raise ValueError(f"{where}: {key!r} is a {type(value[key]).__name__}, not a string")
     return value[key]
@@ -279,9 +325,14 @@ def prepare(inputs: Sequence[str], tokenizer: str, output_prefix: str, *,
     info = tokenizer_info(tokenizer, eos_token)
     dtype = token_dtype(info.vocab_size)
     prefix = Path(output_prefix)
-    if not prefix.name:
-        raise ValueError(f"output_prefix: {output_prefix!r} names no file")
+    if not prefix.name or str(output_prefix).endswith(("/", os.sep)) or prefix.is_dir():
+        raise ValueError(f"output_prefix: {output_prefix!r} names a directory; give a "
+                         f"prefix (PREFIX.bin, PREFIX.idx and PREFIX.json are written)")
+    for suffix in (".bin", ".idx", ".json"):
+        if Path(str(prefix) + suffix).is_dir():
+            raise ValueError(f"output_prefix: {str(prefix) + suffix!r} is a directory")
     check_writable_dir("output_prefix", prefix.parent)
+    created = _missing_directories(prefix.parent)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     sizes = [os.path.getsize(p) for p in inputs]
     status = _Progress(sum(sizes), enabled=progress)
@@ -303,20 +354,36 @@ def prepare(inputs: Sequence[str], tokenizer: str, output_prefix: str, *,
                 if tokens.size:
                     counts["max_token_id"] = max(counts["max_token_id"], int(tokens.max()))
                 status.update(counts["documents"], counts["tokens"], done_bytes[0] + consumed[0])
-        status.update(counts["documents"], counts["tokens"], sum(sizes), force=True)
         if counts["documents"] == 0:
             raise ValueError(f"input: no documents in {len(inputs)} file(s) "
                              f"({counts['empty']} empty or blank ones skipped)")
-        writer.finish()
+        status.update(counts["documents"], counts["tokens"], sum(sizes), force=True)
+        summary: dict[str, Any] = {}
+
+        def write_summary() -> None:  # before the .idx: a dataset always has its summary
+            summary.update(_summary(counts, dtype, info, inputs, sizes, prefix, text_key,
+                                    line_docs, add_special_tokens, time.monotonic() - started))
+            write_json_atomically(summary, str(prefix) + ".json")
+
+        writer.finish(before_index=write_summary)
     except BaseException:
         writer.abort()
+        for directory in created:  # the deepest first; only if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     finally:
         status.close()
-    summary = _summary(counts, dtype, info, inputs, sizes, prefix, text_key, line_docs,
-                       add_special_tokens, time.monotonic() - started)
-    write_json_atomically(summary, str(prefix) + ".json")
     return summary
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """The directories of ``path`` that do not exist yet, the deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _tasks(inputs, sizes, text_key, line_docs, consumed, done_bytes) -> Iterator[list[Record]]:
