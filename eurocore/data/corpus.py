@@ -17,20 +17,23 @@ A row (``pack``): tokens are the window's first L, labels the next L. With docum
 (its end-of-document token) predicts nothing (-100): no token attends to another document,
 no label crosses a boundary. Without, the row is one causal sequence (Megatron's default).
 
-Permutations are cached as ``.npy`` (``IndexCache``), keyed by everything that changes them.
+Permutations are cached as ``.npy`` (``IndexCache``), keyed by everything that changes them
+(the dataset files' identity: path, size, inode, modification time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +42,7 @@ from eurocore.data.blend import blend, parse_data_path, shares
 from eurocore.data.indexed import IndexedDataset
 from eurocore.data.source import Batch
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "eurocore", "data-index")
 
 
@@ -50,13 +53,22 @@ def _rng(*keys: int) -> np.random.RandomState:
     return np.random.RandomState(int(state))
 
 
-def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file (an index file: a few bytes per document)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _permutation(n: int, *keys: int) -> np.ndarray:
+    """A permutation of range(n) drawn with ``_rng(*keys)``: int32 when n allows (half the
+    memory and cache of int64; the same permutation, as shuffle draws the same numbers)."""
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    _rng(*keys).shuffle(order)
+    return order
+
+
+def dataset_fingerprint(dataset: IndexedDataset) -> dict[str, Any]:
+    """What identifies a dataset's files without reading them: their real paths, sizes,
+    inodes and modification times (rewriting either file changes it), and its counts."""
+    files = {}
+    for kind, path in (("idx", dataset.idx_path), ("bin", dataset.bin_path)):
+        stat = path.stat()
+        files[kind] = [os.path.realpath(path), stat.st_size, stat.st_ino, stat.st_mtime_ns]
+    return {**files, "sequences": dataset.num_sequences, "documents": dataset.num_documents}
 
 
 class IndexCache:
@@ -65,8 +77,12 @@ class IndexCache:
     The key is everything that changes them (the index file's sha256, the token file's
     size, the documents used, the seed, seq_len and the cache format); a different key is a
     different directory, so a stale array is never read. Files are written atomically; a
-    cache that cannot be written is skipped (the arrays are recomputed).
+    cache that cannot be written is skipped (the arrays are recomputed). Computed arrays are
+    written by background threads (:meth:`wait` joins them).
     """
+
+    _writers: ClassVar[list[threading.Thread]] = []  # background writes of this process
+    _lock = threading.Lock()
 
     def __init__(self, directory: str | os.PathLike[str] | None, key: dict[str, Any]) -> None:
         text = json.dumps({"version": CACHE_VERSION, **key}, sort_keys=True)
@@ -87,9 +103,22 @@ class IndexCache:
                 pass
         array = compute()
         self.misses += 1
-        if path is not None:
-            self._store(path, array)
+        if path is not None:  # written beside the run, not before it (it is not needed now)
+            writer = threading.Thread(target=self._store, args=(path, array), daemon=False)
+            with IndexCache._lock:
+                IndexCache._writers = [t for t in IndexCache._writers if t.is_alive()]
+                IndexCache._writers.append(writer)
+            writer.start()
         return array
+
+    @staticmethod
+    def wait() -> None:
+        """Returns when every cache file being written is in place (the next run's start,
+        a benchmark's next timing)."""
+        with IndexCache._lock:
+            writers = list(IndexCache._writers)
+        for writer in writers:
+            writer.join()
 
     def _store(self, path: Path, array: np.ndarray) -> None:
         try:
@@ -103,7 +132,7 @@ class IndexCache:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -137,8 +166,7 @@ class SourceSamples:
         # Sample slots are shuffled in blocks of an epoch's worth of samples.
         self.block = max(1, self.tokens_per_epoch // seq_len)
         self.cache = IndexCache(cache_dir, {
-            "index_sha256": file_digest(dataset.idx_path),
-            "bin_bytes": dataset.bin_path.stat().st_size,
+            "dataset": dataset_fingerprint(dataset),
             "documents": [documents.start, documents.stop], "seq_len": seq_len, "seed": seed,
             "source": source_id})
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -151,8 +179,8 @@ class SourceSamples:
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, token end of each document in that order) of epoch ``e``."""
         if e not in self._epochs:
-            order = self.cache.get(f"epoch-{e}-order", lambda: _rng(
-                self.seed, self.source_id, 0, e).permutation(len(self.lengths)).astype(np.int64))
+            order = self.cache.get(f"epoch-{e}-order", lambda: _permutation(
+                len(self.lengths), self.seed, self.source_id, 0, e))
             ends = self.cache.get(f"epoch-{e}-ends",
                                   lambda: np.cumsum(self.lengths[order], dtype=np.int64))
             self._epochs[e] = (order, ends)
@@ -162,8 +190,8 @@ class SourceSamples:
         """The sample that slot ``slot`` of this source reads (slots shuffled in blocks)."""
         block, within = divmod(slot, self.block)
         if block not in self._blocks:
-            self._blocks[block] = self.cache.get(f"block-{block}", lambda: _rng(
-                self.seed, self.source_id, 1, block).permutation(self.block).astype(np.int64))
+            self._blocks[block] = self.cache.get(f"block-{block}", lambda: _permutation(
+                self.block, self.seed, self.source_id, 1, block))
         return block * self.block + int(self._blocks[block][within])
 
     def window(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +217,7 @@ class SourceSamples:
             size = int(self.lengths[document])
             take = min(size - within, length - filled)
             if take > 0:
-                start = int(self.dataset.document_starts[first_document + document]) + within
+                start = self.dataset.document_start(first_document + document) + within
                 tokens[filled:filled + take] = data[start:start + take]
                 starts[filled] = within == 0
                 filled += take
@@ -301,7 +329,7 @@ class CorpusSource:
             raise ValueError("split: give a split or validation prefixes (valid_data_path), "
                              "not both")
         pairs = parse_data_path(data_path, "data_path")
-        datasets = {prefix: _open(prefix, "data_path") for _, prefix in pairs}
+        datasets = {prefix: _open(prefix, "data_path", cache_dir) for _, prefix in pairs}
         weights = [w if w is not None else datasets[p].num_tokens for w, p in pairs]
         splits = [split_documents(datasets[p].num_documents, self.split) for _, p in pairs]
         self.train = Blend([SourceSamples(datasets[p], s.train, seq_len, seed, d, cache_dir, p)
@@ -315,7 +343,7 @@ class CorpusSource:
                                                                     strict=True))], weights)
         elif valid_data_path:
             valid_pairs = parse_data_path(valid_data_path, "valid_data_path")
-            valid_sets = {p: _open(p, "valid_data_path") for _, p in valid_pairs}
+            valid_sets = {p: _open(p, "valid_data_path", cache_dir) for _, p in valid_pairs}
             self.valid = Blend(
                 [SourceSamples(valid_sets[p], range(valid_sets[p].num_documents), seq_len,
                                seed, d, cache_dir, p) for d, (_, p) in enumerate(valid_pairs)],
@@ -366,7 +394,8 @@ class CorpusSource:
     def state_dict(self) -> dict[str, Any]:
         return {"source": "corpus", "prefixes": self.prefixes,
                 "weights": [float(w) for w in self.train.weights],
-                "index_sha256": [s.cache.key["index_sha256"] for s in self.train.sources],
+                "documents": [d.num_documents for d in self.datasets.values()],
+                "tokens": [d.num_tokens for d in self.datasets.values()],
                 "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "split": list(self.split) if self.split else None,
                 "document_masking": self.document_masking}
@@ -380,9 +409,21 @@ class CorpusSource:
                              f"{[ours.get(k) for k in differ]}")
 
 
-def _open(prefix: str, arg: str) -> IndexedDataset:
+def _open(prefix: str, arg: str, cache_dir: str | os.PathLike[str] | None) -> IndexedDataset:
+    """The dataset at ``prefix``, verified once per version of its files: the cache records
+    a passed check under the files' fingerprint (a later open skips the pass over the
+    index). ValueError naming ``arg``."""
     try:
-        return IndexedDataset(prefix)
+        dataset = IndexedDataset(prefix, verify=False)
+        record = IndexCache(cache_dir, {"verified": dataset_fingerprint(dataset)})
+        marker = record.dir / "verified.json" if record.dir is not None else None
+        if marker is None or not marker.is_file():
+            dataset.verify()
+            if marker is not None:
+                with contextlib.suppress(OSError):
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    _atomic(marker, lambda f: f.write(json.dumps(record.key).encode()))
+        return dataset
     except ValueError as err:
         raise ValueError(f"{arg}: {str(err).removeprefix('data: ')}") from None
 

@@ -24,6 +24,7 @@ import collections
 import os
 import struct
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, bou
 # Token files kept mapped at once, across every dataset of the process: a blend of
 # thousands of prefixes maps them as they are read and unmaps the least recently used.
 MAX_OPEN_MAPS = 64
+# Indexes from this size on are memory-mapped rather than read (about 800,000 documents).
+MAP_INDEX_BYTES = 16 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -54,19 +57,26 @@ def paths(prefix: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 class _OpenMaps:
     """The process's mapped token files, least recently used first; at most MAX_OPEN_MAPS
-    (each holds a file descriptor's worth of kernel resources)."""
+    (each holds a file descriptor). Weak references: a dataset nobody uses is freed."""
 
     def __init__(self) -> None:
-        self._maps: collections.OrderedDict[int, IndexedDataset] = collections.OrderedDict()
+        self._maps: collections.OrderedDict[int, weakref.ref] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def touch(self, dataset: IndexedDataset) -> None:
         with self._lock:
-            self._maps[id(dataset)] = dataset
-            self._maps.move_to_end(id(dataset))
+            key = id(dataset)
+            if key not in self._maps:
+                self._maps[key] = weakref.ref(dataset, lambda _, key=key: self._drop(key))
+            self._maps.move_to_end(key)
             while len(self._maps) > MAX_OPEN_MAPS:
                 _, oldest = self._maps.popitem(last=False)
-                oldest._unmap()
+                if (alive := oldest()) is not None:
+                    alive._unmap()
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            self._maps.pop(key, None)
 
     def forget(self, dataset: IndexedDataset) -> None:
         with self._lock:
@@ -79,40 +89,44 @@ _OPEN_MAPS = _OpenMaps()
 class IndexedDataset:
     """A read-only ``PREFIX.bin`` / ``PREFIX.idx`` pair.
 
-    The index is read once (its arrays are copied: a few bytes per sequence); the token
-    file is memory-mapped on first use and may be unmapped again when many datasets are
-    open (see MAX_OPEN_MAPS), so thousands of prefixes can be opened at once.
+    The index's arrays are views of its bytes, mapped when large (MAP_INDEX_BYTES: shared
+    with every process that maps it) and read when small; the token file is mapped on first
+    use and may be unmapped again when many datasets are open (see MAX_OPEN_MAPS), so
+    thousands of prefixes can be opened at once.
 
     Attributes:
         prefix: the path without suffix.
         dtype: the token dtype.
         sequence_lengths (S,) int32, sequence_pointers (S,) int64 byte offsets,
-        document_indices (D + 1,) int64: the index's arrays.
-        document_starts (D,) int64: each document's first token (an element offset in .bin);
-        document_lengths (D,) int64: its tokens.
+        document_indices (D + 1,) int64: the index's arrays (views of the mapped file).
+        document_lengths (D,): each document's tokens (the sequence lengths themselves
+        when every document is one sequence). ``document_start(d)`` is its first token.
 
     Raises:
         ValueError: naming the file, when a file is missing, not this format, truncated, or
             inconsistent (pointers beyond the token file, documents out of order).
     """
 
-    def __init__(self, prefix: str | os.PathLike[str]) -> None:
+    def __init__(self, prefix: str | os.PathLike[str], *, verify: bool = True) -> None:
         self.prefix = str(prefix)
+        self.verified = False
         self.bin_path, self.idx_path = paths(prefix)
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
                 raise ValueError(f"data: {str(path)!r} does not exist (a dataset is a "
                                  f".bin/.idx pair; see 'eurocore data prepare')")
-        self._read_index()
+        self._read_index(verify)
         self._tokens: np.memmap | None = None
 
-    def _read_index(self) -> None:
+    def _read_index(self, verify: bool) -> None:
         where = repr(str(self.idx_path))
-        raw = self.idx_path.read_bytes()
-        if len(raw) < _HEADER.size or raw[:9] != MAGIC:
+        size = self.idx_path.stat().st_size
+        with self.idx_path.open("rb") as f:
+            header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size or header[:9] != MAGIC:
             raise ValueError(f"data: {where} is not a Megatron indexed dataset (no MMIDIDX "
                              f"header)")
-        _, version, code, sequences, boundaries = _HEADER.unpack_from(raw)
+        _, version, code, sequences, boundaries = _HEADER.unpack(header)
         if version != VERSION:
             raise ValueError(f"data: {where} is version {version}; this reader takes "
                              f"version {VERSION}")
@@ -121,40 +135,65 @@ class IndexedDataset:
                              f"{sorted(DTYPE_CODES)}")
         self.dtype = DTYPE_CODES[code]
         need = _HEADER.size + 4 * sequences + 8 * sequences + 8 * boundaries
-        if len(raw) < need or boundaries < 1:
-            raise ValueError(f"data: {where} is truncated: {len(raw)} bytes for {sequences} "
+        if size < need or boundaries < 1:
+            raise ValueError(f"data: {where} is truncated: {size} bytes for {sequences} "
                              f"sequences and {boundaries} document boundaries ({need} needed)")
+        # A large index is mapped, not read: the page cache then holds it once for every
+        # rank and worker. A small one is read (a map holds a file descriptor for as long
+        # as its arrays live, and a blend may open thousands of small shards).
+        index = (np.memmap(self.idx_path, np.uint8, "r", shape=(size,))
+                 if size >= MAP_INDEX_BYTES else np.frombuffer(self.idx_path.read_bytes(),
+                                                               np.uint8))
         offset = _HEADER.size
-        self.sequence_lengths = np.frombuffer(raw, np.int32, sequences, offset).copy()
+        self.sequence_lengths = np.frombuffer(index, np.int32, sequences, offset)
         offset += 4 * sequences
-        self.sequence_pointers = np.frombuffer(raw, np.int64, sequences, offset).copy()
+        self.sequence_pointers = np.frombuffer(index, np.int64, sequences, offset)
         offset += 8 * sequences
-        self.document_indices = np.frombuffer(raw, np.int64, boundaries, offset).copy()
-        self._check_consistency(where)
+        self.document_indices = np.frombuffer(index, np.int64, boundaries, offset)
+        if verify:
+            self.verify()
+        elif len(self.document_indices) == len(self.sequence_lengths) + 1:
+            # Trusted (verified before, by the caller's record): one sequence per document.
+            self.document_lengths = self.sequence_lengths
+            self._document_pointers = self.sequence_pointers
+        else:
+            self.verify()
+
+    def verify(self) -> None:
+        """Checks the index against itself and the token file (a pass over the index);
+        raises ValueError naming the file. Opening verifies unless ``verify=False`` (a
+        caller that recorded an earlier check of the same files)."""
+        self._check_consistency(repr(str(self.idx_path)))
+        self.verified = True
 
     def _check_consistency(self, where: str) -> None:
         lengths, pointers, docs = (self.sequence_lengths, self.sequence_pointers,
                                    self.document_indices)
         itemsize = self.dtype.itemsize
         bin_bytes = self.bin_path.stat().st_size
-        if (lengths < 0).any() or (pointers < 0).any() or (
-                len(lengths) and (pointers + lengths.astype(np.int64) * itemsize).max()
-                > bin_bytes):
+        if len(lengths) and (lengths.min() < 0 or pointers.min() < 0 or (
+                pointers + lengths.astype(np.int64) * itemsize).max() > bin_bytes):
             raise ValueError(f"data: {where} points past the end of "
                              f"{str(self.bin_path)!r} ({bin_bytes} bytes): the pair does not "
                              f"belong together, or the .bin is truncated")
         if docs[0] != 0 or docs[-1] != len(lengths) or (np.diff(docs) < 0).any():
             raise ValueError(f"data: {where}: document boundaries must run from 0 to the "
                              f"{len(lengths)} sequences without decreasing")
+        if len(docs) == len(lengths) + 1 and (np.diff(docs) == 1).all():
+            # One sequence per document (Megatron's GPT layout; boundaries 0, 1, ..., S):
+            # the index's own arrays serve, nothing is copied.
+            self.document_lengths = lengths
+            self._document_pointers = pointers
+            return
         first, last = docs[:-1], docs[1:]
         nonempty = last > first
-        self.document_starts = np.zeros(len(first), np.int64)
-        self.document_lengths = np.zeros(len(first), np.int64)
-        self.document_starts[nonempty] = pointers[first[nonempty]] // itemsize
+        self._document_pointers = np.zeros(len(first), np.int64)
+        self._document_pointers[nonempty] = pointers[first[nonempty]]
         ends = np.cumsum(lengths.astype(np.int64))
         starts_of_sequences = ends - lengths
-        spans = (ends[last[nonempty] - 1] - starts_of_sequences[first[nonempty]])
-        self.document_lengths[nonempty] = spans
+        self.document_lengths = np.zeros(len(first), np.int64)
+        self.document_lengths[nonempty] = (ends[last[nonempty] - 1]
+                                           - starts_of_sequences[first[nonempty]])
         # a document's sequences lie back to back: pointer steps equal lengths inside it
         if len(lengths) > 1:
             steps = np.diff(pointers) // itemsize
@@ -164,6 +203,15 @@ class IndexedDataset:
                 raise ValueError(f"data: {where}: a document's sequences are not back to "
                                  f"back in {str(self.bin_path)!r}; this reader takes "
                                  f"contiguous documents")
+
+    def document_start(self, index: int) -> int:
+        """The element offset in ``.bin`` of document ``index``'s first token."""
+        return int(self._document_pointers[index]) // self.dtype.itemsize
+
+    @property
+    def document_starts(self) -> np.ndarray:
+        """(D,) int64: every document's first token (an element offset in ``.bin``)."""
+        return self._document_pointers // self.dtype.itemsize
 
     # --- sizes ---------------------------------------------------------------------------
 
@@ -197,7 +245,7 @@ class IndexedDataset:
 
     def document(self, index: int) -> np.ndarray:
         """The tokens of document ``index`` (a copy)."""
-        start = int(self.document_starts[index])
+        start = self.document_start(index)
         return np.array(self.tokens()[start:start + int(self.document_lengths[index])])
 
     def max_token(self, chunk: int = 1 << 26) -> int:
@@ -214,10 +262,11 @@ class IndexedDataset:
         _OPEN_MAPS.forget(self)
         self._unmap()
 
-    def __getstate__(self) -> dict:  # worker processes map the file themselves
-        state = dict(self.__dict__)
-        state["_tokens"] = None
-        return state
+    def __getstate__(self) -> dict:  # worker processes map the files themselves
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"], verify=False)  # the process that sent it verified
 
     def __repr__(self) -> str:
         return (f"IndexedDataset({self.prefix!r}: {self.num_documents} documents, "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -229,22 +228,26 @@ def test_small_sources_are_reread_in_fresh_epochs(corpora, tmp_path):
 
 
 def test_the_cache_is_used_and_never_stale(corpora, tmp_path):
-    tokenizer, prefixes, _root = corpora
+    """A second source reads the first's cached permutations; a dataset rewritten in place
+    gets another cache key (never the stale arrays); a damaged cache file is recomputed."""
+    tokenizer, prefixes, _ = corpora
     first = _source(prefixes, tmp_path)
     first.global_batch(0)
+    IndexCache.wait()
     second = _source(prefixes, tmp_path)
     before = second.global_batch(0)
-    assert all(s.cache.hits > 0 and s.cache.misses == 0 for s in second.train.sources
-               if s.cache.hits + s.cache.misses)
-    # the same prefix rewritten with other documents: another key, recomputed
-    copy = tmp_path / "copy"
-    prefix = make_corpus(copy, tokenizer, "big", 300, seed=9)
-    shutil.copy(prefix + ".bin", prefixes[0] + ".bin.new")
-    changed = CorpusSource([prefix], seq_len=32, batch_size=8, seed=3,
-                           cache_dir=tmp_path / "cache")
-    assert changed.train.sources[0].cache.dir != second.train.sources[0].cache.dir
-    os.unlink(prefixes[0] + ".bin.new")
+    assert all(s.cache.hits > 0 and s.cache.misses == 0 for s in second.train.sources)
+    assert "indices read from the cache" in second.describe()
+    # the same prefix rewritten with other documents
+    prefix = make_corpus(tmp_path / "rewritten", tokenizer, "c", 50, seed=1)
+    old = CorpusSource([prefix], seq_len=32, batch_size=8, seed=3, cache_dir=tmp_path / "cache")
+    IndexCache.wait()
+    make_corpus(tmp_path / "rewritten", tokenizer, "c", 50, seed=9)
+    new = CorpusSource([prefix], seq_len=32, batch_size=8, seed=3, cache_dir=tmp_path / "cache")
+    assert new.train.sources[0].cache.dir != old.train.sources[0].cache.dir
+    assert new.train.sources[0].cache.misses > 0
     # a damaged cache file is recomputed
+    IndexCache.wait()
     directory = second.train.sources[0].cache.dir
     for path in directory.glob("*.npy"):
         path.write_bytes(b"not an array")
