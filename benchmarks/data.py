@@ -90,6 +90,7 @@ import numpy as np
 import torch
 
 from eurocore.data.corpus import CorpusSource, IndexCache
+from eurocore.data.example import train_tokenizer
 from eurocore.data.indexed import IndexedDatasetWriter, token_dtype
 from eurocore.data.loader import prefetch
 from eurocore.data.prepare import prepare
@@ -293,7 +294,6 @@ def build_tokenizer(directory: Path, corpus: Path, vocab_size: int = TOKENIZER_V
                     sample_bytes: int = 4 << 20) -> Path:
     """A byte-level BPE trained on the first ``sample_bytes`` of ``corpus`` (any Unicode
     encodes), ``</s>`` its end-of-document token (named in tokenizer_config.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     def texts() -> Iterator[str]:
         read = 0
@@ -304,17 +304,7 @@ def build_tokenizer(directory: Path, corpus: Path, vocab_size: int = TOKENIZER_V
                 if read >= sample_bytes:
                     return
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator(texts(), trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
-    return directory
+    return train_tokenizer(texts(), directory, vocab_size, EOS)
 
 
 # Megatron-LM's tools/preprocess_data.py, its per-worker encoder.

@@ -40,7 +40,7 @@ import torch
 
 from eurocore.data.blend import blend, parse_data_path, shares
 from eurocore.data.indexed import IndexedDataset
-from eurocore.data.source import Batch
+from eurocore.data.source import Batch, check_same_data
 
 CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "eurocore", "data-index")
@@ -401,12 +401,7 @@ class CorpusSource:
                 "document_masking": self.document_masking}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ours = self.state_dict()
-        differ = sorted(k for k in set(ours) | set(state) if ours.get(k) != state.get(k))
-        if differ:
-            raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: "
-                             f"saved {[state.get(k) for k in differ]}, now "
-                             f"{[ours.get(k) for k in differ]}")
+        check_same_data(state, self.state_dict())
 
 
 def _open(prefix: str, arg: str, cache_dir: str | os.PathLike[str] | None) -> IndexedDataset:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 EOS = "</s>"
@@ -63,7 +63,7 @@ def documents(language: str, count: int, seed: int = 0) -> list[str]:
             for _ in range(count)]
 
 
-def train_tokenizer(texts: Sequence[str], directory: str | Path, vocab_size: int = 1000,
+def train_tokenizer(texts: Iterable[str], directory: str | Path, vocab_size: int = 1000,
                     eos: str = EOS) -> Path:
     """A byte-level BPE tokenizer (any Unicode text encodes) trained on ``texts``, with
     ``eos`` as its end-of-document token named in tokenizer_config.json; returns

@@ -63,3 +63,13 @@ class TokenSource(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Checks ``state`` names this data; raises ValueError saying what differs."""
+
+
+def check_same_data(saved: dict[str, Any], ours: dict[str, Any]) -> None:
+    """A resume's check of a source's ``state_dict``: raises ValueError naming each entry
+    that differs between the saved run's data and this one's."""
+    differ = sorted(k for k in set(ours) | set(saved) if ours.get(k) != saved.get(k))
+    if differ:
+        raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: saved "
+                         f"{[saved.get(k) for k in differ]}, now "
+                         f"{[ours.get(k) for k in differ]}")

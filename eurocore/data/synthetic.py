@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from eurocore.data.source import Batch
+from eurocore.data.source import Batch, check_same_data
 from eurocore.utils.checks import check_int
 
 
@@ -162,9 +162,4 @@ class SyntheticSource:
                 "batch_size": self.batch_size, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ours = self.state_dict()
-        differ = sorted(k for k in set(ours) | set(state) if ours.get(k) != state.get(k))
-        if differ:
-            raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: "
-                             f"saved {[state.get(k) for k in differ]}, now "
-                             f"{[ours.get(k) for k in differ]}")
+        check_same_data(state, self.state_dict())
