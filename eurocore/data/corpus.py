@@ -23,7 +23,10 @@ Permutations are cached as ``.npy`` (``IndexCache``), keyed by everything that c
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -39,10 +42,13 @@ import numpy as np
 import torch
 
 from eurocore.data.blend import blend, parse_data_path, shares
-from eurocore.data.indexed import IndexedDataset
+from eurocore.data.indexed import MAP_INDEX_BYTES, IndexedDataset
 from eurocore.data.source import Batch, check_same_data
+from eurocore.utils.files import write_bytes_atomically, write_json_atomically
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+# Epochs (and slot blocks) of one source kept in memory: the current, the next, one more.
+KEPT_EPOCHS = 3
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "eurocore", "data-index")
 
 
@@ -63,25 +69,31 @@ def _permutation(n: int, *keys: int) -> np.ndarray:
 
 def dataset_fingerprint(dataset: IndexedDataset) -> dict[str, Any]:
     """What identifies a dataset's files without reading them: their real paths, sizes,
-    inodes and modification times (rewriting either file changes it), and its counts."""
+    inodes, and modification and status-change times (the kernel sets ctime on every write,
+    and nobody can set it back: a file rewritten in place, even with its old size and
+    mtime, gets another fingerprint), and its counts."""
     files = {}
     for kind, path in (("idx", dataset.idx_path), ("bin", dataset.bin_path)):
         stat = path.stat()
-        files[kind] = [os.path.realpath(path), stat.st_size, stat.st_ino, stat.st_mtime_ns]
+        files[kind] = [os.path.realpath(path), stat.st_size, stat.st_ino, stat.st_mtime_ns,
+                       stat.st_ctime_ns]
     return {**files, "sequences": dataset.num_sequences, "documents": dataset.num_documents}
 
 
 class IndexCache:
     """Arrays computed from a dataset, stored as ``.npy`` under ``directory/<key hash>/``.
 
-    The key is everything that changes them (the index file's sha256, the token file's
-    size, the documents used, the seed, seq_len and the cache format); a different key is a
-    different directory, so a stale array is never read. Files are written atomically; a
-    cache that cannot be written is skipped (the arrays are recomputed). Computed arrays are
-    written by background threads (:meth:`wait` joins them).
+    The key is everything that changes them (the dataset files' fingerprint, the documents
+    used, the seed, seq_len and the cache format); a different key is a different
+    directory, so a stale array is never read. Small arrays are read into memory, large
+    ones (MAP_INDEX_BYTES and up) mapped. Files are written atomically, by one background
+    thread (:meth:`wait` returns when it is done); a cache that cannot be written costs
+    recomputation, not the run.
     """
 
-    _writers: ClassVar[list[threading.Thread]] = []  # background writes of this process
+    _writer = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="index-cache")
+    _pending: ClassVar[list[concurrent.futures.Future]] = []
     _lock = threading.Lock()
 
     def __init__(self, directory: str | os.PathLike[str] | None, key: dict[str, Any]) -> None:
@@ -96,49 +108,54 @@ class IndexCache:
         path = self.dir / f"{name}.npy" if self.dir is not None else None
         if path is not None and path.is_file():
             try:
-                array = np.load(path, mmap_mode="r")
+                large = path.stat().st_size >= MAP_INDEX_BYTES
+                array = np.load(path, mmap_mode="r" if large else None)
                 self.hits += 1
                 return array
-            except (OSError, ValueError):  # unreadable: recompute and replace
+            except OSError as err:  # unreadable: recompute, unless out of descriptors
+                if err.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+            except ValueError:  # not an array (a damaged file): recompute and replace
                 pass
         array = compute()
         self.misses += 1
         if path is not None:  # written beside the run, not before it (it is not needed now)
-            writer = threading.Thread(target=self._store, args=(path, array), daemon=False)
             with IndexCache._lock:
-                IndexCache._writers = [t for t in IndexCache._writers if t.is_alive()]
-                IndexCache._writers.append(writer)
-            writer.start()
+                IndexCache._pending = [f for f in IndexCache._pending if not f.done()]
+                IndexCache._pending.append(IndexCache._writer.submit(self._store, path, array))
         return array
+
+    def record(self) -> dict[str, Any]:
+        """``record.json`` of this key (facts worth keeping: a verified index, the largest
+        token id), {} when absent or unreadable."""
+        path = self.dir / "record.json" if self.dir is not None else None
+        try:
+            return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def update_record(self, **facts: Any) -> None:
+        """Adds ``facts`` to ``record.json`` (written atomically; skipped when the cache
+        directory cannot be written)."""
+        if self.dir is None:
+            return
+        record = {**self.record(), **facts, "key": self.key}
+        with contextlib.suppress(OSError):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(record, self.dir / "record.json")
 
     @staticmethod
     def wait() -> None:
         """Returns when every cache file being written is in place (the next run's start,
         a benchmark's next timing)."""
         with IndexCache._lock:
-            writers = list(IndexCache._writers)
-        for writer in writers:
-            writer.join()
+            pending = list(IndexCache._pending)
+        concurrent.futures.wait(pending)
 
     def _store(self, path: Path, array: np.ndarray) -> None:
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache directory: recompute later
             path.parent.mkdir(parents=True, exist_ok=True)
-            key_file = path.parent / "key.json"
-            if not key_file.exists():
-                _atomic(key_file, lambda f: f.write(json.dumps(self.key, indent=1).encode()))
-            _atomic(path, lambda f: np.save(f, array))
-        except OSError:
-            pass  # a read-only cache directory costs recomputation, not the run
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            write_bytes_atomically(path, lambda f: np.save(f, array))
 
 
 class SourceSamples:
@@ -169,8 +186,11 @@ class SourceSamples:
             "dataset": dataset_fingerprint(dataset),
             "documents": [documents.start, documents.stop], "seq_len": seq_len, "seed": seed,
             "source": source_id})
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._blocks: dict[int, np.ndarray] = {}
+        # The epochs and slot blocks in use: a run moves forward through them, so a few of
+        # each are kept (a block's slots reach into the next epoch).
+        self._epochs: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = \
+            collections.OrderedDict()
+        self._blocks: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def epochs_for(self, samples: int) -> float:
         """Epochs of this source that ``samples`` samples read."""
@@ -184,6 +204,9 @@ class SourceSamples:
             ends = self.cache.get(f"epoch-{e}-ends",
                                   lambda: np.cumsum(self.lengths[order], dtype=np.int64))
             self._epochs[e] = (order, ends)
+            if len(self._epochs) > KEPT_EPOCHS:
+                self._epochs.popitem(last=False)
+        self._epochs.move_to_end(e)
         return self._epochs[e]
 
     def slot_sample(self, slot: int) -> int:
@@ -192,6 +215,9 @@ class SourceSamples:
         if block not in self._blocks:
             self._blocks[block] = self.cache.get(f"block-{block}", lambda: _permutation(
                 self.block, self.seed, self.source_id, 1, block))
+            if len(self._blocks) > KEPT_EPOCHS:
+                self._blocks.popitem(last=False)
+        self._blocks.move_to_end(block)
         return block * self.block + int(self._blocks[block][within])
 
     def window(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,9 +316,15 @@ class Blend:
         return [self.sources[d].window(int(k)) for d, k in zip(source, slot, strict=True)]
 
     def samples_of(self, total: int) -> np.ndarray:
-        """How many of the first ``total`` global samples each source serves."""
-        source, _ = blend(self.weights, 0, total) if total else (np.zeros(0, np.int64), None)
-        return np.bincount(source, minlength=len(self.sources))
+        """How many of the first ``total`` global samples each source serves, to within one
+        (the blend keeps every prefix within a sample of the shares): ``total · w``."""
+        return total * self.weights
+
+    def epochs_at(self, total: int) -> list[float]:
+        """Epochs each source has begun reading after the first ``total`` global samples
+        (0-based: 1.3 is 30% into the second)."""
+        return [source.epochs_for(n)
+                for source, n in zip(self.sources, self.samples_of(total), strict=True)]
 
 
 class CorpusSource:
@@ -310,6 +342,8 @@ class CorpusSource:
         document_masking: positions restart and labels stop at document boundaries.
         cache_dir: where permutations are cached (None: not cached).
         planned_steps: the run's length, for the epochs line of :meth:`describe`.
+        eval_samples: the samples an evaluation reads (:meth:`describe` says when the
+            validation data is smaller).
 
     Raises:
         ValueError: naming ``data_path`` (or ``valid_data_path``, ``split``), for a missing
@@ -320,16 +354,17 @@ class CorpusSource:
                  seed: int = 0, split: str | None = None,
                  valid_data_path: Sequence[str] | None = None, document_masking: bool = True,
                  cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,
-                 planned_steps: int = 0) -> None:
+                 planned_steps: int = 0, eval_samples: int = 0) -> None:
         started = time.perf_counter()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.document_masking, self.loss_floor = document_masking, None
         self.split = parse_split(split) if split is not None else None
-        if self.split is not None and valid_data_path:
+        if self.split is not None and valid_data_path:  # the one place of this rule
             raise ValueError("split: give a split or validation prefixes (valid_data_path), "
                              "not both")
         pairs = parse_data_path(data_path, "data_path")
-        datasets = {prefix: _open(prefix, "data_path", cache_dir) for _, prefix in pairs}
+        opened = {prefix: _open_dataset(prefix, "data_path", cache_dir) for _, prefix in pairs}
+        datasets = {prefix: dataset for prefix, (dataset, _) in opened.items()}
         weights = [w if w is not None else datasets[p].num_tokens for w, p in pairs]
         splits = [split_documents(datasets[p].num_documents, self.split) for _, p in pairs]
         self.train = Blend([SourceSamples(datasets[p], s.train, seq_len, seed, d, cache_dir, p)
@@ -343,19 +378,26 @@ class CorpusSource:
                                                                     strict=True))], weights)
         elif valid_data_path:
             valid_pairs = parse_data_path(valid_data_path, "valid_data_path")
-            valid_sets = {p: _open(p, "valid_data_path", cache_dir) for _, p in valid_pairs}
+            opened_valid = {p: _open_dataset(p, "valid_data_path", cache_dir)
+                            for _, p in valid_pairs}
+            opened.update(opened_valid)
+            valid_sets = {p: dataset for p, (dataset, _) in opened_valid.items()}
             self.valid = Blend(
                 [SourceSamples(valid_sets[p], range(valid_sets[p].num_documents), seq_len,
                                seed, d, cache_dir, p) for d, (_, p) in enumerate(valid_pairs)],
                 [w if w is not None else valid_sets[p].num_tokens for w, p in valid_pairs])
         self.prefixes = [p for _, p in pairs]
         self.datasets = datasets
-        self.planned_steps = planned_steps
-        # Epoch 0's index now (from the cache, or built and cached): loader processes
-        # forked from here share it, and the start-up line says what it cost.
+        self._facts = {p: facts for p, (_, facts) in opened.items()}
+        self._epochs_said = [0] * len(self.train.sources)
+        self.planned_steps, self.eval_samples = planned_steps, eval_samples
+        # Epoch 0's index and the first block of slots now (from the cache, or built and
+        # cached): loader processes forked from here share them, and the start-up line
+        # says what they cost.
         for blend_ in (self.train, self.valid):
             for source in blend_.sources if blend_ is not None else ():
                 source.epoch(0)
+                source.slot_sample(0)
         self.build_seconds = time.perf_counter() - started
 
     def global_batch(self, step: int, rows: slice = slice(None)) -> Batch:
@@ -371,25 +413,49 @@ class CorpusSource:
         return pack(windows, self.seq_len, self.document_masking)
 
     def max_token_id(self) -> int:
-        """The largest token id of every dataset (from its PREFIX.json when that belongs to
-        this index, else by reading the tokens)."""
-        return max(_max_token(dataset) for dataset in self.datasets.values())
+        """The largest token id of every dataset: from its PREFIX.json, else from the
+        cache's record, else read once and recorded."""
+        return max(_max_token(self.datasets[p], self._facts[p]) for p in self.datasets)
+
+    def tokenizers(self) -> dict[str, str]:
+        """{prefix: sha256 of the tokenizer that made it} for the prepared datasets whose
+        PREFIX.json says (Megatron-made ones do not)."""
+        found = {}
+        for prefix, dataset in self.datasets.items():
+            sha = prepared_summary(dataset).get("tokenizer", {}).get("sha256")
+            if sha:
+                found[prefix] = sha
+        return found
 
     def describe(self) -> str:
-        samples = self.train.samples_of(self.planned_steps * self.batch_size)
-        parts = []
-        for source, share, n in zip(self.train.sources, self.train.weights, samples,
-                                    strict=True):
-            epochs = source.epochs_for(int(n))
-            parts.append(f"{source.name} {share:.1%} ({source.tokens_per_epoch:,} tokens, "
-                         f"{epochs:.2f} epoch{'s' if epochs != 1 else ''} in this run)")
+        epochs = self.train.epochs_at(self.planned_steps * self.batch_size)
+        parts = [f"{source.name} {share:.1%} ({source.tokens_per_epoch:,} tokens, {e:.2f} "
+                 f"epoch{'s' if e != 1 else ''} in this run)"
+                 for source, share, e in zip(self.train.sources, self.train.weights, epochs,
+                                             strict=True)]
         valid = "none" if self.valid is None else (
             "the split's held-out documents" if self.split else "separate prefixes")
+        if self.valid is not None and self.eval_samples:
+            reads = max(self.valid.epochs_at(self.eval_samples))
+            if reads > 1:
+                valid += (f" (the {self.eval_samples} validation samples read them "
+                          f"{reads:.1f} times: fewer held-out tokens than an evaluation asks)")
         masking = "per document" if self.document_masking else "off (causal over the row)"
         cached = all(s.cache.hits and not s.cache.misses for s in self.train.sources)
         return (f"{len(parts)} source(s): {'; '.join(parts)}; validation: {valid}; "
                 f"document masking {masking}; indices "
                 f"{'read from the cache' if cached else 'built'} in {self.build_seconds:.2f} s")
+
+    def progress(self, steps: int) -> list[str]:
+        """A line for each source that has begun another epoch since the last call (the
+        first call reports the epochs begun by then)."""
+        epochs = [math.floor(e) for e in self.train.epochs_at(steps * self.batch_size)]
+        lines = [f"{source.name} begins epoch {e + 1} (a fresh order of its documents) by "
+                 f"step {steps}" for source, e, said in zip(self.train.sources, epochs,
+                                                           self._epochs_said, strict=True)
+                 if e > said]
+        self._epochs_said = epochs
+        return lines
 
     def state_dict(self) -> dict[str, Any]:
         return {"source": "corpus", "prefixes": self.prefixes,
@@ -404,32 +470,44 @@ class CorpusSource:
         check_same_data(state, self.state_dict())
 
 
-def _open(prefix: str, arg: str, cache_dir: str | os.PathLike[str] | None) -> IndexedDataset:
-    """The dataset at ``prefix``, verified once per version of its files: the cache records
-    a passed check under the files' fingerprint (a later open skips the pass over the
-    index). ValueError naming ``arg``."""
+def _open_dataset(prefix: str, arg: str, cache_dir: str | os.PathLike[str] | None
+                  ) -> tuple[IndexedDataset, IndexCache]:
+    """The dataset at ``prefix``, verified once per version of its files (the cache's
+    record of its fingerprint says it passed; a later open skips the pass over the index),
+    and that record. ValueError naming ``arg``."""
     try:
         dataset = IndexedDataset(prefix, verify=False)
-        record = IndexCache(cache_dir, {"verified": dataset_fingerprint(dataset)})
-        marker = record.dir / "verified.json" if record.dir is not None else None
-        if marker is None or not marker.is_file():
+        facts = IndexCache(cache_dir, {"dataset": dataset_fingerprint(dataset)})
+        if not facts.record().get("verified"):
             dataset.verify()
-            if marker is not None:
-                with contextlib.suppress(OSError):
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    _atomic(marker, lambda f: f.write(json.dumps(record.key).encode()))
-        return dataset
+            facts.update_record(verified=True)
+        return dataset, facts
     except ValueError as err:
         raise ValueError(f"{arg}: {str(err).removeprefix('data: ')}") from None
 
 
-def _max_token(dataset: IndexedDataset) -> int:
-    summary = Path(dataset.prefix + ".json")
-    if summary.is_file():
-        try:
-            info = json.loads(summary.read_text())
-            if info.get("tokens") == dataset.num_tokens and "max_token_id" in info:
-                return int(info["max_token_id"])
-        except (OSError, ValueError):
-            pass
-    return dataset.max_token()
+def prepared_summary(dataset: IndexedDataset) -> dict[str, Any]:
+    """``PREFIX.json`` of ``eurocore data prepare``, when it describes this index (same
+    documents and tokens); {} for a Megatron-made or unmatched dataset."""
+    path = Path(dataset.prefix + ".json")
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    same = (summary.get("documents") == dataset.num_documents
+            and summary.get("tokens") == dataset.num_tokens)
+    return summary if same else {}
+
+
+def _max_token(dataset: IndexedDataset, facts: IndexCache) -> int:
+    """The largest token id: from PREFIX.json, else the cache's record, else read (once
+    per version of the files: recorded)."""
+    summary = prepared_summary(dataset)
+    if "max_token_id" in summary:
+        return int(summary["max_token_id"])
+    recorded = facts.record().get("max_token_id")
+    if recorded is not None:
+        return int(recorded)
+    largest = dataset.max_token()
+    facts.update_record(max_token_id=largest)
+    return largest

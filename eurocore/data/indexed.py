@@ -109,7 +109,6 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike[str], *, verify: bool = True) -> None:
         self.prefix = str(prefix)
-        self.verified = False
         self.bin_path, self.idx_path = paths(prefix)
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
@@ -164,7 +163,6 @@ class IndexedDataset:
         raises ValueError naming the file. Opening verifies unless ``verify=False`` (a
         caller that recorded an earlier check of the same files)."""
         self._check_consistency(repr(str(self.idx_path)))
-        self.verified = True
 
     def _check_consistency(self, where: str) -> None:
         lengths, pointers, docs = (self.sequence_lengths, self.sequence_pointers,
@@ -207,11 +205,6 @@ class IndexedDataset:
     def document_start(self, index: int) -> int:
         """The element offset in ``.bin`` of document ``index``'s first token."""
         return int(self._document_pointers[index]) // self.dtype.itemsize
-
-    @property
-    def document_starts(self) -> np.ndarray:
-        """(D,) int64: every document's first token (an element offset in ``.bin``)."""
-        return self._document_pointers // self.dtype.itemsize
 
     # --- sizes ---------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ Each worker keeps ``prefetch_factor`` (at least 2) steps ready.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -27,16 +28,19 @@ class _StepBatches(torch.utils.data.Dataset):
         return step, self.source.global_batch(step, self.rows)
 
 
-def prefetch(source: TokenSource, rows: slice, *, start: int, stop: int, workers: int = 2,
-             pin: bool = False, prefetch_factor: int = 2) -> Iterator[tuple[int, Batch]]:
-    """(step, batch) for steps ``start .. stop - 1``; ``workers`` processes read ahead
-    (0: in this process, nothing ahead), batches in pinned memory when ``pin``."""
+def prefetch(source: TokenSource, rows: slice, *, start: int, stop: int | None,
+             workers: int = 2, pin: bool = False, prefetch_factor: int = 2
+             ) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) for steps ``start .. stop - 1`` (``stop`` None: without end);
+    ``workers`` processes read ahead (0: in this process, nothing ahead), batches in pinned
+    memory when ``pin``."""
+    steps = itertools.count(start) if stop is None else range(start, stop)
     if workers == 0:
-        for step in range(start, stop):
+        for step in steps:
             batch = source.global_batch(step, rows)
             yield step, batch.pin_memory() if pin else batch
         return
     loader = torch.utils.data.DataLoader(
-        _StepBatches(source, rows), batch_size=None, sampler=range(start, stop),
-        num_workers=workers, prefetch_factor=max(2, prefetch_factor), pin_memory=pin)
+        _StepBatches(source, rows), batch_size=None, sampler=steps, num_workers=workers,
+        prefetch_factor=max(2, prefetch_factor), pin_memory=pin)
     yield from loader

@@ -58,6 +58,10 @@ class TokenSource(Protocol):
     def describe(self) -> str:
         """One line saying what the data is."""
 
+    def progress(self, steps: int) -> list[str]:
+        """Lines worth logging after ``steps`` optimizer steps (a source starting another
+        epoch), each said once."""
+
     def state_dict(self) -> dict[str, Any]:
         """The data's identity, for a resume to check."""
 

@@ -155,6 +155,9 @@ class SyntheticSource:
                 f"each; loss floor (entropy rate) {self.loss_floor:.4f}, uniform "
                 f"{uniform_loss(chain.vocab_size):.4f} nats")
 
+    def progress(self, steps: int) -> list[str]:
+        return []  # every batch is fresh
+
     def state_dict(self) -> dict[str, Any]:
         chain = self.chain
         return {"source": "markov", "vocab_size": chain.vocab_size,

@@ -58,12 +58,13 @@ class TokenizerInfo:
         return dict(self.__dict__)
 
 
-def tokenizer_info(path: str | os.PathLike[str], eos_token: str | None = None
-                   ) -> TokenizerInfo:
+def tokenizer_info(path: str | os.PathLike[str], eos_token: str | None = None, *,
+                   need_eos: bool = True) -> TokenizerInfo:
     """The tokenizer's name (its directory or file name), the sha256 of its tokenizer.json,
     its vocabulary size (added tokens included) and its end-of-document token: ``eos_token``
     if given, else the ``eos_token`` of a tokenizer_config.json beside it, else the first
-    of EOS_CANDIDATES it knows. ValueError naming ``tokenizer`` or ``eos_token`` otherwise."""
+    of EOS_CANDIDATES it knows (``need_eos=False``: none is fine, the id is then -1).
+    ValueError naming ``tokenizer`` or ``eos_token`` otherwise."""
     file = tokenizer_file(path)
     tokenizer = load_tokenizer(file)
     if eos_token is None:
@@ -71,6 +72,8 @@ def tokenizer_info(path: str | os.PathLike[str], eos_token: str | None = None
     candidates = (eos_token,) if eos_token is not None else EOS_CANDIDATES
     eos = next(((c, tokenizer.token_to_id(c)) for c in candidates
                 if tokenizer.token_to_id(c) is not None), None)
+    if eos is None and not need_eos:
+        eos = ("", -1)
     if eos is None:
         raise ValueError(f"eos_token: {str(file)!r} has no end-of-document token among "
                          f"{list(candidates)}; name it with --eos-token")

@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch.distributed
+
 from eurocore.train.cli import ConfigParser, build_parser, parse_config
-from eurocore.train.config import TrainConfig, to_toml
+from eurocore.train.config import TrainConfig, to_toml, with_absolute_paths
 from eurocore.train.distributed import init_process, launch_environment, local_device, shutdown
 from eurocore.train.trainer import build_source, check_memory, train
 from eurocore.utils.files import (
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         config = parse_config(parser, argv)
         if config.output_dir is None:
             config = dataclasses.replace(config, output_dir=default_output_dir(config))
+        config = with_absolute_paths(config)
         config.layout(world)
         if config.metrics_json is not None:
             check_writable_file("metrics_json", config.metrics_json)
@@ -70,6 +73,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         process = init_process(config.device)
     except ValueError as err:
         return _fail(parser, err, where)
+    if world > 1:  # the default directory's time is rank 0's: every rank records the same
+        shared = [config.output_dir]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        config = dataclasses.replace(config, output_dir=shared[0])
     metrics = _MetricsFile(config.metrics_json if rank == 0 else None)
     if rank == 0:
         resolved = to_toml(config)

@@ -52,8 +52,8 @@ def _argument(spec: FieldSpec) -> dict[str, Any]:
     says more than argparse would (lists of ints)."""
     default = "" if spec.default is None else f" (default {_shown(spec.default)})"
     if spec.kind == "bool" and not spec.optional:
-        return {"action": "store_false" if spec.default else "store_true",
-                "help": spec.help}
+        return {"action": argparse.BooleanOptionalAction,
+                "help": f"{spec.help} (default {'on' if spec.default else 'off'})"}
     if spec.kind == "bool":
         return {"choices": tuple(_TRISTATE), "help": f"{spec.help} (default auto)"}
     kwargs: dict[str, Any] = {"help": spec.help + default, "metavar": spec.metavar}

@@ -44,9 +44,9 @@ def option(default: Any, section: str, help: str, *, flag: str | None = None,
            aliases: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
            metavar: str | None = None, cli: bool = True) -> Any:
     """A TrainConfig field with what the command line and the file need to know of it:
-    ``section`` (TOML), ``help``, the ``flag`` (default ``--field-name``; booleans that
-    default to True get ``--no-field-name``), ``aliases``, ``choices``, ``metavar``;
-    ``cli=False`` keeps it to the file."""
+    ``section`` (TOML), ``help``, the ``flag`` (default ``--field-name``; a boolean also
+    gets ``--no-field-name``), ``aliases``, ``choices``, ``metavar``; ``cli=False`` keeps
+    it to the file."""
     metadata = {"section": section, "help": help, "flag": flag, "aliases": aliases,
                 "choices": choices, "metavar": metavar, "cli": cli}
     if isinstance(default, dict):
@@ -108,9 +108,10 @@ class TrainConfig:
     tokenizer: str | None = option(None, "data", "the corpora's Hugging Face tokenizer (a "
                                    "directory or tokenizer.json); sets the model's vocab_size",
                                    metavar="PATH")
-    document_masking: bool = option(True, "data", "no attention and no label across a "
-                                    "document boundary inside a row (off: Megatron's default, "
-                                    "one causal sequence per row)")
+    document_masking: bool = option(True, "data", "keep the documents of a row apart: "
+                                    "positions restart and no attention or label crosses a "
+                                    "boundary (--no-document-masking: Megatron's default, one "
+                                    "causal sequence per row)")
     data_workers: int = option(2, "data", "loader processes reading batches ahead (0: in the "
                                "training process)")
     data_cache_dir: str | None = option(None, "data", "where corpus index permutations are "
@@ -132,7 +133,7 @@ class TrainConfig:
     # [run]
     device: str = option("auto", "run", "auto (the local GPU if any), cpu or cuda",
                          choices=("auto", "cpu", "cuda"))
-    bf16: bool | None = option(None, "run", "bf16 autocast; None (auto): on GPUs")
+    bf16: bool | None = option(None, "run", "bf16 autocast: on, off, or auto (on GPUs only)")
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "steps", "batch_size", "log_every",
@@ -206,9 +207,6 @@ class TrainConfig:
             raise ValueError(f"{which}: validation data needs training corpora (data_path)")
         if self.split is not None:
             parse_split(self.split)
-            if self.valid_data_path:
-                raise ValueError("split: give a split or validation prefixes "
-                                 "(valid_data_path), not both")
         if self.tokenizer is not None:
             tokenizer_file(self.tokenizer)
 
@@ -224,12 +222,6 @@ class TrainConfig:
         if self.tokenizer is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = _tokenizer_vocab(self.tokenizer)
         return preset(self.preset, **overrides)
-
-    @property
-    def has_validation(self) -> bool:
-        """Whether the run has held-out data (a split or validation corpora)."""
-        split_valid = self.split is not None and parse_split(self.split)[1] > 0
-        return bool(self.valid_data_path) or split_valid
 
     def layout(self, world_size: int) -> RunLayout:
         """How the run splits over ``world_size`` processes; raises ValueError naming the
@@ -255,6 +247,33 @@ class TrainConfig:
                              f"replica ({num_microbatches}) to be a multiple of pp = {self.pp}")
         return RunLayout(dp, per_replica, micro, num_microbatches,
                          "interleaved-1f1b" if self.vpp > 1 else "1f1b")
+
+
+# Fields holding paths (data_path's weights stay as they are).
+PATH_FIELDS = ("tokenizer", "data_path", "valid_data_path", "data_cache_dir", "metrics_json",
+               "output_dir")
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with every path absolute, so that its config.toml means the same read
+    from any directory."""
+    changes: dict[str, Any] = {}
+    for name in PATH_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, tuple):
+            changes[name] = tuple(item if _is_weight(item) else os.path.abspath(item)
+                                  for item in value)
+        elif value is not None:
+            changes[name] = os.path.abspath(value)
+    return dataclasses.replace(config, **changes)
+
+
+def _is_weight(item: str) -> bool:
+    try:
+        float(item)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,8 +322,7 @@ def field_specs() -> list[FieldSpec]:
         kind, optional = _kind(hints[f.name])
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        flag = meta["flag"] or ("--no-" if kind == "bool" and default is True else "--") + \
-            f.name.replace("_", "-")
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
         specs.append(FieldSpec(f.name, kind, optional, default, meta["section"], meta["help"],
                                (flag, *meta["aliases"]), meta["choices"], meta["metavar"],
                                meta["cli"]))
@@ -344,8 +362,19 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
             the file and the key. Then every field check of TrainConfig.
     """
     values = read_config_file(path) if path is not None else {}
+    from_file = set(values) | set(values.get("model_overrides", {}))
     values.update(overrides or {})
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        name, sep, rest = str(err).partition(": ")
+        if sep and name in from_file and name not in (overrides or {}):  # the file said it
+            section = next((spec.section for spec in field_specs() if spec.name == name),
+                           "model")
+            raise type(err)(f"config: {section}.{name} in {str(path)!r}: {rest}") from None
+        if path is not None and from_file:  # a check across fields: name the file too
+            raise type(err)(f"{err} (other settings from {str(path)!r})") from None
+        raise
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -365,7 +394,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for spec in specs.values():
         by_section[spec.section][spec.name] = spec
     values: dict[str, Any] = {}
-    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_kinds = _model_kinds()
+    model_fields = set(model_kinds)
     for section, table in document.items():
         where = f"{str(path)!r}"
         if section not in by_section:
@@ -376,7 +406,11 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         for key, value in table.items():
             spec = by_section[section].get(key)
             if spec is None and section == "model" and key in model_fields:
-                values.setdefault("model_overrides", {})[key] = value
+                kind = model_kinds[key]
+                model_spec = FieldSpec(key, kind[0], kind[1], None, "model", "", (), None,
+                                       None, False)
+                values.setdefault("model_overrides", {})[key] = _from_toml(
+                    model_spec, value, f"{section}.{key} in {where}")
                 continue
             if spec is None:
                 known = [*by_section[section], *(model_fields if section == "model" else ())]
@@ -386,6 +420,12 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
                 raise ValueError(f"config: unknown key {section}.{key} in {where}{hint}")
             values[key] = _from_toml(spec, value, f"{section}.{key} in {where}")
     return values
+
+
+def _model_kinds() -> dict[str, tuple[str, bool]]:
+    """ModelConfig's fields as (kind, optional), for the [model] section's overrides."""
+    hints = typing.get_type_hints(ModelConfig)
+    return {f.name: _kind(hints[f.name]) for f in dataclasses.fields(ModelConfig)}
 
 
 def _suggest(word: str, choices) -> str:

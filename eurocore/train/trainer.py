@@ -18,6 +18,7 @@ from torch import nn
 from eurocore.data import Batch, SyntheticSource, TokenSource
 from eurocore.data.corpus import DEFAULT_CACHE_DIR, CorpusSource
 from eurocore.data.loader import prefetch
+from eurocore.data.tokenizer import tokenizer_info
 from eurocore.model import ModelConfig, check_token_ids, stage_chunks, sum_tied_embedding_grads
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
@@ -41,7 +42,15 @@ def build_source(config: TrainConfig, model_config: ModelConfig) -> TokenSource:
         config.data_path, seq_len=config.seq_len, batch_size=config.batch_size,
         seed=config.data_seed, split=config.split, valid_data_path=config.valid_data_path,
         document_masking=config.document_masking,
-        cache_dir=config.data_cache_dir or DEFAULT_CACHE_DIR, planned_steps=config.steps)
+        cache_dir=config.data_cache_dir or DEFAULT_CACHE_DIR, planned_steps=config.steps,
+        eval_samples=config.eval_iters * config.batch_size if config.eval_every else 0)
+    if config.tokenizer is not None:
+        ours = tokenizer_info(config.tokenizer, eos_token=None, need_eos=False).sha256
+        for prefix, made_with in source.tokenizers().items():
+            if made_with != ours:
+                raise ValueError(f"tokenizer: {config.tokenizer!r} is not the tokenizer that "
+                                 f"made {prefix!r} (sha256 {ours[:12]}... against "
+                                 f"{made_with[:12]}... in its .json)")
     largest = source.max_token_id()
     if largest >= model_config.vocab_size:
         raise ValueError(f"data_path: the corpora hold token id {largest}, beyond the model's "
@@ -140,8 +149,8 @@ class Trainer:
         # The global batch is a function of the step alone; each replica takes its rows,
         # so every layout trains on the same microbatches.
         if self._batches is None:  # read ahead from here (again after a load_state_dict)
-            self._batches = prefetch(self.data, self._rows, start=step,
-                                     stop=self.config.steps, workers=self.config.data_workers,
+            self._batches = prefetch(self.data, self._rows, start=step, stop=None,
+                                     workers=self.config.data_workers,
                                      pin=self.process.device.type == "cuda")
         loaded, batch = next(self._batches)
         assert loaded == step, (loaded, step)
@@ -156,20 +165,34 @@ class Trainer:
 
     def _run(self, batch: Batch, forward_only: bool) -> torch.Tensor:
         """This rank's rows of one global batch through the pipeline schedule; returns the
-        mean loss over the global batch (every rank). The ids are checked here, on the CPU,
-        before the copy (the model's own check is off)."""
+        mean loss per trained token of the global batch (every rank). The ids are checked
+        here, on the CPU, before the copy (the model's own check is off).
+
+        Every token weighs the same, whatever microbatch or replica holds it (rows hold
+        different numbers of labels, so a mean of microbatch means would depend on the
+        layout): microbatch b's mean loss over its k_b tokens is scaled by
+        ``m · dp · k_b / N``, N the global batch's trained tokens, so that the schedule's
+        1/m and FSDP's mean over replicas leave each gradient that of Σ loss / N.
+        """
         run = self.layout
         check_token_ids(self.model_config, batch.tokens, batch.labels, batch.position_ids)
-        parts = [t.to(self.process.device, non_blocking=True).split(run.micro_batch_size)
+        device = self.process.device
+        parts = [t.to(device, non_blocking=True).split(run.micro_batch_size)
                  for t in (batch.tokens, batch.labels, batch.position_ids)]
-        autocast = (torch.autocast(self.process.device.type, dtype=torch.bfloat16)
+        kept = (batch.labels != -100).reshape(run.num_microbatches, -1).sum(dim=1)
+        total = kept.sum().to(device)
+        if run.dp > 1:  # on the device, without waiting for it
+            torch.distributed.all_reduce(total, group=self.groups.dp_group)
+        scales = (kept.to(device) * (run.num_microbatches * run.dp)) / total.clamp_min(1)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                     if self.bf16 else contextlib.nullcontext())
 
         def forward_step(chunk: int, mb: int, hidden: torch.Tensor | None) -> torch.Tensor:
             tokens, labels, positions = (part[mb] for part in parts)
             with autocast:
-                return self.model[chunk](tokens, labels, position_ids=positions,
-                                         hidden_states=hidden)
+                out = self.model[chunk](tokens, labels, position_ids=positions,
+                                        hidden_states=hidden)
+            return out * scales[mb] if self.model[chunk].post_process else out
 
         loss = run_schedule(
             self.schedule_steps, forward_step, self.groups, num_chunks=self.config.vpp,
@@ -177,7 +200,7 @@ class Trainer:
             dtype=next(self.model.parameters()).dtype, device=self.process.device,
             before_backward=lambda c, last: set_gradient_sync(self.model[c], last),
             forward_only=forward_only)
-        if run.dp > 1:  # the mean over the replicas
+        if run.dp > 1:  # each replica's share of Σ loss / N, summed (the scales above)
             torch.distributed.all_reduce(loss, group=self.groups.dp_group)
             loss /= run.dp
         return loss
@@ -240,6 +263,8 @@ class Trainer:
             self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
                       f"{result['lr']:.2e} | grad norm {norm:.3f} | "
                       f"{metrics['tokens_per_s']:,.0f} tokens/s | {metrics['step_ms']:.1f} ms")
+            for line in self.data.progress(step + 1):
+                self._log(f"data: {line}")
         if history:
             summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"
                        if floor is not None else "")

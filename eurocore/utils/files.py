@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def check_writable_dir(arg: str, path: str | os.PathLike[str]) -> Path:
@@ -49,21 +50,28 @@ def check_writable_file(arg: str, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_text_atomically(text: str, path: str | os.PathLike[str]) -> Path:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder renamed over
-    it, so a reader never sees half a file and a failure leaves the old file; returns it."""
+def write_bytes_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]
+                           ) -> Path:
+    """Calls ``write(f)`` on a temporary file in ``path``'s folder, then renames it over
+    ``path``: a reader never sees half a file, and a failure leaves the old one; returns
+    the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomically(text: str, path: str | os.PathLike[str]) -> Path:
+    """``text`` (UTF-8) written with :func:`write_bytes_atomically`."""
+    return write_bytes_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomically(payload: Any, path: str | os.PathLike[str]) -> Path:

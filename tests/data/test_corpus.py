@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -301,3 +302,96 @@ def test_thousands_of_prefixes_stay_within_the_map_budget(corpora):
     assert mapped <= indexed.MAX_OPEN_MAPS
     if fds_before:
         assert len(os.listdir("/proc/self/fd")) <= fds_before + indexed.MAX_OPEN_MAPS + 4
+
+
+# --- after review ------------------------------------------------------------------------
+
+def test_a_warm_cache_stays_within_the_descriptor_budget(corpora, tmp_path):
+    """400 prefixes, twice (the second run reads every permutation from the cache): the
+    process's file descriptors stay within the map budget (cached arrays are read, not
+    mapped, when small)."""
+    _, prefixes, _ = corpora
+    copies = []
+    for i in range(400):
+        prefix = tmp_path / "shards" / f"s{i}"
+        prefix.parent.mkdir(exist_ok=True)
+        for suffix in (".bin", ".idx"):
+            os.link(prefixes[2] + suffix, str(prefix) + suffix)
+        copies.append(str(prefix))
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        source = CorpusSource(copies, seq_len=16, batch_size=64, cache_dir=tmp_path / "cache")
+        for step in range(3):
+            source.global_batch(step)
+        IndexCache.wait()
+        assert len(os.listdir("/proc/self/fd")) <= fds + indexed.MAX_OPEN_MAPS + 8
+    assert all(s.cache.hits and not s.cache.misses for s in source.train.sources)
+
+
+def test_a_dataset_rewritten_in_place_with_its_old_size_and_mtime_is_not_stale(corpora,
+                                                                               tmp_path):
+    """rsync --inplace / cp -p keep size and mtime; ctime still moves: another cache key,
+    and the new tokens are read."""
+    tokenizer, _, _ = corpora
+    prefix = make_corpus(tmp_path / "inplace", tokenizer, "c", 40, seed=1)
+    before = CorpusSource([prefix], seq_len=16, batch_size=4, cache_dir=tmp_path / "cache")
+    first = before.global_batch(0).tokens
+    IndexCache.wait()
+    stat = os.stat(prefix + ".bin")
+    with open(prefix + ".bin", "rb") as f:
+        data = bytearray(f.read())
+    data[:] = bytes((b + 1) % 256 if i % 2 == 0 else b for i, b in enumerate(data))
+    with open(prefix + ".bin", "r+b") as f:  # same size, in place
+        f.write(data)
+    os.utime(prefix + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime
+    after = CorpusSource([prefix], seq_len=16, batch_size=4, cache_dir=tmp_path / "cache")
+    assert after.train.sources[0].cache.dir != before.train.sources[0].cache.dir
+    assert not torch.equal(after.global_batch(0).tokens, first)
+
+
+def test_each_new_epoch_is_logged_once(corpora, tmp_path):
+    _, prefixes, _ = corpora
+    source = _source(prefixes, tmp_path)
+    small = source.train.sources[2]
+    per_epoch_steps = small.tokens_per_epoch / small.seq_len / (0.1 * source.batch_size)
+    assert source.progress(1) == []
+    lines = source.progress(int(per_epoch_steps) + 2)
+    assert lines and all("begins epoch" in line for line in lines)
+    assert any(small.name in line and "epoch 2" in line for line in lines)
+    assert source.progress(int(per_epoch_steps) + 3) == []
+
+
+def test_a_small_validation_set_is_said_to_repeat(corpora, tmp_path):
+    _, prefixes, _ = corpora
+    source = _source(prefixes, tmp_path, split="90,10", eval_samples=10_000)
+    assert "read them" in source.describe() and "times" in source.describe()
+
+
+def test_the_tokenizer_must_be_the_one_that_made_the_corpora(corpora, tmp_path):
+    from eurocore.data.example import train_tokenizer
+    from eurocore.train.config import TrainConfig
+    from eurocore.train.trainer import build_source
+
+    _, prefixes, _ = corpora
+    other = train_tokenizer(["completely different text"] * 50, tmp_path / "other", 300)
+    config = TrainConfig(data_path=(prefixes[0],), tokenizer=str(other), seq_len=32,
+                         data_cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^tokenizer: '.*other' is not the tokenizer that "
+                                         r"made"):
+        build_source(config, config.model_config())
+
+
+def test_the_largest_token_is_read_once_per_version_of_the_files(corpora, tmp_path,
+                                                               monkeypatch):
+    """A Megatron-made dataset (no PREFIX.json): its tokens are read at the first start,
+    then the cache's record answers."""
+    _, prefixes, _ = corpora
+    bare = tmp_path / "bare" / "d"
+    bare.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(prefixes[1] + suffix, str(bare) + suffix)
+    first = CorpusSource([str(bare)], seq_len=16, batch_size=4, cache_dir=tmp_path / "cache")
+    largest = first.max_token_id()
+    monkeypatch.setattr(IndexedDataset, "max_token", lambda self: pytest.fail("read again"))
+    again = CorpusSource([str(bare)], seq_len=16, batch_size=4, cache_dir=tmp_path / "cache")
+    assert again.max_token_id() == largest

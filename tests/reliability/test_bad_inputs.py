@@ -219,15 +219,16 @@ def test_trainer_checks_each_batch_in_the_data_path(monkeypatch):
     the step runs (the model's own check is off in the trainer: this is the one that works
     under torch.compile and CUDA graphs, on the CPU)."""
     import eurocore.train.trainer as trainer
+    from eurocore.data.source import Batch
+    from eurocore.data.synthetic import MarkovSource
 
     def bad_batch(self, batch, seq, step, **kwargs):
         good = original(self, batch, seq, step, **kwargs)
-        return types.SimpleNamespace(tokens=_poke(good.tokens, VOCAB + 3, (0, 0)),
-                                     labels=good.labels, position_ids=good.position_ids)
+        return Batch(_poke(good.tokens, VOCAB + 3, (0, 0)), good.labels, good.position_ids)
 
-    original = trainer.MarkovSource.batch
+    original = MarkovSource.batch
     steps = []
-    monkeypatch.setattr(trainer.MarkovSource, "batch", bad_batch)
+    monkeypatch.setattr(MarkovSource, "batch", bad_batch)
     monkeypatch.setattr(trainer, "run_schedule", lambda *a, **k: steps.append(1))
     process = Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"^tokens: 253 at index \[0, 0\]"):

@@ -93,7 +93,8 @@ def test_a_missing_file_is_named(tmp_path):
 def test_values_from_the_file_are_checked_like_flags(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[optimizer]\nlr = 2.0\n")
-    with pytest.raises(ValueError, match=r"^lr: expected a finite number in \(0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"^config: optimizer.lr in '.*run.toml': expected a "
+                                         r"finite number in \(0.0, 1.0\]"):
         load_config(path)
 
 
@@ -126,3 +127,49 @@ def test_a_run_directory_config_is_read_back_as_it_is(tmp_path, monkeypatch):
     assert cli.main(argv) == 0
     written = tmp_path / "run" / "config.toml"
     assert parse_config(_parser(), ["--config", str(written)]) == runs[0]
+
+
+def test_every_boolean_can_be_turned_either_way_over_a_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[parallel]\nsequence_parallel = true\n[data]\ndocument_masking = false\n")
+    config = parse_config(_parser(), ["--config", str(path), "--no-sequence-parallel",
+                                      "--document-masking"])
+    assert not config.sequence_parallel and config.document_masking
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[model]\nhidden_size = 8.5\n", r"model.hidden_size in .* must be an integer"),
+    ("[model]\nrope_theta = \"big\"\n", r"model.rope_theta in .* must be a number"),
+    ("[model]\nnum_layers = 0\n", r"model.num_layers in '.*run.toml': .*"),
+    ("[data]\ndata_path = [\"0.5\", \"a\", \"b\"]\n", r"data.data_path in '.*run.toml': "),
+])
+def test_model_overrides_and_values_from_a_file_name_the_file(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises((TypeError, ValueError), match=rf"^config: {message}"):
+        load_config(path)
+
+
+def test_a_check_across_fields_names_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nnum_heads = 3\n")
+    with pytest.raises(ValueError, match=r"^hidden_size: .* num_heads = 3 .*'.*run.toml'"):
+        load_config(path)
+
+
+def test_a_run_config_holds_absolute_paths(tmp_path, monkeypatch):
+    """Read from another directory, a run's config.toml means the same files."""
+    import eurocore.train.__main__ as cli
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    monkeypatch.setattr(cli, "train", lambda config, *a, **k: runs.append(config) or [])
+    assert cli.main(["--steps", "2", "--metrics-json", "m.json", "--device", "cpu"]) == 0
+    (written,) = (tmp_path / "runs").glob("*/config.toml")
+    monkeypatch.chdir(tmp_path / "runs")
+    again = parse_config(_parser(), ["--config", str(written)])
+    assert again == runs[0]
+    assert again.metrics_json == str(tmp_path / "m.json")
+    assert again.output_dir == str(written.parent)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eurocore.train.distributed import Process
-from eurocore.train.trainer import TrainConfig, train
+from eurocore.train.trainer import TrainConfig, Trainer, build_source, train
 from tests.data.corpora import make_corpus, make_tokenizer
 from tests.parallel.launch import run_on_ranks
 
@@ -63,3 +63,32 @@ def test_tp2_run_on_prepared_data_learns(corpus):
     config = TrainConfig(**corpus, tp=2, sequence_parallel=True, steps=30, batch_size=8,
                          log_every=10, eval_every=10, eval_iters=2, lr=3e-3)
     run_on_ranks(_falls, 2, config)
+
+
+def test_every_token_weighs_the_same_however_the_batch_is_split(corpus):
+    """Rows hold different numbers of trained tokens (document ends are -100), so a mean of
+    microbatch means would change with the microbatch size; the per-token weighting gives
+    one microbatch of 4 and four of 1 the same losses, validation included."""
+    fields = {**corpus, "steps": 3, "batch_size": 4, "log_every": 1, "eval_every": 3,
+              "eval_iters": 1, "num_layers": 2, "seq_len": 128}
+    first = TrainConfig(**fields, micro_batch_size=4)
+    source = build_source(first, first.model_config())
+    kept = [(source.global_batch(step).labels != -100).sum(dim=1).tolist()
+            for step in range(3)]
+    assert any(len(set(row)) > 1 for row in kept), kept  # else both weightings agree
+    whole = train(first, CPU, log=lambda _: None)
+    split = train(TrainConfig(**fields, micro_batch_size=1), CPU, log=lambda _: None)
+    for a, b in zip(whole, split, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert split[-1]["valid_loss"] == pytest.approx(whole[-1]["valid_loss"], rel=1e-5)
+
+
+def test_train_step_runs_past_the_configured_steps(corpus):
+    """train_step is the loop's unit: a caller may run it past config.steps (the data
+    reads on, the learning rate stays at its minimum)."""
+    config = TrainConfig(**corpus, steps=2, batch_size=2, num_layers=1, lr=1e-3)
+    trainer = Trainer(config, CPU, log=lambda _: None)
+    results = [trainer.train_step() for _ in range(4)]
+    assert [r["step"] for r in results] == [0, 1, 2, 3] and trainer.step == 4
+    assert all(torch.isfinite(r["loss"]) for r in results)
+    assert results[3]["lr"] == pytest.approx(trainer.learning_rate(2)) == pytest.approx(1e-4)

@@ -54,8 +54,9 @@ def _check_parameters(reference: dict):
                 local = param.full_tensor() if hasattr(param, "full_tensor") else param
                 # Adam divides by sqrt(v) + eps: where a gradient is near eps, a difference
                 # in fp32 rounding (another reduction order) moves the weight differently by
-                # up to ~1e-5 over 6 steps; a step itself is ~lr = 3e-3.
-                torch.testing.assert_close(local.detach(), full, rtol=1e-3, atol=3e-5,
+                # up to a few 1e-5 over 6 steps (4e-5 seen on one of 5632 elements at
+                # TP2 x PP2 with SP); a step itself is ~lr = 3e-3.
+                torch.testing.assert_close(local.detach(), full, rtol=1e-3, atol=6e-5,
                                            msg=lambda m, n=name: f"parameter {n}: {m}")
     return check
 
