@@ -263,7 +263,7 @@ class Trainer:
             self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
                       f"{result['lr']:.2e} | grad norm {norm:.3f} | "
                       f"{metrics['tokens_per_s']:,.0f} tokens/s | {metrics['step_ms']:.1f} ms")
-            for line in self.data.progress(step + 1):
+            for line in self.data.progress(step + 1) if not last else ():  # what comes next
                 self._log(f"data: {line}")
         if history:
             summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"

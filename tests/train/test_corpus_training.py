@@ -92,3 +92,24 @@ def test_train_step_runs_past_the_configured_steps(corpus):
     assert [r["step"] for r in results] == [0, 1, 2, 3] and trainer.step == 4
     assert all(torch.isfinite(r["loss"]) for r in results)
     assert results[3]["lr"] == pytest.approx(trainer.learning_rate(2)) == pytest.approx(1e-4)
+
+
+def test_the_log_says_when_a_corpus_begins_another_epoch(corpus):
+    """The run's log names each corpus's new epoch once, after the step before it; a run
+    that ends just before a new epoch says nothing of it."""
+    def log_of(steps: int) -> list[str]:
+        lines: list[str] = []
+        config = TrainConfig(**{**corpus, "seq_len": 64}, steps=steps, batch_size=32,
+                             num_layers=1, log_every=1)
+        train(config, CPU, log=lines.append)
+        return lines
+
+    lines = log_of(12)
+    epochs = [line for line in lines if "begins epoch" in line]
+    assert epochs and len(epochs) == len(set(epochs)), epochs
+    first = int(epochs[0].rsplit(" ", 1)[1])  # "... by step K": K's batch starts it
+    assert epochs[0].startswith("data: ") and lines[lines.index(epochs[0]) - 1].startswith(
+        f"step {first - 1:5d}")
+    shorter = log_of(first)
+    assert not any("begins epoch" in line for line in shorter), shorter
+    assert shorter[-1].startswith("done:") and shorter[-2].startswith(f"step {first - 1:5d}")
