@@ -2,6 +2,7 @@
 
     eurocore train [ARGS...]     the training run (python -m eurocore.train ARGS; torchrun too)
     eurocore data prepare ...    tokenize text into a Megatron indexed dataset
+    eurocore checkpoint inspect DIR   a checkpoint's step, layout, model and integrity
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
     eurocore backends            which backends this machine can run, and why (not)
 
@@ -27,8 +28,26 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("data", help="data tools: prepare (see 'eurocore data --help')",
                    add_help=False)
+    checkpoint = sub.add_parser("checkpoint", help="checkpoint tools: inspect")
+    checkpoint_sub = checkpoint.add_subparsers(dest="action", metavar="ACTION", required=True)
+    inspect = checkpoint_sub.add_parser(
+        "inspect", help="a checkpoint's step, layout, model config, size and whether it is "
+        "complete and intact (every file's size and CRC-32 checked); exit status 1 if not")
+    inspect.add_argument("path", metavar="DIR", help="a checkpoint (step-N) or a checkpoint "
+                         "directory (its latest complete checkpoint)")
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
     return parser
+
+
+def _inspect_checkpoint(path: str) -> int:
+    from eurocore.train.checkpoint import describe, resolve_checkpoint
+
+    try:
+        print(describe(resolve_checkpoint(path)))
+    except ValueError as err:
+        print(f"eurocore checkpoint inspect: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print_backends() -> int:
@@ -59,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "backends":
         return _print_backends()
+    if args.command == "checkpoint":
+        return _inspect_checkpoint(args.path)
     parser.print_help()
     return 0 if args.command is None and not argv else 2
 

@@ -7,6 +7,7 @@ The synthetic Markov source and the tokenized corpus both implement it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +73,8 @@ class TokenSource(Protocol):
 def check_same_data(saved: dict[str, Any], ours: dict[str, Any]) -> None:
     """A resume's check of a source's ``state_dict``: raises ValueError naming each entry
     that differs between the saved run's data and this one's."""
+    # as JSON sees them: a state read back from a checkpoint's JSON has lists for tuples
+    saved, ours = json.loads(json.dumps(saved)), json.loads(json.dumps(ours))
     differ = sorted(k for k in set(ours) | set(saved) if ours.get(k) != saved.get(k))
     if differ:
         raise ValueError(f"data: the saved run's data differs in {', '.join(differ)}: saved "

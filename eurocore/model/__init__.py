@@ -8,11 +8,12 @@ from eurocore.model.llama import (
     DecoderLayer,
     LlamaModel,
     PackedBatch,
+    WeightLayout,
     check_token_ids,
     stage_chunks,
     sum_tied_embedding_grads,
 )
 
 __all__ = ["MLP", "PRESETS", "Attention", "DecoderLayer", "LlamaModel", "ModelConfig",
-           "PackedBatch", "check_token_ids", "preset", "stage_chunks",
+           "PackedBatch", "WeightLayout", "check_token_ids", "preset", "stage_chunks",
            "sum_tied_embedding_grads"]

@@ -38,6 +38,7 @@ from eurocore.parallel import (
     vocab_parallel_cross_entropy,
 )
 from eurocore.parallel.pipeline import stage_layers
+from eurocore.parallel.sharding import FullSlice
 from eurocore.utils.checks import check_bool, check_int
 
 
@@ -72,6 +73,28 @@ class PackedBatch:
         starts = torch.nonzero(flat == 0).flatten()
         cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
         return cls(flat, cu, int((cu[1:] - cu[:-1]).max()))
+
+
+# A fused matrix is stored as its parts, each split over TP on its own: the parts' names.
+FUSED_PARTS = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """One parameter of a model chunk and the full tensors its TP shard holds slices of.
+
+    name: the parameter's name in the chunk (``layers.3.attention.qkv.weight``).
+    slices: (canonical name, slice) pairs: the layout-free tensors of the full model,
+        fused matrices as their parts (``layers.3.attention.q.weight``), the vocabulary
+        without its padding rows.
+    copy: the last pipeline stage's copy of a tied embedding (the first stage's original
+        is the one to store; the copy reads it back).
+    """
+
+    name: str
+    param: nn.Parameter
+    slices: list[tuple[str, FullSlice]]
+    copy: bool = False
 
 
 def check_token_ids(config: ModelConfig, tokens: torch.Tensor | None = None,
@@ -292,6 +315,28 @@ class LlamaModel(nn.Module):
         return VocabParallelEmbedding(self.config.vocab_size, self.config.hidden_size, tp_group,
                                       std=self.config.init_std, seed=_seed(self.config, -1, 0),
                                       **parallel)
+
+    def weight_layouts(self) -> list[WeightLayout]:
+        """Every parameter of this chunk with the slices of the full model's layout-free
+        tensors it holds (see :class:`WeightLayout`): what a checkpoint readable by any
+        layout stores."""
+        layouts = []
+        for name, param in self.named_parameters():
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            copy = False
+            if module is getattr(self, "head", None):
+                slices = module.full_slices(leaf, real_rows=self.config.vocab_size)
+                copy = self._tied_copy
+                module_name = "embedding" if copy else module_name
+            else:
+                slices = module.full_slices(leaf)
+            parent, _, attribute = module_name.rpartition(".")
+            parts = FUSED_PARTS.get(attribute)
+            named = [(f"{parent}.{parts[s.part]}.{leaf}" if parts else f"{module_name}.{leaf}",
+                      s) for s in slices]
+            layouts.append(WeightLayout(name, param, named, copy))
+        return layouts
 
     def tied_embedding_weight(self) -> nn.Parameter | None:
         """With tied embeddings split over pipeline stages: the first stage's embedding or

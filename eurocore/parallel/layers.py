@@ -32,6 +32,7 @@ from eurocore.parallel.collectives import (
     reduce_scatter_forward_all_gather_backward,
 )
 from eurocore.parallel.grads import mark_replicated_over_tp
+from eurocore.parallel.sharding import FullSlice
 from eurocore.utils.checks import check_int, check_number
 
 # Rows drawn per generator: the unit of layout-independent initialisation.
@@ -172,6 +173,27 @@ class ColumnParallelLinear(nn.Module):
             start += local * tp
         return torch.cat(parts)
 
+    def full_slices(self, name: str = "weight", real_rows: int | None = None
+                    ) -> list[FullSlice]:
+        """Where this rank's ``weight`` (or ``bias``) sits in the full tensors: one slice
+        per output part, each part its own full tensor, (size, in_features) or (size,).
+        ``real_rows``: the full tensor has only that many rows (an unpadded vocabulary,
+        one part only); the padding rows beyond them belong to no full tensor."""
+        if real_rows is not None and len(self.local_sizes) > 1:
+            raise ValueError("real_rows: only for a layer with one output part")
+        tp, rank = _tp(self.tp_group)
+        tail = (self.in_features,) if name == "weight" else ()
+        slices, start = [], 0
+        for part, local in enumerate(self.local_sizes):
+            first = rank * local
+            full_rows = local * tp if real_rows is None else real_rows
+            kept = max(0, min(local, full_rows - first))
+            if kept:
+                slices.append(FullSlice(part, (full_rows, *tail), range(start, start + kept),
+                                        (first, *(0 for _ in tail))))
+            start += local
+        return slices
+
     def split_output(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The local output (..., out_features / tp) cut into its ``output_sizes`` parts."""
         return torch.split(y, self.local_sizes, dim=-1)
@@ -223,6 +245,13 @@ class RowParallelLinear(nn.Module):
         local = self.in_features // tp
         return full[:, rank * local:(rank + 1) * local]
 
+    def full_slices(self, name: str = "weight") -> list[FullSlice]:
+        """Where this rank's weight (its columns) sits in the full (out, in) matrix."""
+        tp, rank = _tp(self.tp_group)
+        local = self.in_features // tp
+        return [FullSlice(0, (self.out_features, self.in_features), range(self.out_features),
+                          (0, rank * local))]
+
     def forward(self, x: torch.Tensor, *, batch_first: bool = False) -> torch.Tensor:
         """x (seq, batch, in_features / tp), or (batch, seq, ...) with ``batch_first``: the
         output is sequence-first either way. Batch-first input lets a caller whose tensor is
@@ -253,6 +282,7 @@ class ParallelRMSNorm(nn.Module):
         check_int("hidden_size", hidden_size, minimum=1)
         check_number("eps", eps, minimum=0.0)  # the op would say so only at the first forward
         self.eps, self.tp_group, self.sequence_parallel = eps, tp_group, sequence_parallel
+        self.hidden_size = hidden_size
         self.weight = mark_replicated_over_tp(
             nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype)))
 
@@ -260,6 +290,10 @@ class ParallelRMSNorm(nn.Module):
         weight = (copy_forward_all_reduce_backward(self.weight, self.tp_group)
                   if self.sequence_parallel else self.weight)
         return rms_norm(x, weight, self.eps)
+
+    def full_slices(self, name: str = "weight") -> list[FullSlice]:
+        """The weight is whole on every rank."""
+        return [FullSlice(0, (self.hidden_size,), range(self.hidden_size), (0,))]
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
@@ -316,6 +350,13 @@ class VocabParallelEmbedding(nn.Module):
         real = max(0, min(self.last, self.num_embeddings) - self.first)
         local[:real] = full[self.first:self.first + real]
         return local
+
+    def full_slices(self, name: str = "weight") -> list[FullSlice]:
+        """Where this rank's rows sit in the full, unpadded (num_embeddings, dim) table;
+        padding rows belong to none (a rank holding only padding has no slice)."""
+        real = max(0, min(self.last, self.num_embeddings) - self.first)
+        full = (self.num_embeddings, self.embedding_dim)
+        return [FullSlice(0, full, range(real), (self.first, 0))] if real else []
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.first) | (ids >= self.last)

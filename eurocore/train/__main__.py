@@ -3,6 +3,10 @@
     python -m eurocore.train --preset tiny --steps 300                  # one process
     torchrun --nproc-per-node 2 -m eurocore.train --tp 2 --sequence-parallel
     torchrun --nproc-per-node 4 -m eurocore.train --tp 2 --pp 2 --micro-batch-size 4
+
+Exit status: 0 done; 1 diverged or a checkpoint failed to save; 2 a bad option, bad data or
+a checkpoint that cannot be taken (one line says which); 3 (PREEMPTED_EXIT_STATUS) stopped by
+SIGTERM or SIGUSR1 after saving a checkpoint: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from pathlib import Path
 
 import torch.distributed
 
+from eurocore.train.checkpoint import CheckpointError
 from eurocore.train.cli import ConfigParser, build_parser, parse_config
 from eurocore.train.config import TrainConfig, to_toml, with_absolute_paths
 from eurocore.train.distributed import init_process, launch_environment, local_device, shutdown
+from eurocore.train.preemption import PREEMPTED_EXIT_STATUS, Preempted, StopSignals
 from eurocore.train.trainer import build_source, check_memory, train
 from eurocore.utils.files import (
     check_writable_dir,
@@ -47,9 +53,8 @@ def default_output_dir(config: TrainConfig) -> str:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.train") -> int:
     """Parses ``argv``, checks every option, joins torchrun's process group (if any) and
-    trains. Returns 0; 2 after a one-line message when an option (or the data) is bad, all
-    options being checked before any process group or model is made; 1 when the run
-    diverges."""
+    trains. Returns the exit status of the module docstring; the options are all checked
+    before any process group or model is made."""
     parser = build_parser(prog, DESCRIPTION)
     try:
         rank, world, local_rank, _ = launch_environment()
@@ -83,15 +88,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         path = write_text_atomically(resolved, Path(config.output_dir) / "config.toml")
         print(f"run directory {config.output_dir}; its config ({path.name}, which --config "
               f"reads):\n{resolved}", flush=True)
+    stop = StopSignals().install()
     try:
         train(config, process, log=lambda line: print(line, flush=True), on_step=metrics.add,
-              data=data)
-    except ValueError as err:  # bad data met during the run, say
+              data=data, stop=stop)
+    except ValueError as err:  # bad data met during the run, or a checkpoint not to take
         return _fail(parser, err, where)
-    except FloatingPointError as err:  # the run diverged: not the options' fault
+    except (FloatingPointError, CheckpointError) as err:  # not the options' fault
         _fail(parser, err, where)
         return 1
+    except Preempted as stopped:
+        if rank == 0:
+            print(f"{parser.prog}: {stopped}; run the same command again to resume (exit "
+                  f"status {PREEMPTED_EXIT_STATUS})", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_STATUS
     finally:
+        stop.uninstall()
         metrics.write()
         shutdown()
     return 0

@@ -8,7 +8,8 @@ it (one source of truth for every option's name, type, default and help).
 
 File layout (``configs/`` has examples): sections ``[model]`` (``preset`` and any
 ``ModelConfig`` field as an override), ``[parallel]``, ``[optimizer]``, ``[data]``,
-``[logging]`` and ``[run]``, each holding the fields this module assigns to it.
+``[checkpoint]``, ``[logging]`` and ``[run]``, each holding the fields this module assigns
+to it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-SECTIONS = ("model", "parallel", "optimizer", "data", "logging", "run")
+SECTIONS = ("model", "parallel", "optimizer", "data", "checkpoint", "logging", "run")
 
 
 def option(default: Any, section: str, help: str, *, flag: str | None = None,
@@ -122,6 +123,18 @@ class TrainConfig:
     eval_every: int = option(100, "data", "validation every N steps and at the last (0: "
                              "never); needs validation data")
     eval_iters: int = option(10, "data", "validation batches, the same ones every time")
+    # [checkpoint]
+    checkpoint_dir: str | None = option(None, "checkpoint", "where checkpoints go (default "
+                                        "OUTPUT_DIR/checkpoints; none without an output "
+                                        "directory)", metavar="DIR")
+    checkpoint_every: int = option(500, "checkpoint", "save every N steps and after the last "
+                                   "(0: never)")
+    keep_last: int = option(3, "checkpoint", "complete checkpoints kept, the newest (0: all)")
+    resume: str = option("auto", "checkpoint", "auto (the newest intact checkpoint in the "
+                         "checkpoint directory, if any), none, or a checkpoint's directory",
+                         metavar="auto|none|PATH")
+    async_checkpoint: bool = option(False, "checkpoint", "write checkpoints in the background "
+                                    "while training goes on (DCP async_save)")
     # [logging]
     log_every: int = option(10, "logging", "log every N steps (and the last)")
     output_dir: str | None = option(None, "logging", "the run's directory: its resolved "
@@ -162,7 +175,17 @@ class TrainConfig:
             check_bool("bf16", self.bf16)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        for name in ("metrics_json", "output_dir", "tokenizer", "data_cache_dir", "split"):
+        check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        check_int("keep_last", self.keep_last, minimum=0)
+        check_bool("async_checkpoint", self.async_checkpoint)
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ValueError(f"resume: expected auto, none or a checkpoint directory, got "
+                             f"{self.resume!r}")
+        if self.resume not in ("auto", "none") and not Path(self.resume).is_dir():
+            raise ValueError(f"resume: {self.resume!r} is not a checkpoint directory (nor "
+                             f"auto or none)")
+        for name in ("metrics_json", "output_dir", "tokenizer", "data_cache_dir", "split",
+                     "checkpoint_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
@@ -251,7 +274,7 @@ class TrainConfig:
 
 # Fields holding paths (data_path's weights stay as they are).
 PATH_FIELDS = ("tokenizer", "data_path", "valid_data_path", "data_cache_dir", "metrics_json",
-               "output_dir")
+               "output_dir", "checkpoint_dir")
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -265,6 +288,8 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
                                   for item in value)
         elif value is not None:
             changes[name] = os.path.abspath(value)
+    if config.resume not in ("auto", "none"):
+        changes["resume"] = os.path.abspath(config.resume)
     return dataclasses.replace(config, **changes)
 
 

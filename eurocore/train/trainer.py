@@ -1,11 +1,13 @@
 """The training run: a ``Trainer`` builds the process groups, model chunks, optimizer,
-pipeline schedule and data once; ``train_step`` runs one optimizer step; ``state_dict`` is
-everything a resume needs. ``train`` runs a whole ``TrainConfig``."""
+pipeline schedule, data and checkpointer once; ``train_step`` runs one optimizer step;
+``state_dict`` is everything a resume needs, layout-free (``eurocore.train.checkpoint``).
+``train`` runs a whole ``TrainConfig``, resuming from its latest checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -22,11 +24,21 @@ from eurocore.data.tokenizer import tokenizer_info
 from eurocore.model import ModelConfig, check_token_ids, stage_chunks, sum_tied_embedding_grads
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
-from eurocore.parallel.pipeline import run_schedule
+from eurocore.parallel.pipeline import run_schedule, stage_layers
 from eurocore.parallel.schedules import bubble_fraction, schedule
+from eurocore.train.checkpoint import (
+    Checkpointer,
+    check_resumable,
+    init_optimizer_state,
+    layout_free_tensors,
+    restore_rng,
+    rng_tensors,
+    set_optimizer_steps,
+)
 from eurocore.train.config import RunLayout, TrainConfig
 from eurocore.train.distributed import Process
 from eurocore.train.optim import adamw, learning_rate
+from eurocore.train.preemption import Preempted, StopSignals
 
 __all__ = ["RunLayout", "TrainConfig", "Trainer", "build_source", "check_memory", "train"]
 
@@ -67,14 +79,22 @@ class Trainer:
     chunks (FSDP2-wrapped over data parallelism), AdamW, the pipeline schedule and the data
     (``data``, else :func:`build_source`). Only rank 0 calls ``log``.
 
+    Checkpoints go to ``config.checkpoint_dir`` (default OUTPUT_DIR/checkpoints; none
+    without either), every ``checkpoint_every`` steps and after the last; ``stop`` (the
+    command line's SIGTERM/SIGUSR1 handler) makes every rank save and raise
+    :class:`~eurocore.train.preemption.Preempted` at the next step boundary.
+
     Attributes:
         step: the next optimizer step to run (0 for a new run).
         model: this rank's chunks, one per virtual stage (``nn.ModuleList``).
+        checkpointer: the run's :class:`~eurocore.train.checkpoint.Checkpointer`, or None
+            (no checkpoint directory and nothing to resume from).
         groups, layout, data, optimizer, model_config: the run's pieces.
     """
 
     def __init__(self, config: TrainConfig, process: Process,
-                 log: Callable[[str], None] = print, data: TokenSource | None = None) -> None:
+                 log: Callable[[str], None] = print, data: TokenSource | None = None,
+                 stop: StopSignals | None = None) -> None:
         self.config, self.process = config, process
         self.model_config = config.model_config()
         self.layout = config.layout(process.world_size)
@@ -103,6 +123,16 @@ class Trainer:
                      else config.seq_len)
         self._activation_shape = (seq_shard, self.layout.micro_batch_size,
                                   self.model_config.hidden_size)
+        directory = config.checkpoint_dir or (os.path.join(config.output_dir, "checkpoints")
+                                              if config.output_dir else None)
+        self._saving = directory is not None and config.checkpoint_every > 0
+        if directory is None and config.resume not in ("auto", "none"):
+            directory = os.path.dirname(config.resume)  # to read from, not to write to
+        self.checkpointer = None if directory is None else Checkpointer(
+            directory, keep_last=config.keep_last, async_save=config.async_checkpoint,
+            log=self._log)
+        self.stop = stop
+        self._saved_step: int | None = None
         self._describe()
 
     def _describe(self) -> None:
@@ -221,10 +251,14 @@ class Trainer:
         """Runs the steps from ``self.step`` to ``config.steps``, logging every
         ``log_every`` steps and the last: the metrics of each logged step (step, loss, lr,
         grad_norm, tokens_per_s, step_ms) are returned on every rank and passed to
-        ``on_step`` as they come.
+        ``on_step`` as they come. Saves the checkpoints that are due (and waits for the
+        last one to be complete).
 
         Raises:
             FloatingPointError: a logged loss or gradient norm is not finite (diverged).
+            Preempted: a rank received a stop signal; the checkpoint of this step is
+                complete.
+            CheckpointError: a save failed.
         """
         config = self.config
         floor = self.data.loss_floor
@@ -239,32 +273,36 @@ class Trainer:
             valid = None
             if config.eval_every and ((step + 1) % config.eval_every == 0 or last):
                 valid = self.evaluate()
-            if step % config.log_every and not last and valid is None:
-                continue
-            loss, norm = result["loss"].item(), result["grad_norm"].item()  # waits
-            if not (math.isfinite(loss) and math.isfinite(norm)):
-                raise FloatingPointError(
-                    f"loss: {loss} with gradient norm {norm} at step {step} (lr "
-                    f"{result['lr']:.3g}): the run diverged; lower the learning rate or raise "
-                    f"the warmup")
-            now = time.perf_counter()
-            # averaged over the steps since the last log: the device runs ahead in between
-            per_step = (now - last_time) / (step - last_step)
-            last_time, last_step = now, step
-            metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
-                       "tokens_per_s": tokens_per_step / per_step, "step_ms": 1e3 * per_step}
-            valid_note = ""
-            if valid is not None:
-                metrics["valid_loss"] = valid
-                valid_note = f" | valid loss {valid:.4f}"
-            history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
-            self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
-                      f"{result['lr']:.2e} | grad norm {norm:.3f} | "
-                      f"{metrics['tokens_per_s']:,.0f} tokens/s | {metrics['step_ms']:.1f} ms")
-            for line in self.data.progress(step + 1) if not last else ():  # what comes next
-                self._log(f"data: {line}")
+            if step % config.log_every == 0 or last or valid is not None:
+                loss, norm = result["loss"].item(), result["grad_norm"].item()  # waits
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise FloatingPointError(
+                        f"loss: {loss} with gradient norm {norm} at step {step} (lr "
+                        f"{result['lr']:.3g}): the run diverged; lower the learning rate or "
+                        f"raise the warmup")
+                now = time.perf_counter()
+                # averaged over the steps since the last log: the device runs ahead between
+                per_step = (now - last_time) / (step - last_step)
+                last_time, last_step = now, step
+                metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
+                           "tokens_per_s": tokens_per_step / per_step,
+                           "step_ms": 1e3 * per_step}
+                valid_note = ""
+                if valid is not None:
+                    metrics["valid_loss"] = valid
+                    valid_note = f" | valid loss {valid:.4f}"
+                history.append(metrics)
+                if on_step is not None:
+                    on_step(metrics)
+                self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
+                          f"{result['lr']:.2e} | grad norm {norm:.3f} | "
+                          f"{metrics['tokens_per_s']:,.0f} tokens/s | "
+                          f"{metrics['step_ms']:.1f} ms")
+                for line in self.data.progress(step + 1) if not last else ():  # what's next
+                    self._log(f"data: {line}")
+            self._after_step(last)
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
         if history:
             summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"
                        if floor is not None else "")
@@ -272,43 +310,139 @@ class Trainer:
                       f"{config.steps} steps{summary}")
         return history
 
+    def _after_step(self, last: bool) -> None:
+        """Saves the checkpoint that is due (every checkpoint_every steps and after the
+        last), and stops every rank alike when one of them received a stop signal."""
+        if self._saving and (self.step % self.config.checkpoint_every == 0 or last):
+            self.save_checkpoint()
+        signal_name = self.stop.agreed() if self.stop is not None else None
+        if signal_name is None:
+            return
+        self._log(f"{signal_name} received: saving a checkpoint and stopping")
+        if self._saving and self._saved_step != self.step:
+            self.save_checkpoint()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+        raise Preempted(self.step, signal_name)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs: the next step, this rank's model chunks and optimizer
-        state, the data's identity, the random generators and the config."""
-        return {
-            "step": self.step,
-            "model": [chunk.state_dict() for chunk in self.model],
-            "optimizer": self.optimizer.state_dict(),
-            "data": self.data.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": (torch.cuda.get_rng_state(self.process.device)
-                             if self.process.device.type == "cuda" else None)},
-            "config": dataclasses.asdict(self.config),
-        }
+        """Everything a resume needs, layout-free (any TP, PP, DP layout can load it):
+
+        - ``tensors``: canonical name -> this rank's box of that full tensor (every weight
+          and both AdamW moments: ``eurocore.train.checkpoint.TensorBox``, views that DCP
+          writes, or fills in place to load), and this rank's random generator states;
+        - ``meta`` (JSON): the next step, the samples consumed, the data's identity, the
+          run's and the model's configs, and the layout.
+
+        Makes AdamW's state (zero, as the first step would) if no step ran yet.
+        """
+        init_optimizer_state(self.optimizer)
+        tensors: dict[str, Any] = layout_free_tensors(list(self.model), self.optimizer)
+        tensors.update(rng_tensors(self.process.rank, self.process.device))
+        config = self.config
+        meta = {"step": self.step, "consumed_samples": self.step * config.batch_size,
+                "data": self.data.state_dict(),
+                "config": json.loads(json.dumps(dataclasses.asdict(config))),
+                "model_config": dataclasses.asdict(self.model_config),
+                "layout": self._layout_meta()}
+        return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict` of the same run (same layout; the checkpoint issue
-        adds resharding). Raises ValueError when the data differs."""
-        self.data.load_state_dict(state["data"])
-        for chunk, chunk_state in zip(self.model, state["model"], strict=True):
-            chunk.load_state_dict(chunk_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and self.process.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.process.device)
-        self.step = state["step"]
+        """Takes a :meth:`state_dict` of a run in the same layout (a checkpoint, through
+        :meth:`resume`, also reshards): checks ``meta`` against this run (the model's shape,
+        the global batch, the data; ValueError naming what differs), copies the tensors and
+        sets the step, AdamW's step counts and the random generators."""
+        meta = state["meta"]
+        if meta["layout"] != self._layout_meta():
+            raise ValueError(f"layout: the state is of layout {meta['layout']}, this run's "
+                             f"{self._layout_meta()}; a checkpoint (resume) reshards")
+        self._check_resumable(meta)
+        ours = self.state_dict()["tensors"]
+        for name, box in ours.items():
+            saved = state["tensors"][name]
+            (box.local if hasattr(box, "local") else box).copy_(
+                saved.local if hasattr(saved, "local") else saved)
+        restore_rng(ours, self.process.rank, self.process.device)
+        self._loaded(meta)
+
+    def _layout_meta(self) -> dict[str, Any]:
+        config = self.config
+        return {"world_size": self.process.world_size, "tp": config.tp, "pp": config.pp,
+                "vpp": config.vpp, "dp": self.layout.dp,
+                "sequence_parallel": config.sequence_parallel,
+                "layers_per_stage": [len(r) for r in stage_layers(
+                    self.model_config.num_layers, config.pp * config.vpp,
+                    config.layers_per_stage)]}
+
+    def _check_resumable(self, meta: dict[str, Any]) -> None:
+        check_resumable(meta, self.model_config, self.config.batch_size)
+        self.data.load_state_dict(meta["data"])
+
+    def _loaded(self, meta: dict[str, Any]) -> None:
+        """After the tensors of ``meta``'s state were loaded: the step and what follows."""
+        set_optimizer_steps(self.optimizer, meta["step"])
+        self.step = meta["step"]
         self._batches = None  # read ahead from the restored step
+        self._saved_step = self.step
+
+    def save_checkpoint(self) -> None:
+        """Saves the checkpoint of ``self.step`` (in the background with async_checkpoint),
+        logging how long training waited."""
+        state = self.state_dict()
+        waited = self.checkpointer.save(state["tensors"], state["meta"], self.step)
+        self._saved_step = self.step
+        self._log(f"checkpoint: step {self.step}: training waited {waited * 1e3:.0f} ms"
+                  + (" (written in the background)" if self.config.async_checkpoint else ""))
+
+    def resume(self) -> bool:
+        """Loads the checkpoint ``config.resume`` names ("auto": the newest intact one in
+        the checkpoint directory), in whatever layout it was saved; returns whether there
+        was one. Removes the directories of interrupted saves first. Raises ValueError when
+        the checkpoint cannot be taken (another model shape or batch, other data, a damaged
+        explicit path)."""
+        if self.checkpointer is None:
+            return False
+        self.checkpointer.remove_interrupted()
+        found = self.checkpointer.find(self.config.resume)
+        if found is None:
+            return False
+        path, info = found
+        meta = info["meta"]
+        self._check_resumable(meta)
+        tensors = self.state_dict()["tensors"]
+        same_layout = meta["layout"] == self._layout_meta()
+        if not same_layout:  # another layout's ranks: their generators are not ours
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+        self.checkpointer.load(path, tensors)
+        if same_layout:
+            restore_rng(tensors, self.process.rank, self.process.device)
+        self._loaded(meta)
+        saved = meta["layout"]
+        self._log(f"resumed from {path} at step {self.step} (saved with tp {saved['tp']}, pp "
+                  f"{saved['pp']}, vpp {saved['vpp']}, dp {saved['dp']}"
+                  + ("" if same_layout else "; another layout: weights and moments "
+                     "resharded, random generators not restored") + ")")
+        return True
 
 
 def train(config: TrainConfig, process: Process, log: Callable[[str], None] = print,
           on_finish: Callable[[nn.ModuleList, ParallelGroups], None] | None = None,
           on_step: Callable[[dict[str, float]], None] | None = None,
-          data: TokenSource | None = None) -> list[dict[str, float]]:
-    """Trains one model as ``config`` says (:class:`Trainer`, then ``Trainer.train``);
-    returns the logged metrics. ``on_finish`` receives this rank's model chunks and the
-    groups after the last step (saving, checking); ``data`` as the Trainer takes it."""
-    trainer = Trainer(config, process, log, data=data)
-    history = trainer.train(on_step)
+          data: TokenSource | None = None, stop: StopSignals | None = None
+          ) -> list[dict[str, float]]:
+    """Trains one model as ``config`` says: a :class:`Trainer`, resumed from the checkpoint
+    ``config.resume`` names when there is one, then ``Trainer.train``; returns the logged
+    metrics. ``on_finish`` receives this rank's model chunks and the groups after the last
+    step (saving, checking); ``data`` and ``stop`` as the Trainer takes them."""
+    trainer = Trainer(config, process, log, data=data, stop=stop)
+    try:
+        trainer.resume()
+        history = trainer.train(on_step)
+    finally:
+        if trainer.checkpointer is not None:
+            trainer.checkpointer.close()
     if on_finish is not None:
         on_finish(trainer.model, trainer.groups)
     return history

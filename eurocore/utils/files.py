@@ -50,30 +50,49 @@ def check_writable_file(arg: str, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def write_bytes_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any]
-                           ) -> Path:
+def write_bytes_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], Any],
+                           *, durable: bool = False) -> Path:
     """Calls ``write(f)`` on a temporary file in ``path``'s folder, then renames it over
     ``path``: a reader never sees half a file, and a failure leaves the old one; returns
-    the path."""
+    the path. ``durable``: the file and the rename are also on disk when this returns
+    (fsync of both), so a power loss cannot undo them either."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
+        if durable:
+            fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def write_text_atomically(text: str, path: str | os.PathLike[str]) -> Path:
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Puts the directory ``path``'s entries (files created, renamed or removed in it) on
+    disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomically(text: str, path: str | os.PathLike[str], *,
+                          durable: bool = False) -> Path:
     """``text`` (UTF-8) written with :func:`write_bytes_atomically`."""
-    return write_bytes_atomically(path, lambda f: f.write(text.encode("utf-8")))
+    return write_bytes_atomically(path, lambda f: f.write(text.encode("utf-8")),
+                                  durable=durable)
 
 
-def write_json_atomically(payload: Any, path: str | os.PathLike[str]) -> Path:
+def write_json_atomically(payload: Any, path: str | os.PathLike[str], *,
+                          durable: bool = False) -> Path:
     """``payload`` as indented JSON, written with :func:`write_text_atomically`."""
-    return write_text_atomically(json.dumps(payload, indent=2) + "\n", path)
+    return write_text_atomically(json.dumps(payload, indent=2) + "\n", path, durable=durable)

@@ -379,11 +379,11 @@ def test_metrics_json_grows_as_steps_are_logged(tmp_path, monkeypatch, capsys):
     path = tmp_path / "metrics.json"
     seen: list[list[int]] = []
 
-    def spy_train(config, process, log, on_step, data=None):
+    def spy_train(config, process, log, on_step, data=None, stop=None):
         def watch(metrics):
             on_step(metrics)
             seen.append([m["step"] for m in json.loads(path.read_text())])
-        return train(config, process, log=log, on_step=watch, data=data)
+        return train(config, process, log=log, on_step=watch, data=data, stop=stop)
 
     monkeypatch.setattr(train_module, "train", spy_train)
     assert train_main([*SHORT_RUN, "--metrics-json", str(path)]) == 0
@@ -409,7 +409,7 @@ def test_metrics_json_keeps_the_steps_of_a_run_cut_short(tmp_path, monkeypatch):
     """A run that dies after its first logged step leaves that step in the file."""
     path = tmp_path / "out" / "metrics.json"
 
-    def dies_after_one_step(config, process, log, on_step, data=None):
+    def dies_after_one_step(config, process, log, on_step, **_):
         on_step({"step": 0, "loss": 5.5, "lr": 3e-3, "grad_norm": 1.0,
                  "tokens_per_s": 1.0, "step_ms": 1.0})
         raise RuntimeError("killed")

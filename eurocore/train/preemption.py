@@ -1,0 +1,70 @@
+"""Preemption: a signal becomes a checkpoint at the next step boundary on every rank.
+
+SLURM sends SIGTERM when a job is preempted or reaches its time limit (then SIGKILL after
+KillWait, 30 s by default), and a chosen signal some time before the limit with
+``#SBATCH --signal=USR1@120``. A signal reaches the ranks at different moments, or only
+some of them, so a rank that stopped on its own would leave the others waiting in a
+collective: at each step boundary the ranks agree (a max over a gloo group of their
+"received" flags), and all of them save and exit together.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+# The exit status of a run that saved a checkpoint because it was asked to stop: a batch
+# script requeues on it (scripts/slurm/).
+PREEMPTED_EXIT_STATUS = 3
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):  # noqa: N818 (a planned stop, not an error)
+    """Raised by the training loop after the checkpoint of a requested stop is complete."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step - 1}; the checkpoint of "
+                         f"step {step} is complete")
+        self.step, self.signal_name = step, signal_name
+
+
+class StopSignals:
+    """Catches SIGTERM and SIGUSR1 (from :meth:`install` until :meth:`uninstall`), and
+    tells every rank alike whether any rank received one (:meth:`agreed`).
+
+    Collective: every rank makes one, in the same order (it makes a gloo group, so that the
+    agreement costs the GPUs no synchronisation and works beside NCCL).
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopSignals:
+        """Handles the signals from now on (the main thread only, as Python requires)."""
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """The name of a signal some rank received, the same on every rank (None: no rank
+        received one): one all-reduce of a flag over the gloo group."""
+        if self.group is None:
+            return self.received
+        flags = torch.tensor([0 if self.received is None else
+                              1 + SIGNALS.index(signal.Signals[self.received])])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        code = int(flags)
+        return None if code == 0 else SIGNALS[code - 1].name
