@@ -4,12 +4,14 @@ file round-trips, flags override the file, and bad files name the key and the fi
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from eurocore.train.cli import build_parser, parse_config
 from eurocore.train.config import TrainConfig, field_specs, load_config, to_toml
+from eurocore.train.preemption import PREEMPTED_EXIT_STATUS
 
 
 def _parser():
@@ -105,13 +107,19 @@ def test_field_specs_cover_every_field():
 @pytest.mark.parametrize("name, world", [("eurollm-9b-lumi.toml", 16),
                                          ("llama3-8b-nvidia.toml", 8)])
 def test_shipped_configs_load_and_fit_their_scripts(name, world):
-    """Every config in configs/ is valid and fits the ranks of the SLURM script using it."""
+    """Every config in configs/ is valid and fits the ranks of the SLURM script using it,
+    which requeues the job when a signal stopped it after a checkpoint."""
     root = Path(__file__).resolve().parents[2]
     config = load_config(root / "configs" / name)
     config.layout(world)
     script = (root / "scripts" / "slurm" / ("lumi.sbatch" if "lumi" in name
                                             else "nvidia.sbatch")).read_text()
     assert f"--config configs/{name}" in script
+    # SLURM's warning signal, and a requeue on the status a stopped run exits with
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
+    assert f'"$status" -eq {PREEMPTED_EXIT_STATUS} ]' in script
+    assert config.checkpoint_every > 0 and config.output_dir  # a requeue resumes there
+    subprocess.run(["bash", "-n", "-c", script], check=True)  # the script parses
 
 
 def test_a_run_directory_config_is_read_back_as_it_is(tmp_path, monkeypatch):
