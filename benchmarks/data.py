@@ -67,7 +67,6 @@ compared (about 4 GB at 1e9 tokens), all removed at the end unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import filecmp
 import json
 import logging
@@ -120,26 +119,6 @@ DEFAULTS = {"sizes": (100_000_000, 1_000_000_000), "rows": 8, "steps": 1000,
             "prepare_bytes": 32 << 20, "loader_tokens": 100_000_000}
 QUICK = {"sizes": (200_000, 1_000_000), "rows": 2, "steps": 4,
          "prepare_bytes": 256 << 10, "loader_tokens": 200_000}
-
-
-# --- progress -------------------------------------------------------------------------------
-
-
-class _Log:
-    """Lines prefixed with the seconds since the run started."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", flush=True)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self(f"{name} ...")
-        started = time.perf_counter()
-        yield
-        self(f"{name}: done in {time.perf_counter() - started:.2f} s")
 
 
 def _first_line(err: BaseException) -> str:
@@ -219,7 +198,7 @@ def _skipped(reason: str) -> dict[str, Any]:
     return {"status": status, "reason": reason}
 
 
-def _measure(fn: Callable[[], dict[str, Any]], log: _Log, what: str) -> dict[str, Any]:
+def _measure(fn: Callable[[], dict[str, Any]], log: harness.StageLog, what: str) -> dict[str, Any]:
     """``fn()``'s figures with status "ok", or status "failed" and the error."""
     try:
         with log.stage(what):
@@ -345,7 +324,8 @@ def _same_files(a: str, b: str) -> bool:
 
 
 def run_prepare(work: Path, settings: dict[str, Any], tokenizer: str | None,
-                mt: SimpleNamespace | None, reference: str, log: _Log) -> list[dict[str, Any]]:
+                mt: SimpleNamespace | None, reference: str, log: harness.StageLog
+                ) -> list[dict[str, Any]]:
     corpus = work / "prepare" / "corpus.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
     with log.stage(f"prepare: writing a {settings['prepare_bytes'] / 2**20:.1f} MiB "
@@ -539,7 +519,7 @@ def _repeat(build: Callable[[str, Path, int], dict[str, Any]], prefix: str, cach
 
 
 def run_index(work: Path, settings: dict[str, Any], mt: SimpleNamespace | None,
-              reference: str, log: _Log) -> list[dict[str, Any]]:
+              reference: str, log: harness.StageLog) -> list[dict[str, Any]]:
     rows_out = []
     rows = settings["rows"]
     for tokens in settings["sizes"]:
@@ -637,7 +617,7 @@ def megatron_loader(mt: SimpleNamespace, prefix: str, cache_dir: Path, rows: int
 
 
 def run_loader(work: Path, settings: dict[str, Any], mt: SimpleNamespace | None,
-               reference: str, log: _Log) -> list[dict[str, Any]]:
+               reference: str, log: harness.StageLog) -> list[dict[str, Any]]:
     rows, steps, tokens = settings["rows"], settings["steps"], settings["loader_tokens"]
     directory = work / "loader"
     directory.mkdir(parents=True, exist_ok=True)
@@ -762,15 +742,6 @@ def format_environment(env: dict[str, Any], reference: str) -> str:
             f"run:       {env['time_utc']} on {env['hostname']}: {env['command']}")
 
 
-def output_path(env: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
-    """``<out_dir>/<date>-<device-slug>-data.json`` (a ``cpu-`` prefix on CPU runs whose
-    CPU name lacks one, as harness.write_json)."""
-    slug = harness.device_slug(env["device_name"])
-    if env.get("is_cpu") and "cpu" not in slug.split("-"):
-        slug = f"cpu-{slug}"
-    return Path(out_dir) / f"{env['date']}-{slug}-data.json"
-
-
 METHOD = {
     "prepare": "eurocore.data.prepare.prepare on a synthetic multilingual JSONL corpus, "
                "1 and 2 workers; whole call timed; tokens written (EOD included) counted",
@@ -868,15 +839,6 @@ def _disk_needed(settings: dict[str, Any], with_reference: bool) -> int:
     return int(need * 1.05) + (64 << 20)
 
 
-def _peak_rss_mib() -> dict[str, float]:
-    """Peak resident memory so far of this process and of its largest finished child
-    (a prepare or loader worker), MiB."""
-    import resource
-
-    return {who: round(resource.getrusage(which).ru_maxrss / 1024, 1) for who, which in
-            (("self", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the chosen parts, prints the table and writes the JSON after each part; exit
     status 1 when a eurocore measurement failed."""
@@ -905,9 +867,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["cpu_model"] = harness._cpu_model()
     env["cpu_count"] = os.cpu_count()
     print(format_environment(env, reference), flush=True)
-    path = output_path(env, args.out)
+    path = harness.result_path(env, args.out, "data")
     work = Path(tempfile.mkdtemp(prefix="eurocore-databench-", dir=base))
-    log = _Log()
+    log = harness.StageLog()
     log(f"synthetic files under {work}" + (" (kept)" if args.keep else ""))
     rows: list[dict[str, Any]] = []
     payload = {
@@ -934,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += part_rows
             payload["parts"][part] = part_rows
             payload["seconds"] = time.perf_counter() - log.start
-            payload["peak_rss_mib"] = _peak_rss_mib()
+            payload["peak_rss_mib"] = harness.peak_rss_mib()
             write_json_atomically(payload, path)  # after each part: a cut-short run keeps it
             log(f"{part}: results written to {path}")
     finally:

@@ -19,6 +19,7 @@ harness itself is tested; those figures are labelled CPU figures wherever they a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import gc
@@ -32,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -567,9 +568,47 @@ def print_table(results: Sequence[Result], skipped: Sequence[Skipped] = (), *,
               file=file)
 
 
+class StageLog:
+    """Progress lines prefixed with the seconds since the benchmark started."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Says when ``name`` starts and how long it took."""
+        self(f"{name} ...")
+        started = time.perf_counter()
+        yield
+        self(f"{name}: done in {time.perf_counter() - started:.2f} s")
+
+
+def peak_rss_mib() -> dict[str, float]:
+    """Peak resident memory so far of this process and of its largest finished child
+    (a worker process), MiB."""
+    import resource
+
+    return {who: round(resource.getrusage(which).ru_maxrss / 1024, 1) for who, which in
+            (("self", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
+
+
 def device_slug(name: str) -> str:
     """A file-name form of a device name: lowercase, alphanumerics and single dashes."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-device"
+
+
+def result_path(env: dict[str, Any], out_dir: str | os.PathLike[str],
+                benchmark: str | None = None) -> Path:
+    """``<out_dir>/<YYYY-MM-DD>-<device-slug>[-<benchmark>].json``: CPU runs get a ``cpu-``
+    prefix on the slug when the CPU's name lacks one, so they are never mistaken for GPU
+    results."""
+    slug = device_slug(env["device_name"])
+    if env.get("is_cpu") and "cpu" not in slug.split("-"):
+        slug = f"cpu-{slug}"
+    return Path(out_dir) / f"{env['date']}-{slug}{'-' + benchmark if benchmark else ''}.json"
 
 
 def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[str, Any],
@@ -581,12 +620,8 @@ def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[st
     never sees half a file. CPU runs get a ``cpu-`` prefix on the slug when the CPU's name
     lacks one, so they are never mistaken for GPU results.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(env["device_name"])
-    if env.get("is_cpu") and "cpu" not in slug.split("-"):
-        slug = f"cpu-{slug}"
-    path = out_dir / f"{env['date']}-{slug}.json"
+    path = result_path(env, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "schema": SCHEMA_VERSION,
         "environment": env,

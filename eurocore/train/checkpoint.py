@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import platform
 import re
@@ -72,6 +73,9 @@ FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _CRC_BLOCK = 16 << 20
 # The ModelConfig fields that give the tensors their shapes: a resume must keep them.
+# Newer torch's async_save takes no_dist (and without it expects a process group even in
+# one process); older ones have no such argument and find the missing group themselves.
+_ASYNC_TAKES_NO_DIST = "no_dist" in inspect.signature(dcp.async_save).parameters
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "ffn_hidden_size", "tie_embeddings")
 
@@ -407,7 +411,9 @@ class Checkpointer:
                 return time.perf_counter() - start
             with _single_process_quiet():
                 written = dcp.async_save(tensors, storage_writer=writer,
-                                         process_group=self.group, no_dist=self.group is None)
+                                         process_group=self.group,
+                                         **({"no_dist": self.group is None}
+                                            if _ASYNC_TAKES_NO_DIST else {}))
         except Exception as err:
             raise CheckpointError(f"checkpoint: saving step {step} into {str(tmp)!r} failed: "
                                   f"{err}") from err

@@ -306,8 +306,11 @@ class Trainer:
         if history:
             summary = (f" (floor {floor:.4f}, {history[-1]['loss'] - floor:+.4f} above it)"
                        if floor is not None else "")
-            self._log(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} in "
-                      f"{config.steps} steps{summary}")
+            first = history[0]["step"]  # past 0 when the run resumed from a checkpoint
+            span = (f"in {config.steps} steps" if first == 0 else
+                    f"from step {first} to {config.steps - 1} (of {config.steps})")
+            self._log(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
+                      f"{span}{summary}")
         return history
 
     def _after_step(self, last: bool) -> None:

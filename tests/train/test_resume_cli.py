@@ -93,6 +93,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, uninterrupted
     resumed = _metrics(run)
     assert sorted(resumed) == list(range(start, 15))
     assert all(resumed[s] == uninterrupted[s] for s in resumed), (resumed, uninterrupted)
+    # the closing line says which steps this run took (the log also holds the first run's)
+    assert f"done: loss {resumed[start][0]:.4f} -> {resumed[14][0]:.4f} from step {start} to " \
+           f"14 (of 15)" in (run / "log.txt").read_text()
 
 
 def test_a_run_killed_while_writing_a_checkpoint_falls_back_to_the_previous(tmp_path,
