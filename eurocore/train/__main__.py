@@ -4,9 +4,10 @@
     torchrun --nproc-per-node 2 -m eurocore.train --tp 2 --sequence-parallel
     torchrun --nproc-per-node 4 -m eurocore.train --tp 2 --pp 2 --micro-batch-size 4
 
-Exit status: 0 done; 1 diverged or a checkpoint failed to save; 2 a bad option, bad data or
-a checkpoint that cannot be taken (one line says which); 3 (PREEMPTED_EXIT_STATUS) stopped by
-SIGTERM or SIGUSR1 after saving a checkpoint: run the same command again to resume.
+Exit status: 0 done; 1 diverged, a checkpoint failed to save, or stopped by a signal with
+checkpoints off; 2 a bad option, bad data or a checkpoint that cannot be taken (one line says
+which); 3 (PREEMPTED_EXIT_STATUS) stopped by SIGTERM or SIGUSR1 after saving a checkpoint:
+run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         if config.metrics_json is not None:
             check_writable_file("metrics_json", config.metrics_json)
         check_writable_dir("output_dir", config.output_dir)
+        if config.checkpoint_dir is not None:
+            check_writable_dir("checkpoint_dir", config.checkpoint_dir)
         data = build_source(config, config.model_config())
     except ValueError as err:
         return _fail(parser, err) if rank == 0 else 2
@@ -98,10 +101,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.trai
         _fail(parser, err, where)
         return 1
     except Preempted as stopped:
+        status = PREEMPTED_EXIT_STATUS if stopped.saved else 1
+        # a run started from an explicit checkpoint would start from it again
+        again = ("run the same command again to resume" if config.resume in ("auto", "none")
+                 else "run it again with --resume auto (not --resume PATH) to resume")
         if rank == 0:
-            print(f"{parser.prog}: {stopped}; run the same command again to resume (exit "
-                  f"status {PREEMPTED_EXIT_STATUS})", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_STATUS
+            print(f"{parser.prog}: {stopped}" + (f"; {again}" if stopped.saved else "")
+                  + f" (exit status {status})", file=sys.stderr, flush=True)
+        return status
     finally:
         stop.uninstall()
         metrics.write()

@@ -133,13 +133,12 @@ class TensorBox(torch.Tensor):
     def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
         return self.local
 
-    def staged(self, pin: bool) -> TensorBox:
-        """A copy in host memory (pinned when ``pin``), for a save that runs while training
-        changes the original."""
-        copy = torch.empty(self.local.shape, dtype=self.local.dtype, device="cpu",
-                           pin_memory=pin)
-        copy.copy_(self.local, non_blocking=pin)
-        return TensorBox(copy, tuple(self.shape), self.offsets)
+    def staged(self, buffer: torch.Tensor) -> TensorBox:
+        """This box over a copy of ``local`` in ``buffer`` (host memory of its shape and
+        dtype; pinned for a GPU tensor, whose copy is then asynchronous), for a save that
+        runs while training changes the original."""
+        buffer.copy_(self.local, non_blocking=buffer.is_pinned())
+        return TensorBox(buffer, tuple(self.shape), self.offsets)
 
 
 def layout_free_tensors(chunks: list[torch.nn.Module], optimizer: torch.optim.Optimizer
@@ -350,11 +349,26 @@ def describe(path: str | Path) -> str:
 
 class _StagingWriter(FileSystemWriter):
     """DCP's file writer whose staging (what async_save does before returning) copies each
-    :class:`TensorBox` to host memory, pinned for GPU tensors, and the rest as DCP would."""
+    :class:`TensorBox` and tensor into host buffers kept in ``buffers`` from one save to the
+    next (pinned for GPU tensors: allocating gigabytes of pinned memory takes long)."""
+
+    buffers: dict[str, torch.Tensor]
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = torch.empty(like.shape, dtype=like.dtype, device="cpu",
+                                 pin_memory=like.is_cuda)
+            self.buffers[name] = buffer
+        return buffer
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        staged = {k: v.staged(pin=v.local.is_cuda) if isinstance(v, TensorBox)
-                  else v.detach().cpu().clone() for k, v in state_dict.items()}
+        staged = {}
+        for name, value in state_dict.items():
+            if isinstance(value, TensorBox):
+                staged[name] = value.staged(self._buffer(name, value.local))
+            else:
+                staged[name] = self._buffer(name, value).copy_(value.detach())
         if any(isinstance(v, TensorBox) and v.local.is_cuda for v in state_dict.values()):
             torch.cuda.synchronize()
         return staged
@@ -383,6 +397,7 @@ class Checkpointer:
         self.rank, self.world = _rank_world(self.group)
         self._log = log if self.rank == 0 else (lambda _: None)
         self._pending: Future | None = None
+        self._staging: dict[str, torch.Tensor] = {}  # async saves' host copies, reused
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") \
             if async_save else None
 
@@ -396,12 +411,15 @@ class Checkpointer:
         start = time.perf_counter()
         self.wait()
         tmp = step_dir(self.directory, step).with_suffix(".tmp")
-        if self.rank == 0:
+
+        def make_tmp() -> None:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        self._barrier()
+
+        self._on_rank0_agreed(make_tmp, f"saving step {step} into {str(tmp)!r}")
         writer = _StagingWriter(str(tmp), sync_files=True)
+        writer.buffers = self._staging  # free: the previous save is over (wait above)
         try:
             if self._executor is None:
                 with _single_process_quiet():
@@ -446,14 +464,22 @@ class Checkpointer:
     def _finish(self, tmp: Path, meta: dict[str, Any], step: int) -> None:
         """After DCP wrote ``tmp``: each rank hashes its files, rank 0 records them, renames
         ``tmp`` to its final name and points ``latest`` at it; then keep_last."""
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        mine = [n for n in files if n.startswith(f"__{self.rank}_")]
-        if self.rank == 0:  # and whatever no rank's prefix claims (DCP's .metadata)
-            mine += [n for n in files if not re.match(r"^__\d+_", n)]
-        hashed = {n: {"size": (tmp / n).stat().st_size, "crc32": file_crc32(tmp / n)}
-                  for n in mine}
+        try:
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            mine = [n for n in files if n.startswith(f"__{self.rank}_")]
+            if self.rank == 0:  # and whatever no rank's prefix claims (DCP's .metadata)
+                mine += [n for n in files if not re.match(r"^__\d+_", n)]
+            hashed = {n: {"size": (tmp / n).stat().st_size, "crc32": file_crc32(tmp / n)}
+                      for n in mine}
+        except OSError as err:  # said to every rank below, so that none waits for this one
+            hashed = f"rank {self.rank}: {err}"
         gathered = _all_gather(hashed, self.group)
-        if self.rank == 0:
+        failed = [part for part in gathered if isinstance(part, str)]
+        if failed:
+            raise CheckpointError(f"checkpoint: hashing the files of step {step} failed: "
+                                  f"{'; '.join(failed)}")
+
+        def commit() -> None:
             recorded = {name: entry for part in gathered for name, entry in part.items()}
             info = {"format": FORMAT_VERSION, "step": step,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -469,14 +495,17 @@ class Checkpointer:
             self._log(f"checkpoint: step {step} saved in {final} "
                       f"({sum(e['size'] for e in recorded.values()) / 2**20:.1f} MiB)")
             self._apply_keep_last(keep=final)
-        self._barrier()
+
+        self._on_rank0_agreed(commit, f"completing step {step} in {str(tmp)!r}")
 
     def _apply_keep_last(self, keep: Path) -> None:
         if self.keep_last == 0:
             return
-        for old in checkpoint_dirs(self.directory)[self.keep_last:]:
-            if old != keep:
-                _remove(old)
+        # newer ones are left from a run that went back to an older checkpoint: they are
+        # replaced as this run reaches their steps, and neither count nor go before then
+        kept_and_older = [p for p in checkpoint_dirs(self.directory) if p.name <= keep.name]
+        for old in kept_and_older[self.keep_last:]:
+            _remove(old)
 
     # --- finding and loading ---------------------------------------------------------------
 
@@ -497,14 +526,19 @@ class Checkpointer:
             return None
         if resume != "auto":
             try:
-                return Path(resume), verify(resume, self.group)
+                path = resolve_checkpoint(resume)
+                return path, verify(path, self.group)
             except ValueError as err:
                 raise ValueError(f"resume: {err}") from None
         candidates = checkpoint_dirs(self.directory)
         latest = self._latest()
         if latest is not None and latest in candidates:
-            candidates.remove(latest)
-            candidates.insert(0, latest)
+            # latest first, then older ones: a newer one is left from a run that went back
+            # to an older checkpoint (or a crash before latest moved), not to be taken
+            candidates = [p for p in candidates if p.name <= latest.name]
+        elif latest is not None:
+            self._log(f"checkpoint: {str(self.directory / LATEST)!r} names {latest.name}, "
+                      f"which is not there; taking the newest intact checkpoint")
         problems = []
         for path in candidates:
             try:
@@ -542,6 +576,23 @@ class Checkpointer:
     def stored_names(self, path: Path) -> set[str]:
         """The names of the tensors a checkpoint holds."""
         return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+    def _on_rank0_agreed(self, work: Callable[[], None], what: str) -> None:
+        """Runs ``work`` on rank 0 and tells every rank how it went (in place of a barrier):
+        a failure raises CheckpointError on all of them, so none waits for rank 0."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except Exception as err:  # any failure: the other ranks must hear of it
+                error = f"{type(err).__name__}: {err}"
+        if self.group is not None:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=dist.get_global_rank(self.group, 0),
+                                       group=self.group)
+            error = shared[0]
+        if error is not None:
+            raise CheckpointError(f"checkpoint: {what} failed on rank 0: {error}")
 
     def _barrier(self) -> None:
         if self.group is not None:

@@ -23,12 +23,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):  # noqa: N818 (a planned stop, not an error)
-    """Raised by the training loop after the checkpoint of a requested stop is complete."""
+    """Raised by the training loop at the step boundary after a stop signal: once the
+    checkpoint of ``step`` is complete, or with ``saved`` False when the run saves none
+    (``why`` says why)."""
 
-    def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(f"stopped by {signal_name} after step {step - 1}; the checkpoint of "
-                         f"step {step} is complete")
-        self.step, self.signal_name = step, signal_name
+    def __init__(self, step: int, signal_name: str, saved: bool = True, why: str = "") -> None:
+        outcome = (f"the checkpoint of step {step} is complete" if saved else
+                   f"nothing saved ({why})")
+        super().__init__(f"stopped by {signal_name} after step {step - 1}; {outcome}")
+        self.step, self.signal_name, self.saved = step, signal_name, saved
 
 
 class StopSignals:

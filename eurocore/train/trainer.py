@@ -266,6 +266,9 @@ class Trainer:
         tokens_per_step = config.batch_size * config.seq_len
         history: list[dict[str, float]] = []
         last_time, last_step = time.perf_counter(), self.step - 1
+        if self.step >= config.steps:  # resumed from the checkpoint after the last step
+            self._log(f"done: the run is at step {self.step}, the end of its {config.steps} "
+                      f"steps; nothing to train (a larger --steps goes on)")
         while self.step < config.steps:
             result = self.train_step()
             step = result["step"]
@@ -321,11 +324,14 @@ class Trainer:
         signal_name = self.stop.agreed() if self.stop is not None else None
         if signal_name is None:
             return
+        if not self._saving:
+            self._log(f"{signal_name} received: stopping (checkpoints are off)")
+            raise Preempted(self.step, signal_name, saved=False, why="checkpoint_every = 0"
+                            if self.config.checkpoint_every == 0 else "no checkpoint directory")
         self._log(f"{signal_name} received: saving a checkpoint and stopping")
-        if self._saving and self._saved_step != self.step:
+        if self._saved_step != self.step:
             self.save_checkpoint()
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
+        self.checkpointer.wait()
         raise Preempted(self.step, signal_name)
 
     # --- checkpoints ---------------------------------------------------------------------
@@ -407,7 +413,8 @@ class Trainer:
         explicit path)."""
         if self.checkpointer is None:
             return False
-        self.checkpointer.remove_interrupted()
+        if self._saving:  # not in a directory the run only reads from: its saves may be live
+            self.checkpointer.remove_interrupted()
         found = self.checkpointer.find(self.config.resume)
         if found is None:
             return False

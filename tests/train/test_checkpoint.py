@@ -5,7 +5,9 @@ fallback; what a resume refuses; keep_last; async saves and their failures; insp
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from eurocore.__main__ import main as eurocore_main
 from eurocore.parallel import local_part
 from eurocore.train.checkpoint import CheckpointError, checkpoint_dirs
 from eurocore.train.distributed import Process
+from eurocore.train.preemption import Preempted, StopSignals
 from eurocore.train.trainer import TrainConfig, Trainer, train
 from tests.parallel.launch import run_on_ranks
 
@@ -55,6 +58,15 @@ def test_a_resumed_run_takes_the_same_steps_bit_for_bit(tmp_path, async_save):
         assert torch.equal(a, b), name
 
 
+def test_a_finished_run_run_again_trains_nothing_and_says_so(tmp_path):
+    config = TrainConfig(**{**SHORT, "steps": 2}, checkpoint_dir=str(tmp_path))
+    assert len(train(config, CPU, log=lambda _: None)) == 2
+    lines: list[str] = []
+    assert train(config, CPU, log=lines.append) == []
+    assert "done: the run is at step 2, the end of its 2 steps; nothing to train (a larger " \
+           "--steps goes on)" in lines
+
+
 def test_a_checkpoint_holds_each_weight_once_whole(tmp_path):
     """The stored tensors are the full model's, under layout-free names (q, k, v and gate,
     up apart; the vocabulary unpadded), each of its global shape; nothing of a rank's view
@@ -91,14 +103,17 @@ RESHARD = {"steps": 4, "batch_size": 4, "seq_len": 32, "warmup_steps": 1, "log_e
            "model_overrides": {"num_layers": 4, "tie_embeddings": True}}
 LAYOUTS = {"one": (1, {}), "tp2": (2, {"tp": 2}), "pp2v2": (2, {"pp": 2, "vpp": 2}),
            "dp2": (2, {}), "tp2pp2sp": (4, {"tp": 2, "pp": 2, "sequence_parallel": True}),
-           "dp2tp2": (4, {"tp": 2}), "dp4": (4, {})}
-SAVED_IN = ("tp2", "pp2v2", "dp2", "tp2pp2sp", "dp2tp2")
+           "dp2tp2": (4, {"tp": 2}), "dp4": (4, {}),
+           "tp4": (4, {"tp": 4}),  # 250 tokens: the only layout with vocabulary padding
+           "pp2uneven": (2, {"pp": 2, "layers_per_stage": (1, 3)})}
+SAVED_IN = ("tp2", "pp2v2", "dp2", "tp2pp2sp", "dp2tp2", "tp4", "pp2uneven")
 # each layout loads at least three checkpoints of other layouts (one process loads all)
 LOADS = {"tp2": ("one", "pp2v2", "tp2pp2sp", "dp2tp2"), "pp2v2": ("one", "tp2", "tp2pp2sp",
                                                                   "dp2"),
          "tp2pp2sp": ("one", "tp2", "pp2v2", "dp2tp2"), "dp2tp2": ("one", "pp2v2", "tp2pp2sp",
                                                                    "dp2"),
-         "dp4": ("dp2", "tp2", "one")}
+         "dp4": ("dp2", "tp2", "one"), "tp4": ("one", "dp2tp2", "pp2uneven"),
+         "pp2uneven": ("one", "tp4", "tp2pp2sp")}
 
 
 def _process(rank: int, world: int) -> Process:
@@ -167,12 +182,13 @@ def _load_layouts(rank: int, world: int, root: str, names: list[str], views: dic
 
 @pytest.mark.slow
 def test_checkpoints_load_in_every_other_layout(tmp_path):
-    """Saved in one process, TP2, PP2 with 2 virtual stages, DP2, TP2 x PP2 with SP and
-    DP2 x TP2 (tied embeddings, so the last stage's copy and the vocabulary padding are
-    resharded too), each checkpoint loads in at least three other layouts (and one
-    process): every weight and moment equals one process's view, and the next steps' losses
-    match one process's. DP2's checkpoint also resumes at DP1 and DP4 with the
-    uninterrupted DP2 run's losses: the data position is exact."""
+    """Saved in one process, TP2, PP2 with 2 virtual stages, DP2, TP2 x PP2 with SP,
+    DP2 x TP2, TP4 (whose vocabulary is padded) and PP2 split 1 + 3 (tied embeddings, so
+    the last stage's copy and the vocabulary padding are resharded too), each checkpoint
+    loads in at least three other layouts (and one process): every weight and moment equals
+    one process's view, and the next steps' losses match one process's. DP2's checkpoint
+    also resumes at DP1 and DP4 with the uninterrupted DP2 run's losses: the data position
+    is exact."""
     root = str(tmp_path)
     _save_layouts(0, 1, root, ["one"])
     run_on_ranks(_save_layouts, 2, root, [n for n in SAVED_IN if LAYOUTS[n][0] == 2])
@@ -193,10 +209,10 @@ def test_checkpoints_load_in_every_other_layout(tmp_path):
 
     run_on_ranks(_load_layouts, 2, root, [n for n in LOADS if LAYOUTS[n][0] == 2], views,
                  losses)
+    # dp4 (in _load_layouts) resumes DP2's checkpoint with the losses of one process's
+    # resume from it, which are DP2 going on (above)
     run_on_ranks(_load_layouts, 4, root, [n for n in LOADS if LAYOUTS[n][0] == 4], views,
                  losses)
-    # DP2 -> DP4 matched one process's resume from DP2, which matched DP2 going on
-    assert losses["dp2"] == pytest.approx(dp2, rel=1e-5)
 
 
 # -------------------------------------------------------------------------------------------
@@ -338,3 +354,81 @@ def test_inspect_says_what_a_checkpoint_holds_and_whether_it_is_intact(two_check
     _flip(directory / "step-00000002" / "__0_0.distcp")
     assert eurocore_main(["checkpoint", "inspect", str(directory / "step-00000002")]) == 1
     assert "__0_0.distcp' is corrupted" in capsys.readouterr().err
+
+
+def test_resume_takes_a_runs_checkpoint_directory_and_ignores_newer_leftovers(
+        two_checkpoints, tmp_path):
+    """--resume DIR takes the checkpoint DIR's latest names. A run sent back to step 2
+    saves step 3 as latest: the left-over step 4 (of the abandoned run) is neither resumed
+    from nor counted by keep_last, which deletes step 2 only."""
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(two_checkpoints, directory)
+    assert _resume_in(tmp_path, resume=str(directory))[0].step == 4
+    config = TrainConfig(**{**SHORT, "steps": 3}, checkpoint_dir=str(directory), keep_last=1,
+                         resume=str(directory / "step-00000002"))
+    train(config, CPU, log=lambda _: None)
+    assert [p.name for p in checkpoint_dirs(directory)] == ["step-00000004", "step-00000003"]
+    trainer, _ = _resume_in(directory)
+    assert trainer.step == 3
+
+
+def _stopped_by_sigusr1(config: TrainConfig, at_step: int) -> tuple[Preempted, list[str]]:
+    """Runs ``config`` with the command line's signal handler installed; a real SIGUSR1
+    arrives during step ``at_step``."""
+    stop = StopSignals().install()
+    lines: list[str] = []
+
+    def on_step(metrics: dict) -> None:
+        if metrics["step"] == at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    try:
+        with pytest.raises(Preempted) as stopped:
+            train(config, CPU, log=lines.append, on_step=on_step, stop=stop)
+    finally:
+        stop.uninstall()
+    return stopped.value, lines
+
+
+def test_sigusr1_with_async_saves_stops_after_a_complete_checkpoint(tmp_path):
+    """The shipped configs' path: SIGUSR1 during step 2 of a run saving in the background;
+    the checkpoint of step 3 is complete when the run stops, and a resume from it takes
+    steps 3-5 as the uninterrupted run does."""
+    config = TrainConfig(**SHORT, checkpoint_dir=str(tmp_path), async_checkpoint=True,
+                         checkpoint_every=100)
+    stopped, lines = _stopped_by_sigusr1(config, at_step=2)
+    assert stopped.saved and stopped.signal_name == "SIGUSR1" and stopped.step == 3
+    assert "SIGUSR1 received: saving a checkpoint and stopping" in lines
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000003"]
+    resumed = train(config, CPU, log=lambda _: None)
+    straight = train(TrainConfig(**SHORT), CPU, log=lambda _: None)
+    assert [(m["loss"], m["grad_norm"]) for m in resumed] == \
+           [(m["loss"], m["grad_norm"]) for m in straight[3:]]
+
+
+def test_a_stop_signal_with_checkpoints_off_claims_no_checkpoint(tmp_path):
+    config = TrainConfig(**SHORT, checkpoint_dir=str(tmp_path), checkpoint_every=0)
+    stopped, lines = _stopped_by_sigusr1(config, at_step=1)
+    assert not stopped.saved and "nothing saved (checkpoint_every = 0)" in str(stopped)
+    assert "SIGUSR1 received: stopping (checkpoints are off)" in lines
+    assert not checkpoint_dirs(tmp_path)
+
+
+def _one_rank_cannot_hash(rank: int, world: int, directory: str) -> None:
+    """Rank 1's CRC-32 of its file fails: both ranks raise, neither waits for the other."""
+    if rank == 1:
+        def broken(path):
+            raise OSError("disk on fire")
+
+        checkpoint.file_crc32 = broken
+    trainer = Trainer(TrainConfig(**SHORT, checkpoint_dir=directory), _process(rank, world),
+                      log=lambda _: None)
+    with pytest.raises(CheckpointError, match=r"hashing the files of step 0 failed: rank 1: "
+                                              r"disk on fire"):
+        trainer.save_checkpoint()
+    trainer.checkpointer.close()
+
+
+def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    run_on_ranks(_one_rank_cannot_hash, 2, str(tmp_path))
+    assert not checkpoint_dirs(tmp_path) and not (tmp_path / "latest").exists()

@@ -165,11 +165,15 @@ def test_sigterm_to_one_torchrun_rank_stops_both_and_the_run_resumes_exactly(tmp
                              text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGTERM)
-    assert _finish(process) != 0  # torchrun's own status: a worker exited non-zero
+    # torchrun's own status is 1 whatever its workers' (README: a batch script requeues on
+    # the status of srun running the ranks directly). Its report has the status of the
+    # first worker to end, 3; the other may be ended by torchrun once the checkpoint is
+    # complete (rank 0 said so), before it exits on its own.
+    assert _finish(process) == 1
     text = log.read_text()
     assert "SIGTERM received: saving a checkpoint and stopping" in text
-    assert f"exitcode  : {PREEMPTED_EXIT_STATUS}" in text or \
-        f"exit status {PREEMPTED_EXIT_STATUS}" in text
+    assert "the checkpoint of step" in text and "is complete" in text
+    assert f"exitcode  : {PREEMPTED_EXIT_STATUS} (pid" in text, text[-3000:]
     assert _finish(_start(run, steps=40, every=1000, torchrun=True)) == 0
     start = _resumed_from(run)
     expected, resumed = _metrics(reference), _metrics(run)
