@@ -9,6 +9,9 @@ What a run's checkpoints cost, through the trainer's own path (``Trainer.state_d
 (spawned: gloo on the CPU, NCCL on GPUs, one per GPU) each build the model and AdamW of
 ``--model``, train, and then:
 
+the file system
+    First, its ceilings for one stream under ``--workdir``: a file (1 GiB; 4 GiB on GPUs)
+    written in 16 MiB blocks and fsynced, then read back from a cold page cache.
 save, sync
     ``--saves`` saves, ``--steps-between`` training steps apart; per save, what training
     waited: the whole save (state dict, DCP's write with fsync, every rank's CRC-32 of its
@@ -79,14 +82,19 @@ MODELS: dict[str, dict[str, Any]] = {
         "num_kv_heads": 4, "ffn_hidden_size": 2048, "max_seq_len": 2048}},
 }
 # Defaults by device, and --quick (tests the benchmark, not the disk).
-CPU_DEFAULTS = {"model": "100m", "seq_len": 128, "saves": 3, "steps_between": 3}
-GPU_DEFAULTS = {"model": "llama-1b", "seq_len": 2048, "saves": 3, "steps_between": 5}
-QUICK = {"model": "tiny", "seq_len": 32, "saves": 2, "steps_between": 1}
+CPU_DEFAULTS = {"model": "100m", "seq_len": 128, "saves": 3, "steps_between": 3,
+                "disk_bytes": 1 << 30}
+GPU_DEFAULTS = {"model": "llama-1b", "seq_len": 2048, "saves": 3, "steps_between": 5,
+                "disk_bytes": 4 << 30}
+QUICK = {"model": "tiny", "seq_len": 32, "saves": 2, "steps_between": 1,
+         "disk_bytes": 16 << 20}
 
 METHOD = {
     "save": "Trainer.state_dict + Checkpointer.save (keep_last 1) after the training steps; "
             "waited: the time until save returns, median over saves, largest over ranks",
-    "rate": "bytes of the rank's own files (save) or shards (load) over the time",
+    "rate": "bytes of the rank's own files (save) or shards (load) over the time; all "
+            "ranks: their bytes over the slowest rank's time",
+    "disk": "one stream: 16 MiB writes + fsync, then a cold read, of one file",
     "steps_between": "the training steps after each save (a background save may be in "
                      "flight), against the same steps with no save",
     "load": "verify (sizes, CRC-32) and DCP load, each from a cold page cache "
@@ -132,6 +140,32 @@ def drop_page_cache(path: Path) -> bool:
             finally:
                 os.close(fd)
     return True
+
+
+def measure_disk(directory: Path, nbytes: int) -> dict[str, float]:
+    """The ceilings of ``directory``'s file system for one stream: ``nbytes`` written in
+    16 MiB blocks and fsynced, then read back from a cold page cache (GB/s)."""
+    path = directory / "disk-ceiling.bin"
+    block = os.urandom(16 << 20)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, nbytes // len(block))):
+            os.write(fd, block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    written = path.stat().st_size
+    write_s = time.perf_counter() - start
+    drop_page_cache(directory)
+    start = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+    read_s = time.perf_counter() - start
+    path.unlink()
+    return {"bytes": written, "write_gb_per_s": written / write_s / 1e9,
+            "read_gb_per_s": written / read_s / 1e9}
 
 
 # --- the ranks --------------------------------------------------------------------------------
@@ -268,9 +302,11 @@ def run_ranks(world: int, device: str, settings: dict[str, Any], layout: str, pa
 
 
 def _rates(ranks: list[dict[str, Any]], key: str, seconds: list[float]) -> dict[str, float]:
+    """Per rank, and all ranks together (their bytes over the slowest one's time)."""
     rates = [r[key] / s / 1e9 for r, s in zip(ranks, seconds, strict=True)]
     return {"gb_per_s_per_rank_min": min(rates),
-            "gb_per_s_per_rank_median": statistics.median(rates)}
+            "gb_per_s_per_rank_median": statistics.median(rates),
+            "gb_per_s_all_ranks": sum(r[key] for r in ranks) / max(seconds) / 1e9}
 
 
 def summarize_saves(ranks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -308,10 +344,10 @@ def summarize_load(ranks: list[dict[str, Any]], case: str) -> dict[str, Any]:
             **_rates(loads, "bytes", [x["load_s"] for x in loads])}
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a fixed-width table."""
+def format_table(rows: Sequence[dict[str, Any]], disk: dict[str, float] | None = None) -> str:
+    """The rows as a fixed-width table (and the disk's one-stream ceilings, if measured)."""
     lines = [f"{'part':<6} {'case':<24} {'waited ms':>10} {'GB/s/rank min':>14} "
-             f"{'median':>8} {'verify ms':>10} {'note'}"]
+             f"{'median':>8} {'all ranks':>10} {'verify ms':>10} {'note'}"]
 
     def number(row: dict[str, Any], key: str, spec: str) -> str:
         return "-" if row.get(key) is None else format(row[key], spec)
@@ -329,7 +365,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{row['part']:<6} {row['case']:<24} {waited:>10.0f} "
                      f"{number(row, 'gb_per_s_per_rank_min', '.2f'):>14} "
                      f"{number(row, 'gb_per_s_per_rank_median', '.2f'):>8} "
+                     f"{number(row, 'gb_per_s_all_ranks', '.2f'):>10} "
                      f"{number(row, 'verify_ms', '.0f'):>10} {note}")
+    if disk is not None:
+        lines.append(f"the file system, one stream of {disk['bytes'] / 2**30:.1f} GiB: write "
+                     f"+ fsync {disk['write_gb_per_s']:.2f} GB/s, cold read "
+                     f"{disk['read_gb_per_s']:.2f} GB/s")
     return "\n".join(lines)
 
 
@@ -473,6 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method": METHOD,
         "rows": []}
     try:
+        with log.stage("the file system's one-stream write and read rates"):
+            payload["disk"] = measure_disk(work, settings["disk_bytes"])
         with log.stage(f"saves and a load, {save_layout} ({save_world} "
                        f"{settings['device']} process{'es' if save_world > 1 else ''})"):
             ranks = run_ranks(save_world, settings["device"], settings, save_layout, "save",
@@ -491,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print()
-    print(format_table(payload["rows"]))
+    print(format_table(payload["rows"], payload["disk"]))
     print(f"\nresults written to {path}")
     if args.plot:
         title = (f"{env['device_name']}: {settings['model']} checkpoints, {save_layout}, "

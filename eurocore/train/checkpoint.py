@@ -438,6 +438,11 @@ class Checkpointer:
         self._pending = self._executor.submit(self._finish_after, written, tmp, meta, step)
         return time.perf_counter() - start
 
+    def failed(self) -> bool:
+        """Whether the save in flight has ended in a failure (:meth:`wait` raises it)."""
+        pending = self._pending
+        return pending is not None and pending.done() and pending.exception() is not None
+
     def wait(self) -> None:
         """Waits for the save in flight, if any; raises CheckpointError if it failed."""
         pending, self._pending = self._pending, None

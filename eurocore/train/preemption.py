@@ -61,13 +61,14 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signal.Signals(signum).name
 
-    def agreed(self) -> str | None:
-        """The name of a signal some rank received, the same on every rank (None: no rank
-        received one): one all-reduce of a flag over the gloo group."""
+    def agreed(self, failed: bool = False) -> tuple[str | None, bool]:
+        """(the name of a signal some rank received, or None; whether some rank passed
+        ``failed``: a failure of its own that every rank must stop for, such as a background
+        save that failed), the same on every rank: one all-reduce over the gloo group."""
         if self.group is None:
-            return self.received
+            return self.received, failed
         flags = torch.tensor([0 if self.received is None else
-                              1 + SIGNALS.index(signal.Signals[self.received])])
+                              1 + SIGNALS.index(signal.Signals[self.received]), int(failed)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        code = int(flags)
-        return None if code == 0 else SIGNALS[code - 1].name
+        code = int(flags[0])
+        return (None if code == 0 else SIGNALS[code - 1].name), bool(flags[1])

@@ -28,6 +28,7 @@ from eurocore.parallel.pipeline import run_schedule, stage_layers
 from eurocore.parallel.schedules import bubble_fraction, schedule
 from eurocore.train.checkpoint import (
     Checkpointer,
+    CheckpointError,
     check_resumable,
     init_optimizer_state,
     layout_free_tensors,
@@ -318,10 +319,20 @@ class Trainer:
 
     def _after_step(self, last: bool) -> None:
         """Saves the checkpoint that is due (every checkpoint_every steps and after the
-        last), and stops every rank alike when one of them received a stop signal."""
+        last), and stops every rank alike when one of them received a stop signal or its
+        background save failed (the ranks agree through ``stop``; without it a failure
+        shows at the next save or the end)."""
         if self._saving and (self.step % self.config.checkpoint_every == 0 or last):
             self.save_checkpoint()
-        signal_name = self.stop.agreed() if self.stop is not None else None
+        failed = self.checkpointer is not None and self.checkpointer.failed()
+        signal_name = None
+        if self.stop is not None:
+            signal_name, failed = self.stop.agreed(failed)
+        elif self.process.world_size > 1:
+            failed = False  # no agreement: a rank alone must not stop
+        if failed:
+            self.checkpointer.wait()  # raises the save's CheckpointError
+            raise CheckpointError("checkpoint: a background save failed on another rank")
         if signal_name is None:
             return
         if not self._saving:
@@ -430,6 +441,12 @@ class Trainer:
             restore_rng(tensors, self.process.rank, self.process.device)
         self._loaded(meta)
         saved = meta["layout"]
+        schedule_changes = [f"{name} {meta['config'].get(name)} -> {getattr(self.config, name)}"
+                            for name in ("steps", "lr", "min_lr", "warmup_steps")
+                            if meta["config"].get(name) != getattr(self.config, name)]
+        if schedule_changes:  # allowed (a run made longer), but never silently
+            self._log(f"resume: the learning-rate schedule is this run's, not the saved "
+                      f"run's ({', '.join(schedule_changes)})")
         self._log(f"resumed from {path} at step {self.step} (saved with tp {saved['tp']}, pp "
                   f"{saved['pp']}, vpp {saved['vpp']}, dp {saved['dp']}"
                   + ("" if same_layout else "; another layout: weights and moments "

@@ -19,6 +19,8 @@ def test_quick_run_measures_every_row(tmp_path, capsys):
     assert result.with_suffix(".png").stat().st_size > 0
     data = json.loads(result.read_text())
     assert data["settings"]["save_layout"] == "dp2" and data["settings"]["load_layout"] == "tp2"
+    disk = data["disk"]
+    assert disk["bytes"] == 16 << 20 and disk["write_gb_per_s"] > 0 and disk["read_gb_per_s"] > 0
     sync, async_, load, reshard = data["rows"]
     assert (sync["case"], async_["case"]) == ("sync", "async")
     saves = data["settings"]["saves"]
@@ -39,6 +41,7 @@ def test_quick_run_measures_every_row(tmp_path, capsys):
     assert sum(load["bytes_per_rank"]) <= sum(sync["bytes_per_rank"])
     printed = capsys.readouterr().out
     assert "CPU FIGURES" in printed and "dp2 -> tp2" in printed
+    assert "the file system, one stream of 0.0 GiB: write + fsync" in printed
     assert list(work.iterdir()) == []  # the checkpoints are gone
 
 
@@ -58,6 +61,7 @@ def test_summaries_take_the_slowest_rank():
     assert sync["wait_ms_per_save"] == pytest.approx([2000, 2000, 4000])
     assert sync["gb_per_s_per_rank_min"] == pytest.approx(1.0)     # 2 GB in 2 s
     assert sync["gb_per_s_per_rank_median"] == pytest.approx(1.5)  # and 4 GB in 2 s
+    assert sync["gb_per_s_all_ranks"] == pytest.approx(3.0)  # 6 GB by the slowest, in 2 s
     assert sync["step_slowdown_ms"] == pytest.approx(500)
     assert async_["fraction_of_sync"] == pytest.approx(0.05) and async_["goal_met"] is True
     assert async_["drain_ms"] == pytest.approx(500)

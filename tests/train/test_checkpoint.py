@@ -364,6 +364,11 @@ def test_resume_takes_a_runs_checkpoint_directory_and_ignores_newer_leftovers(
     directory = tmp_path / "checkpoints"
     shutil.copytree(two_checkpoints, directory)
     assert _resume_in(tmp_path, resume=str(directory))[0].step == 4
+    lines: list[str] = []
+    Trainer(TrainConfig(**{**SHORT, "steps": 9}, checkpoint_dir=str(directory)), CPU,
+            log=lines.append).resume()
+    assert "resume: the learning-rate schedule is this run's, not the saved run's (steps 4 " \
+           "-> 9)" in lines
     config = TrainConfig(**{**SHORT, "steps": 3}, checkpoint_dir=str(directory), keep_last=1,
                          resume=str(directory / "step-00000002"))
     train(config, CPU, log=lambda _: None)
@@ -427,6 +432,11 @@ def _one_rank_cannot_hash(rank: int, world: int, directory: str) -> None:
                                               r"disk on fire"):
         trainer.save_checkpoint()
     trainer.checkpointer.close()
+    # what one rank alone knows (a signal, its background save failed) every rank learns
+    stop = StopSignals()
+    assert stop.agreed(failed=rank == 1) == (None, True)
+    stop.received = "SIGUSR1" if rank == 0 else None
+    assert stop.agreed() == ("SIGUSR1", False)
 
 
 def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
