@@ -10,7 +10,8 @@
 # Environment: PYTHON (default python3); PYTEST_ARGS (extra pytest arguments, paths too;
 # default -m "not fuzz": the fuzzer compiles a kernel for most examples it draws, more than
 # the time here allows; PYTEST_ARGS="-m fuzz" runs it alone);
-# TEST_TIMEOUT (s, default 420; 0 skips the tests); BENCH_OPS (ops to time, default all,
+# TEST_TIMEOUT (s, default 420; 0 skips the tests); CKPT_ARGS, CKPT_TIMEOUT (the checkpoint
+# benchmark: default --quick, 90 s; 0 skips it); BENCH_OPS (ops to time, default all,
 # "none" for none); BENCH_ARGS (e.g. --quick); BENCH_TIMEOUT (s per op, default 200).
 #   PYTEST_ARGS="-n 8 tests/ops" BENCH_OPS="rms_norm rotary" benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -53,6 +54,15 @@ if [ "${TEST_TIMEOUT:-420}" != 0 ]; then
   echo "== tests (compiled Triton, no interpreter)"
   timeout "${TEST_TIMEOUT:-420}" "$py" -m pytest -q -rs -p no:cacheprovider \
     --junitxml="$out/tests.xml" ${PYTEST_ARGS:--m "not fuzz"} 2>&1 | tee "$out/tests.log" | tail -40 || status=1
+fi
+
+# Checkpoints on the GPU: pinned staging of async saves, CUDA generator states, DCP's gloo
+# group beside NCCL; the tiny model unless CKPT_ARGS says otherwise ("--model 100m" times a
+# real save). CKPT_TIMEOUT=0 skips it.
+if [ "${CKPT_TIMEOUT:-90}" != 0 ]; then
+  echo "== checkpoint benchmark"
+  timeout "${CKPT_TIMEOUT:-90}" "$py" -m eurocore.benchmarks.checkpoint --out "$out/checkpoint" \
+    ${CKPT_ARGS:---quick} 2>&1 | tee "$out/checkpoint.log" | tail -12 || status=1
 fi
 
 # One run per op, each under its own time limit and writing its own JSON (in OUTDIR/<op>/),

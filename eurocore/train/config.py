@@ -131,7 +131,8 @@ class TrainConfig:
                                    "(0: never)")
     keep_last: int = option(3, "checkpoint", "complete checkpoints kept, the newest (0: all)")
     resume: str = option("auto", "checkpoint", "auto (the newest intact checkpoint in the "
-                         "checkpoint directory, if any), none, or a checkpoint's directory",
+                         "checkpoint directory, if any), none, or PATH: a checkpoint (or a "
+                         "checkpoint directory: the one its latest names) to start from",
                          metavar="auto|none|PATH")
     async_checkpoint: bool = option(False, "checkpoint", "write checkpoints in the background "
                                     "while training goes on (DCP async_save)")

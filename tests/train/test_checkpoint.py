@@ -36,19 +36,26 @@ def _losses(trainer: Trainer, steps: int) -> list[torch.Tensor]:
 # -------------------------------------------------------------------------------------------
 
 
+GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="needs a GPU"))
+
+
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_resumed_run_takes_the_same_steps_bit_for_bit(tmp_path, async_save):
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_a_resumed_run_takes_the_same_steps_bit_for_bit(tmp_path, async_save, device):
     """Saved after 3 of 6 steps (in the background or not), a new Trainer resumes and takes
-    steps 3-5 exactly as the uninterrupted run: losses, gradient norms, parameters."""
+    steps 3-5 exactly as the uninterrupted run: losses, gradient norms, parameters. On a GPU
+    the async save stages through pinned host buffers and the CUDA generator is restored."""
     config = TrainConfig(**SHORT, micro_batch_size=2, checkpoint_dir=str(tmp_path),
                          async_checkpoint=async_save)
-    first = Trainer(config, CPU, log=lambda _: None)
+    process = Process(0, 1, 0, torch.device(device))
+    first = Trainer(config, process, log=lambda _: None)
     _losses(first, 3)
     first.save_checkpoint()
     expected = [first.train_step() for _ in range(3)]
     first.checkpointer.close()
 
-    second = Trainer(config, CPU, log=lambda _: None)
+    second = Trainer(config, process, log=lambda _: None)
     assert second.resume() and second.step == 3
     for want, got in zip(expected, [second.train_step() for _ in range(3)], strict=True):
         assert torch.equal(want["loss"], got["loss"]) and want["lr"] == got["lr"]
