@@ -3,6 +3,7 @@
     eurocore train [ARGS...]     the training run (python -m eurocore.train ARGS; torchrun too)
     eurocore data prepare ...    tokenize text into a Megatron indexed dataset
     eurocore checkpoint inspect DIR   a checkpoint's step, layout, model and integrity
+    eurocore export-hf CHECKPOINT OUT_DIR   a checkpoint as a Hugging Face Llama model
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
     eurocore backends            which backends this machine can run, and why (not)
 
@@ -35,8 +36,38 @@ def _parser() -> argparse.ArgumentParser:
         "complete and intact (every file's size and CRC-32 checked); exit status 1 if not")
     inspect.add_argument("path", metavar="DIR", help="a checkpoint (step-N) or a checkpoint "
                          "directory (its latest complete checkpoint)")
+    export = sub.add_parser(
+        "export-hf", help="write a checkpoint (any layout) as a Hugging Face LlamaForCausalLM "
+        "directory: safetensors shards, their index, config.json, generation_config.json")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint (step-N) or a "
+                        "checkpoint directory (its latest complete checkpoint)")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the new model directory (must not "
+                        "exist, or be empty)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the stored weights' dtype (default float32, the checkpoint's)")
+    export.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="a directory whose tokenizer files are copied alongside")
+    export.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                        help="the largest safetensors file, in GB (default 5)")
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
     return parser
+
+
+def _export_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from eurocore.train.hf import export_hf
+
+    if not args.max_shard_size > 0:
+        parser.error(f"--max-shard-size: expected a positive size in GB, got "
+                     f"{args.max_shard_size}")
+    try:
+        export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype),
+                  tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_size * 1e9))
+    except ValueError as err:
+        print(f"eurocore export-hf: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _inspect_checkpoint(path: str) -> int:
@@ -80,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _print_backends()
     if args.command == "checkpoint":
         return _inspect_checkpoint(args.path)
+    if args.command == "export-hf":
+        return _export_hf(args, parser)
     parser.print_help()
     return 0 if args.command is None and not argv else 2
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import platform
 import re
 import shutil
@@ -65,7 +64,12 @@ from torch.distributed.checkpoint.planner import (
 from eurocore.model import WeightLayout
 from eurocore.parallel import local_part
 from eurocore.parallel.sharding import data_parallel_rows, restrict
-from eurocore.utils.files import fsync_directory, write_json_atomically, write_text_atomically
+from eurocore.utils.files import (
+    fsync_directory,
+    read_json,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 INFO_FILE = "eurocore.json"
 LATEST = "latest"
@@ -141,22 +145,26 @@ class TensorBox(torch.Tensor):
         return TensorBox(buffer, tuple(self.shape), self.offsets)
 
 
-def layout_free_tensors(chunks: list[torch.nn.Module], optimizer: torch.optim.Optimizer
-                        ) -> dict[str, TensorBox]:
+def layout_free_tensors(chunks: list[torch.nn.Module],
+                        optimizer: torch.optim.Optimizer | None = None) -> dict[str, TensorBox]:
     """``model.<name>`` and ``optimizer.<name>.exp_avg`` / ``.exp_avg_sq`` -> this rank's
-    box of each full tensor (views of the parameters and of AdamW's state, which must
-    exist: :func:`init_optimizer_state`). The last pipeline stage's copy of a tied
-    embedding is a box of ``embedding.weight`` like the first stage's original: the two are
-    equal bit for bit (their gradients are summed before each step), so DCP writes one of
-    them (its de-duplication of equal boxes) and loading fills both."""
+    box of each full tensor: views of the parameters and of AdamW's state, which must
+    exist (:func:`init_optimizer_state`); without ``optimizer``, the parameters only.
+
+    The last pipeline stage's copy of a tied embedding is a box of ``embedding.weight``
+    like the first stage's original: the two are equal bit for bit (their gradients are
+    summed before each step), so DCP writes one of them (its de-duplication of equal
+    boxes) and loading fills both."""
     tensors: dict[str, TensorBox] = {}
     for chunk in chunks:
         layouts: list[WeightLayout] = chunk.weight_layouts()
         for layout in layouts:
             rows = data_parallel_rows(layout.param)
-            state = optimizer.state[layout.param]
-            sources = {"model.{}": layout.param, "optimizer.{}.exp_avg": state["exp_avg"],
-                       "optimizer.{}.exp_avg_sq": state["exp_avg_sq"]}
+            sources = {"model.{}": layout.param}
+            if optimizer is not None:
+                state = optimizer.state[layout.param]
+                sources.update({"optimizer.{}.exp_avg": state["exp_avg"],
+                                "optimizer.{}.exp_avg_sq": state["exp_avg_sq"]})
             for name, full in layout.slices:
                 for piece in restrict([full], rows):
                     box = slice(piece.rows.start, piece.rows.stop)
@@ -247,13 +255,7 @@ def read_info(path: str | Path) -> dict[str, Any]:
     """A checkpoint's eurocore.json; ValueError naming the file when it is missing or not
     what a checkpoint writes."""
     file = Path(path) / INFO_FILE
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint: {str(file)!r} is missing: {str(path)!r} is not a "
-                         f"complete checkpoint") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"checkpoint: {str(file)!r} is unreadable ({err})") from None
+    info = read_json(file, "checkpoint", f"{str(path)!r} is not a complete checkpoint")
     keys = ("format", "step", "files", "meta")
     if not isinstance(info, dict) or any(k not in info for k in keys):
         raise ValueError(f"checkpoint: {str(file)!r} lacks {[k for k in keys if k not in info]}")
@@ -422,12 +424,12 @@ class Checkpointer:
         writer.buffers = self._staging  # free: the previous save is over (wait above)
         try:
             if self._executor is None:
-                with _single_process_quiet():
+                with quiet_without_process_group():
                     dcp.save(tensors, storage_writer=writer, process_group=self.group,
                              no_dist=self.group is None)
                 self._finish(tmp, meta, step)
                 return time.perf_counter() - start
-            with _single_process_quiet():
+            with quiet_without_process_group():
                 written = dcp.async_save(tensors, storage_writer=writer,
                                          process_group=self.group,
                                          **({"no_dist": self.group is None}
@@ -574,7 +576,7 @@ class Checkpointer:
     def load(self, path: Path, tensors: dict[str, Any]) -> None:
         """Fills ``tensors`` (this rank's boxes and RNG states; each read from wherever the
         saving layout put it) from the checkpoint at ``path``."""
-        with _single_process_quiet():
+        with quiet_without_process_group():
             dcp.load(tensors, storage_reader=FileSystemReader(str(path)),
                      process_group=self.group, no_dist=self.group is None)
 
@@ -627,7 +629,7 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def quiet_without_process_group() -> Iterator[None]:
     """Without a process group DCP warns at every call that it assumes one process: it is
     the case, and the run's layout line says so once."""
     with warnings.catch_warnings():

@@ -74,6 +74,10 @@ class TrainConfig:
     model_overrides: dict[str, Any] = option(
         {}, "model", "any ModelConfig field over the preset's (the file's [model] keys)",
         cli=False)
+    init_from_hf: str | None = option(
+        None, "model", "a Hugging Face Llama or Mistral directory (config.json and "
+        "safetensors): the model is its config, and a new run starts from its weights (in any "
+        "layout); preset and overrides do not apply", metavar="DIR")
     # [parallel]
     tp: int = option(1, "parallel", "tensor-parallel degree")
     pp: int = option(1, "parallel", "pipeline stages")
@@ -186,7 +190,7 @@ class TrainConfig:
             raise ValueError(f"resume: {self.resume!r} is not a checkpoint directory (nor "
                              f"auto or none)")
         for name in ("metrics_json", "output_dir", "tokenizer", "data_cache_dir", "split",
-                     "checkpoint_dir"):
+                     "checkpoint_dir", "init_from_hf"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
@@ -235,14 +239,23 @@ class TrainConfig:
             tokenizer_file(self.tokenizer)
 
     def model_config(self) -> ModelConfig:
-        """The model: the preset with ``model_overrides`` and ``num_layers`` applied, and
-        the tokenizer's vocabulary size unless an override sets ``vocab_size``."""
+        """The model: ``init_from_hf``'s config.json when set, else the preset with
+        ``model_overrides`` and ``num_layers`` applied, and the tokenizer's vocabulary size
+        unless an override sets ``vocab_size``."""
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides: expected a dict, got "
                             f"{type(self.model_overrides).__name__}")
         overrides = dict(self.model_overrides)
         if self.num_layers is not None:
             overrides["num_layers"] = self.num_layers
+        if self.init_from_hf is not None:
+            from eurocore.train.hf import model_config_from_hf
+
+            if overrides:  # the checkpoint's weights fix the shapes
+                name = "num_layers" if self.num_layers is not None else "model_overrides"
+                raise ValueError(f"{name}: the model of init_from_hf is its config.json's; "
+                                 f"it takes no overrides ({sorted(overrides)})")
+            return model_config_from_hf(self.init_from_hf)
         if self.tokenizer is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = _tokenizer_vocab(self.tokenizer)
         return preset(self.preset, **overrides)
@@ -275,7 +288,7 @@ class TrainConfig:
 
 # Fields holding paths (data_path's weights stay as they are).
 PATH_FIELDS = ("tokenizer", "data_path", "valid_data_path", "data_cache_dir", "metrics_json",
-               "output_dir", "checkpoint_dir")
+               "output_dir", "checkpoint_dir", "init_from_hf")
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:

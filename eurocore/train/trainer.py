@@ -416,6 +416,16 @@ class Trainer:
         self._log(f"checkpoint: step {self.step}: training waited {waited * 1e3:.0f} ms"
                   + (" (written in the background)" if self.config.async_checkpoint else ""))
 
+    def init_from_hf(self) -> None:
+        """Loads ``config.init_from_hf``'s weights (a Hugging Face checkpoint) into this
+        rank's chunks, each rank reading only its slices; before the first step."""
+        from eurocore.train.hf import load_hf_weights
+
+        if self.step != 0:
+            raise RuntimeError("init_from_hf: a run starts from HF weights at step 0 only")
+        load_hf_weights(list(self.model), self.config.init_from_hf)
+        self._log(f"initialised from the Hugging Face checkpoint {self.config.init_from_hf}")
+
     def resume(self) -> bool:
         """Loads the checkpoint ``config.resume`` names ("auto": the newest intact one in
         the checkpoint directory), in whatever layout it was saved; returns whether there
@@ -460,12 +470,14 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
           data: TokenSource | None = None, stop: StopSignals | None = None
           ) -> list[dict[str, float]]:
     """Trains one model as ``config`` says: a :class:`Trainer`, resumed from the checkpoint
-    ``config.resume`` names when there is one, then ``Trainer.train``; returns the logged
+    ``config.resume`` names when there is one (else started from ``config.init_from_hf``'s
+    weights, if set), then ``Trainer.train``; returns the logged
     metrics. ``on_finish`` receives this rank's model chunks and the groups after the last
     step (saving, checking); ``data`` and ``stop`` as the Trainer takes them."""
     trainer = Trainer(config, process, log, data=data, stop=stop)
     try:
-        trainer.resume()
+        if not trainer.resume() and config.init_from_hf is not None:
+            trainer.init_from_hf()
         history = trainer.train(on_step)
     finally:
         if trainer.checkpointer is not None:

@@ -96,3 +96,15 @@ def write_json_atomically(payload: Any, path: str | os.PathLike[str], *,
                           durable: bool = False) -> Path:
     """``payload`` as indented JSON, written with :func:`write_text_atomically`."""
     return write_text_atomically(json.dumps(payload, indent=2) + "\n", path, durable=durable)
+
+
+def read_json(path: str | os.PathLike[str], arg: str, missing: str) -> Any:
+    """The JSON value in the file ``path``. Raises ValueError starting with ``arg`` and
+    naming the file when it is missing (``missing`` says what that means) or unreadable."""
+    file = Path(path)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{arg}: {str(file)!r} is missing: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{arg}: {str(file)!r} is unreadable ({err})") from None
