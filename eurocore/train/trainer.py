@@ -139,7 +139,9 @@ class Trainer:
     def _describe(self) -> None:
         """The start-up summary (rank 0): model, layout, parameters per stage, data."""
         config, run = self.config, self.layout
-        self._log(f"eurocore train: {config.preset} "
+        model = (config.preset if config.init_from_hf is None else
+                 f"{os.path.basename(os.path.normpath(config.init_from_hf))} (Hugging Face)")
+        self._log(f"eurocore train: {model} "
                   f"({self.model_config.num_parameters() / 1e6:.2f}M parameters) on "
                   f"{self.process.world_size} x {self.process.device.type}"
                   f"{', bf16 autocast' if self.bf16 else ''}")

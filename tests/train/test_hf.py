@@ -192,8 +192,9 @@ def test_the_command_line_starts_from_hf_weights(saved, tmp_path, capsys):
             "2", "--seq-len", "8", "--data-workers", "0", "--eval-every", "0",
             "--output-dir", str(tmp_path / "run")]
     assert train_main(argv) == 0
-    assert f"initialised from the Hugging Face checkpoint {saved['llama-tied']}" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"initialised from the Hugging Face checkpoint {saved['llama-tied']}" in out
+    assert "eurocore train: llama-tied (Hugging Face) (" in out
     assert train_main([*argv, "--layers", "2"]) == 2
     assert "error: --layers: the model of init_from_hf is its config.json's" in \
         capsys.readouterr().err
