@@ -8,9 +8,9 @@
     apply_eurocore_to_llama(model)  # this model: RMSNorm, rotary embedding and attention
     # or, before building: apply_eurocore_to_llama() patches every Llama built afterwards
 
-Targets transformers 5.x (tested with 5.24.0); the attention mask builder it relies on
-(``transformers.masking_utils.AttentionMaskInterface``) appeared in 4.53, and an older
-transformers is refused with an ImportError.
+Written for transformers 5.x and tested with 5.24.0. A transformers without the mask
+registry it relies on (``transformers.masking_utils.AttentionMaskInterface``, added in 4.53)
+is refused with an ImportError; 4.53 to 4.57 are untested.
 
 What is replaced
 ----------------
@@ -57,10 +57,14 @@ the 2-D padding mask (batch, kv_len), bool, or None, never a 4-D mask built by H
   of a KV cache); or, when ``position_ids`` restart inside a row (sequences packed without
   padding, as HF's ``DataCollatorWithFlattening`` makes them) or the flash-attention kwargs
   ``cu_seq_lens_q/k`` and ``max_length_q/k`` are given, the varlen path over those
-  documents, which is what HF's sdpa mask does for packed rows.
+  documents. HF's sdpa mask does the same for packed rows only without a KV cache
+  (``use_cache=False``, as in training); with one it lets the documents see each other.
+  eurocore, which cannot see the cache, always keeps them apart, as HF's flash-attention
+  path does.
 - **2-D**: right or left padding becomes the varlen path: the real tokens are gathered into
   one packed sequence with ``cu_seqlens``, attended, and scattered back; padded query rows
-  get zeros (sdpa gives them finite values that nothing reads). With a KV cache the queries
+  get a zero attention output (their logits mean nothing with sdpa either, and a loss with
+  label -100 there ignores them). With a KV cache the queries
   are the last tokens of each row (left padding, as in generation). Padding in the middle
   of a row is compacted, which keeps causal attention exact but would shorten a sliding
   window across the hole.
@@ -84,8 +88,8 @@ Not supported
 -------------
 Attention dropout (``attention_dropout > 0`` in training raises), attention sinks
 (``s_aux``), ``output_attentions`` (the weights are None, as with sdpa), masks other than
-the above, ``head_dim`` the Triton kernel cannot take (a multiple of 8 up to 256) on GPUs,
-and families other than Llama and Mistral. ``torch.compile``, ``StaticCache`` and tensor
+the above, a ``head_dim`` the Triton attention kernel cannot take (it takes multiples of 8
+up to 256), and families other than Llama and Mistral. ``torch.compile``, ``StaticCache`` and tensor
 parallelism of transformers are untested.
 
 Backends: each op chooses its backend per call (:mod:`eurocore.ops.backends`): Triton on
@@ -285,6 +289,12 @@ def _apply(family: str, model: nn.Module | None, *, rms_norm: bool, rope: bool,
     if model is not None:
         family = _family_of(model)
     modeling, norm_name, pretrained_name = _modeling(family)
+    pretrained = getattr(modeling, pretrained_name)
+    if model is None and attention and not callable(
+            getattr(pretrained, "get_correct_attn_implementation", None)):
+        raise ImportError("transformers: this version has no get_correct_attn_implementation "
+                          "to default new models to eurocore; load them with "
+                          "attn_implementation='eurocore' or patch each model instead")
     if attention:
         _register_attention()
     if rope:
@@ -294,12 +304,7 @@ def _apply(family: str, model: nn.Module | None, *, rms_norm: bool, rope: bool,
         if rms_norm:
             _patch(modeling, norm_name, EurocoreRMSNorm)
         if attention:
-            cls = getattr(modeling, pretrained_name)
-            if not callable(getattr(cls, "get_correct_attn_implementation", None)):
-                raise ImportError(
-                    "transformers: this version has no get_correct_attn_implementation to "
-                    "default new models to eurocore; load them with "
-                    "attn_implementation='eurocore' or patch each model instead")
+            cls = pretrained
             original = _original(cls, "get_correct_attn_implementation")
             _patch(cls, "get_correct_attn_implementation", _default_to_eurocore(original))
         return None

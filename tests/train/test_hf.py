@@ -35,7 +35,9 @@ MODELS = {
     "llama-untied-llama3": (transformers.LlamaConfig, {"tie_word_embeddings": False,
                                                        "rope_theta": 5000.0,
                                                        "rope_scaling": LLAMA3}),
-    "llama-tied": (transformers.LlamaConfig, {"tie_word_embeddings": True}),
+    "llama-tied": (transformers.LlamaConfig, {"tie_word_embeddings": True,
+                                              "rope_scaling": {"rope_type": "linear",
+                                                               "factor": 2.0}}),
     "mistral": (transformers.MistralConfig, {"sliding_window": None,
                                              "tie_word_embeddings": False}),
 }
@@ -82,7 +84,11 @@ def _our_logits(model: LlamaModel) -> torch.Tensor:
 def test_imported_logits_equal_transformers(saved, name):
     """fp32 on both sides; the differences are summation order only (about 1e-7 here)."""
     config = hf.model_config_from_hf(saved[name])
-    assert config.tie_embeddings == MODELS[name][1]["tie_word_embeddings"]
+    fields = MODELS[name][1]
+    assert config.tie_embeddings == fields["tie_word_embeddings"]
+    if "rope_scaling" in fields:  # llama3, linear: the scaling reached the model
+        assert config.rope_scaling["rope_type"] == fields["rope_scaling"]["rope_type"]
+        assert config.rope_scaling["factor"] == fields["rope_scaling"]["factor"]
     model = LlamaModel(config)
     hf.load_hf_weights([model], saved[name])
     torch.testing.assert_close(_our_logits(model), _their_logits(saved[name]), rtol=1e-5,
