@@ -270,3 +270,34 @@ def test_export_refuses_a_non_empty_out_dir_and_a_bad_shard_size(saved, tmp_path
         eurocore_main(["export-hf", str(tmp_path / "ck"), str(tmp_path / "o"),
                        "--max-shard-size", "0"])
     assert exit_info.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
+
+
+def test_export_in_bf16_with_the_tokenizer(saved, tmp_path):
+    """--dtype bfloat16 stores every weight in bf16 (config.json says so) and --tokenizer
+    copies the tokenizer's files, its end-of-sequence id in both configs; transformers
+    loads model and tokenizer."""
+    from eurocore.data.example import train_tokenizer
+
+    tokenizer = train_tokenizer(["ein kleiner Text", "un petit texte", "pieni teksti"] * 20,
+                                tmp_path / "tokenizer", vocab_size=300)
+    config = TrainConfig(init_from_hf=str(saved["llama-tied"]), steps=2, batch_size=2,
+                         seq_len=8, data_workers=0, eval_every=0,
+                         checkpoint_dir=str(tmp_path / "ck"))
+    trainer = Trainer(config, CPU, log=lambda _: None)
+    trainer.init_from_hf()
+    trainer.save_checkpoint()
+    out = tmp_path / "out"
+    assert eurocore_main(["export-hf", str(tmp_path / "ck"), str(out), "--dtype", "bfloat16",
+                          "--tokenizer", str(tokenizer)]) == 0
+    tensors = load_file(out / "model.safetensors")
+    original = load_file(saved["llama-tied"] / "model.safetensors")
+    for key, tensor in tensors.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor,
+                                                              original[key].bfloat16()), key
+    written = json.loads((out / "config.json").read_text())
+    eos = transformers.AutoTokenizer.from_pretrained(out).eos_token_id
+    assert written["torch_dtype"] == "bfloat16" and written["eos_token_id"] == eos
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
