@@ -14,6 +14,7 @@ The top of the layering: everything is imported inside the sub-command that need
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -58,13 +59,13 @@ def _export_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from eurocore.train.hf import export_hf
 
-    if not args.max_shard_size > 0:
+    if not (math.isfinite(args.max_shard_size) and args.max_shard_size > 0):
         parser.error(f"--max-shard-size: expected a positive size in GB, got "
                      f"{args.max_shard_size}")
     try:
         export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype),
                   tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_size * 1e9))
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # a bad checkpoint or tokenizer; a full disk
         print(f"eurocore export-hf: {err}", file=sys.stderr)
         return 1
     return 0

@@ -65,7 +65,7 @@ from eurocore.model import WeightLayout
 from eurocore.parallel import local_part
 from eurocore.parallel.sharding import data_parallel_rows, restrict
 from eurocore.utils.files import (
-    fsync_directory,
+    fsync_path,
     read_json,
     write_json_atomically,
     write_text_atomically,
@@ -497,7 +497,7 @@ class Checkpointer:
             if final.exists():  # a checkpoint of the same step from an earlier attempt
                 _remove(final)
             tmp.rename(final)
-            fsync_directory(self.directory)
+            fsync_path(self.directory)
             write_text_atomically(final.name + "\n", self.directory / LATEST, durable=True)
             self._log(f"checkpoint: step {step} saved in {final} "
                       f"({sum(e['size'] for e in recorded.values()) / 2**20:.1f} MiB)")

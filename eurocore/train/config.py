@@ -255,7 +255,12 @@ class TrainConfig:
                 name = "num_layers" if self.num_layers is not None else "model_overrides"
                 raise ValueError(f"{name}: the model of init_from_hf is its config.json's; "
                                  f"it takes no overrides ({sorted(overrides)})")
-            return model_config_from_hf(self.init_from_hf)
+            model = model_config_from_hf(self.init_from_hf)
+            if self.tokenizer is not None and _tokenizer_vocab(self.tokenizer) > model.vocab_size:
+                raise ValueError(f"tokenizer: {self.tokenizer!r} has "
+                                 f"{_tokenizer_vocab(self.tokenizer)} tokens, more than the "
+                                 f"vocab_size {model.vocab_size} of init_from_hf's model")
+            return model
         if self.tokenizer is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = _tokenizer_vocab(self.tokenizer)
         return preset(self.preset, **overrides)

@@ -54,7 +54,11 @@ from eurocore.train.checkpoint import (
     resolve_checkpoint,
     verify,
 )
-from eurocore.utils.files import read_json, write_json_atomically
+from eurocore.utils.files import (
+    fsync_path,
+    read_json,
+    write_json_atomically,
+)
 
 # Canonical name pattern -> HF name pattern ({i}: the layer).
 HF_NAMES: dict[str, str] = {
@@ -81,7 +85,9 @@ NOT_WEIGHTS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "added_tokens.json")
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -128,9 +134,20 @@ def model_config_from_hf(directory: str | Path, seed: int = 1234) -> ModelConfig
     for field, value in REQUIRED.items():
         if config.get(field, value) != value:
             raise fail(field, f"{config[field]!r} is not supported, only {value!r}")
-    if config.get("sliding_window") is not None:
-        raise fail("sliding_window", f"{config['sliding_window']} is set; a sliding window is "
-                   "not supported")
+    # transformers' MistralConfig applies a 4096-token window when the key is absent
+    window = config.get("sliding_window", 4096 if architectures[0] == "MistralForCausalLM"
+                        else None)
+    if window is not None:
+        raise fail("sliding_window", f"{window} is set (or MistralConfig's default); a sliding "
+                   "window is not supported")
+    if config.get("attention_dropout", 0.0) not in (0, 0.0, None):
+        raise fail("attention_dropout", f"{config['attention_dropout']} is not supported, "
+                   "only 0.0")
+    rope_parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    for where in (config, rope_parameters):
+        if where.get("partial_rotary_factor", 1.0) != 1.0:
+            raise fail("partial_rotary_factor", f"{where['partial_rotary_factor']} is not "
+                       "supported, only 1.0 (every dimension rotated)")
     for field in UNSUPPORTED_FIELDS:
         if config.get(field):
             raise fail(field, "a mixture of experts is not supported")
@@ -143,6 +160,8 @@ def model_config_from_hf(directory: str | Path, seed: int = 1234) -> ModelConfig
                   "max_seq_len": int(config.get("max_position_embeddings", 4096))}
     except KeyError as err:
         raise fail(err.args[0], "missing") from None
+    except (TypeError, ValueError) as err:  # null or not a number
+        raise fail("config.json", f"a size is not an integer ({err})") from None
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim != hidden // heads:
         raise fail("head_dim", f"{head_dim} is not hidden_size / num_attention_heads = "
@@ -177,24 +196,39 @@ def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 
 def hf_config(model: ModelConfig, dtype: torch.dtype = torch.float32,
-              eos_token_id: int | None = None) -> dict[str, Any]:
+              tokens: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``config.json`` of ``model`` as ``LlamaForCausalLM`` (rope in the
-    ``rope_theta`` / ``rope_scaling`` keys every transformers from 4.45 reads)."""
+    ``rope_theta`` / ``rope_scaling`` keys every transformers from 4.45 reads), with the
+    special token ids of ``tokens`` (bos, eos, pad; null where unknown, never
+    transformers' defaults of 1 and 2)."""
+    scaling = dict(model.rope_scaling) if model.rope_scaling else None
+    theta = scaling.pop("rope_theta", model.rope_theta) if scaling else model.rope_theta
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_hidden_size, "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
         "head_dim": model.head_dim, "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
-        "rope_scaling": model.rope_scaling, "tie_word_embeddings": model.tie_embeddings,
+        "rms_norm_eps": model.norm_eps, "rope_theta": theta,
+        "rope_scaling": scaling, "tie_word_embeddings": model.tie_embeddings,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
         "initializer_range": model.init_std,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if eos_token_id is not None:
-        config["eos_token_id"] = eos_token_id
+    for name in TOKEN_IDS:
+        config[name] = (tokens or {}).get(name)
     return config
+
+
+def special_tokens(directory: str | Path) -> dict[str, Any]:
+    """The special token ids of the HF model in ``directory`` (config.json's, and its
+    generation_config.json, if any), for an export to carry over."""
+    config = read_hf_config(directory)
+    tokens: dict[str, Any] = {name: config.get(name) for name in TOKEN_IDS}
+    generation = Path(directory) / "generation_config.json"
+    if generation.is_file():
+        tokens["generation_config"] = read_json(generation, "init_from_hf", "")
+    return tokens
 
 
 # --- reading safetensors ----------------------------------------------------------------------
@@ -216,9 +250,8 @@ class HFWeights:
                                  f"({err})") from None
             self.files = {name: self.directory / file for name, file in weight_map.items()}
         elif (self.directory / SINGLE_FILE).exists():
-            from safetensors import safe_open
-
-            with safe_open(self.directory / SINGLE_FILE, framework="pt") as f:
+            with _safetensors_errors(self.directory / SINGLE_FILE), \
+                    _safe_open(self.directory / SINGLE_FILE) as f:
                 self.files = {name: self.directory / SINGLE_FILE for name in f.keys()}  # noqa: SIM118
         else:
             raise ValueError(f"init_from_hf: {str(self.directory)!r} holds neither {INDEX_FILE} "
@@ -239,19 +272,39 @@ class HFWeights:
     def read(self, name: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """The box of tensor ``name`` at ``offsets`` of ``sizes``: only its bytes are read."""
         index = tuple(slice(o, o + n) for o, n in zip(offsets, sizes, strict=True))
-        return self._slice(name)[index]
+        with _safetensors_errors(self.files.get(name), name):
+            return self._slice(name)[index]
 
     def _slice(self, name: str) -> Any:
         file = self.files.get(name)
         if file is None:
             raise ValueError(f"{name}: missing from the checkpoint in {str(self.directory)!r}")
-        if file not in self._open:
-            from safetensors import safe_open
+        with _safetensors_errors(file, name):
+            if file not in self._open:
+                if not file.exists():
+                    raise ValueError(f"{name}: its file {str(file)!r} is missing")
+                self._open[file] = self._stack.enter_context(_safe_open(file))
+            return self._open[file].get_slice(name)
 
-            if not file.exists():
-                raise ValueError(f"{name}: its file {str(file)!r} is missing")
-            self._open[file] = self._stack.enter_context(safe_open(file, framework="pt"))
-        return self._open[file].get_slice(name)
+
+def _safe_open(file: Path) -> Any:
+    from safetensors import safe_open
+
+    return safe_open(file, framework="pt")
+
+
+@contextlib.contextmanager
+def _safetensors_errors(file: Path | None, name: str | None = None) -> Iterator[None]:
+    """safetensors' own errors (a truncated or corrupt file, a tensor its header lacks) as
+    ValueErrors naming the tensor and the file."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as err:  # SafetensorError derives from Exception only
+        what = f"{name}: " if name else ""
+        raise ValueError(f"{what}{str(file)!r} is not a readable safetensors file ({err})"
+                         ) from None
 
 
 # --- import -----------------------------------------------------------------------------------
@@ -288,6 +341,10 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], directory: str | Path) ->
         if unexpected:
             raise ValueError(f"{unexpected[0]}: the HF checkpoint holds tensors the model has "
                              f"no place for ({len(unexpected)}: {', '.join(unexpected[:5])})")
+        for theirs, shape in hf_shapes(chunks[0].config).items():  # every rank, every one
+            if weights.shape(theirs) != shape:
+                raise ValueError(f"{theirs}: shape {list(weights.shape(theirs))} in the HF "
+                                 f"checkpoint, {list(shape)} by its config.json")
         for name, box in _model_boxes(chunks).items():
             theirs = hf_name(name)
             stored = weights.shape(theirs)
@@ -298,6 +355,19 @@ def load_hf_weights(chunks: Sequence[torch.nn.Module], directory: str | Path) ->
             box.local.copy_(piece)
             read += piece.numel()
     return read
+
+
+def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of ``model`` and its full shape."""
+    h, kv, f = model.hidden_size, model.num_kv_heads * model.head_dim, model.ffn_hidden_size
+    by_part = {"attention_norm.weight": (h,), "attention.q.weight": (h, h),
+               "attention.k.weight": (kv, h), "attention.v.weight": (kv, h),
+               "attention.out.weight": (h, h), "mlp_norm.weight": (h,),
+               "mlp.gate.weight": (f, h), "mlp.up.weight": (f, h), "mlp.down.weight": (h, f),
+               "embedding.weight": (model.vocab_size, h), "norm.weight": (h,),
+               "head.weight": (model.vocab_size, h)}
+    return {hf_name(n): by_part[n.split(".", 2)[2] if n.startswith("layers.") else n]
+            for n in _hf_order(model)}
 
 
 def _model_boxes(chunks: Sequence[torch.nn.Module]) -> dict[str, TensorBox]:
@@ -317,73 +387,99 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, dtype: torch.dtype
         checkpoint: a checkpoint (``step-N``) or a checkpoint directory (the one its
             ``latest`` names), in any layout; verified (sizes, CRC-32) first.
         out_dir: the new model directory (must not exist, or be empty); written as
-            ``out_dir.tmp-export`` and renamed when complete.
+            ``out_dir.tmp-export``, every file fsynced, and renamed when complete.
         dtype: the stored dtype of every weight (the checkpoint's are float32).
-        tokenizer: a directory whose tokenizer files are copied (optional); its end of
-            sequence token goes into the configs.
+        tokenizer: a directory whose tokenizer files are copied (optional): its vocabulary
+            must fit the model's, and its end-of-sequence token goes into the configs.
         max_shard_bytes: the largest safetensors file (a tensor larger than this gets a file
             of its own).
         log: where progress lines go.
 
     Returns:
-        ``out_dir``. Only one shard's tensors are in memory at a time.
+        ``out_dir``. One file's tensors in ``dtype`` and one float32 tensor are in memory at
+        a time. The special token ids are the HF model's a run started from
+        (``init_from_hf``), else the tokenizer's end of sequence, else null.
     """
     from safetensors.torch import save_file
 
     path = resolve_checkpoint(checkpoint)
     info = verify(path)
-    model = ModelConfig(**info["meta"]["model_config"])
+    try:
+        model = ModelConfig(**info["meta"]["model_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint: {str(path)!r} records no valid model ({err})") from None
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir: {str(out_dir)!r} exists and is not an empty directory")
-    eos = None
+    tokens = dict(info["meta"].get("hf_tokens") or {})
     if tokenizer is not None:
-        from eurocore.data.tokenizer import tokenizer_info
-
-        eos = tokenizer_info(str(tokenizer)).eos_id
+        tokens.update(_tokenizer_tokens(Path(tokenizer), model))
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    names = [n for n in _hf_order(model) if f"model.{n}" in stored]
-    missing = [n for n in _hf_order(model) if f"model.{n}" not in stored]
+    names = _hf_order(model)
+    missing = [n for n in names if f"model.{n}" not in stored]
     if missing:
         raise ValueError(f"checkpoint: {str(path)!r} lacks model.{missing[0]}")
-    shards = list(_shards(names, model, stored, dtype, max_shard_bytes))
+    shards = list(_shards(names, stored, dtype, max_shard_bytes))
     tmp = out_dir.with_name(out_dir.name + ".tmp-export")
     if tmp.exists():
+        log(f"export: removing {str(tmp)!r}, left by an export that did not finish")
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     weight_map, total = {}, 0
     for number, shard in enumerate(shards, start=1):
         file = (SINGLE_FILE if len(shards) == 1 else
                 f"model-{number:05d}-of-{len(shards):05d}.safetensors")
-        state = {f"model.{n}": torch.empty(tuple(stored[f"model.{n}"].size), dtype=torch.float32)
-                 for n in shard}
-        with quiet_without_process_group():
-            dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
-        tensors = {hf_name(n): state.pop(f"model.{n}").to(dtype).contiguous() for n in shard}
+        tensors = {hf_name(n): _load(path, f"model.{n}", stored).to(dtype).contiguous()
+                   for n in shard}
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        fsync_path(tmp / file)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        total += nbytes
         weight_map.update(dict.fromkeys(tensors, file))
-        log(f"export: {file} ({len(tensors)} tensors, "
-            f"{sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20:.1f} MiB)")
+        log(f"export: {file} ({len(tensors)} tensors, {nbytes / 2**20:.1f} MiB)")
         del tensors
     if len(shards) > 1:
         write_json_atomically({"metadata": {"total_size": total}, "weight_map": weight_map},
-                              tmp / INDEX_FILE)
-    write_json_atomically(hf_config(model, dtype, eos), tmp / "config.json")
-    generation = {"_from_model_config": True}
-    if eos is not None:
-        generation["eos_token_id"] = eos
-    write_json_atomically(generation, tmp / "generation_config.json")
+                              tmp / INDEX_FILE, durable=True)
+    generation = dict(tokens.pop("generation_config", None) or {"_from_model_config": True})
+    generation.update({k: v for k, v in tokens.items() if v is not None})
+    write_json_atomically(hf_config(model, dtype, tokens), tmp / "config.json", durable=True)
+    write_json_atomically(generation, tmp / "generation_config.json", durable=True)
     if tokenizer is not None:
         for name in TOKENIZER_FILES:
             source = Path(tokenizer) / name
             if source.is_file():
                 shutil.copyfile(source, tmp / name)
+                fsync_path(tmp / name)
+    fsync_path(tmp)
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)
+    fsync_path(out_dir.parent)
     log(f"export: step {info['step']} of {str(path)!r} written to {str(out_dir)!r}")
     return out_dir
+
+
+def _tokenizer_tokens(directory: Path, model: ModelConfig) -> dict[str, Any]:
+    """The end-of-sequence id of the tokenizer in ``directory``; ValueError naming
+    ``tokenizer`` when it is not a directory or its vocabulary exceeds the model's."""
+    from eurocore.data.tokenizer import load_tokenizer, tokenizer_info
+
+    if not directory.is_dir():
+        raise ValueError(f"tokenizer: {str(directory)!r} is not a directory of tokenizer files")
+    size = load_tokenizer(str(directory)).get_vocab_size(with_added_tokens=True)
+    if size > model.vocab_size:
+        raise ValueError(f"tokenizer: {str(directory)!r} has {size} tokens, more than the "
+                         f"model's vocab_size {model.vocab_size}")
+    return {"eos_token_id": tokenizer_info(str(directory)).eos_id}
+
+
+def _load(path: Path, name: str, stored: dict[str, Any]) -> torch.Tensor:
+    """One whole tensor of the checkpoint at ``path``, float32."""
+    state = {name: torch.empty(tuple(stored[name].size), dtype=torch.float32)}
+    with quiet_without_process_group():
+        dcp.load(state, storage_reader=FileSystemReader(str(path)), no_dist=True)
+    return state[name]
 
 
 def _hf_order(model: ModelConfig) -> list[str]:
@@ -397,8 +493,10 @@ def _hf_order(model: ModelConfig) -> list[str]:
     return names
 
 
-def _shards(names: list[str], model: ModelConfig, stored: dict[str, Any], dtype: torch.dtype,
+def _shards(names: list[str], stored: dict[str, Any], dtype: torch.dtype,
             max_bytes: int) -> Iterator[list[str]]:
+    """``names`` in runs whose ``dtype`` bytes stay within ``max_bytes`` (a larger tensor
+    alone)."""
     shard: list[str] = []
     size = 0
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -66,9 +66,11 @@ def build_source(config: TrainConfig, model_config: ModelConfig) -> TokenSource:
                                  f"{made_with[:12]}... in its .json)")
     largest = source.max_token_id()
     if largest >= model_config.vocab_size:
+        where = ("init_from_hf's config.json sets it: the corpora are not of its tokenizer"
+                 if config.init_from_hf is not None else
+                 "--tokenizer sets it from the tokenizer that made them")
         raise ValueError(f"data_path: the corpora hold token id {largest}, beyond the model's "
-                         f"vocab_size {model_config.vocab_size} (--tokenizer sets it from the "
-                         f"tokenizer that made them)")
+                         f"vocab_size {model_config.vocab_size} ({where})")
     return source
 
 
@@ -369,6 +371,10 @@ class Trainer:
                 "config": json.loads(json.dumps(dataclasses.asdict(config))),
                 "model_config": dataclasses.asdict(self.model_config),
                 "layout": self._layout_meta()}
+        if config.init_from_hf is not None:  # for an export to carry the special tokens over
+            from eurocore.train.hf import special_tokens
+
+            meta["hf_tokens"] = special_tokens(config.init_from_hf)
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from eurocore.utils.checks import check_bool, check_int, check_number
 from eurocore.utils.files import (
     check_writable_dir,
     check_writable_file,
-    fsync_directory,
+    fsync_path,
     write_bytes_atomically,
     write_json_atomically,
     write_text_atomically,
@@ -17,7 +17,7 @@ __all__ = [
     "check_number",
     "check_writable_dir",
     "check_writable_file",
-    "fsync_directory",
+    "fsync_path",
     "write_bytes_atomically",
     "write_json_atomically",
     "write_text_atomically",

@@ -68,16 +68,16 @@ def write_bytes_atomically(path: str | os.PathLike[str], write: Callable[[Binary
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
         os.replace(tmp, path)
         if durable:
-            fsync_directory(path.parent)
+            fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def fsync_directory(path: str | os.PathLike[str]) -> None:
-    """Puts the directory ``path``'s entries (files created, renamed or removed in it) on
-    disk."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Puts ``path`` on disk: a file's contents (one another library wrote), or a
+    directory's entries (files created, renamed or removed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

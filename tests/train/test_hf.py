@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from eurocore.__main__ import main as eurocore_main
 from eurocore.model.llama import LlamaModel
+from eurocore.parallel import local_part
+from eurocore.parallel.sharding import data_parallel_rows
 from eurocore.train import hf
 from eurocore.train.__main__ import main as train_main
 from eurocore.train.distributed import Process
@@ -43,12 +45,12 @@ MODELS = {
 }
 
 
-def _save(directory: Path, name: str, shard: str | None = None) -> Path:
+def _save(directory: Path, name: str, shard: str | None = None, **changes) -> Path:
     config_class, fields = MODELS[name]
     torch.manual_seed(0)
     model_class = (transformers.MistralForCausalLM if name == "mistral"
                    else transformers.LlamaForCausalLM)
-    model = model_class(config_class(**SIZES, **fields)).eval()
+    model = model_class(config_class(**{**SIZES, **changes}, **fields)).eval()
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(directory, **kwargs)
     return directory
@@ -101,12 +103,13 @@ def _their_loss(directory: Path) -> float:
                                              TOKENS[:, 1:].reshape(-1)).item()
 
 
-def _import_in_layout(rank: int, world: int, directory: str, layout: dict, expected: dict
-                      ) -> None:
+def _import_in_layout(rank: int, world: int, directory: str, layout: dict, expected: dict,
+                      checkpoints: str) -> None:
     """Through the trainer (the --init-from-hf path), counting the elements each read of
     the checkpoint returns: a rank reads exactly the weights it holds, less than the
-    model; with TP the loss equals transformers'; with PP every parameter equals the one
-    process's."""
+    model. TP: this rank's vocabulary columns of the logits and the loss equal
+    transformers'; PP and DP (FSDP2): every parameter (its rows) equals the one process's.
+    Then each layout saves a checkpoint, for an export."""
     read: list[int] = []
     original = hf.HFWeights.read
 
@@ -117,38 +120,59 @@ def _import_in_layout(rank: int, world: int, directory: str, layout: dict, expec
 
     hf.HFWeights.read = counting
     config = TrainConfig(init_from_hf=directory, steps=2, batch_size=2, seq_len=8,
-                         data_workers=0, eval_every=0, **layout)
+                         data_workers=0, eval_every=0, checkpoint_dir=checkpoints, **layout)
     trainer = Trainer(config, Process(rank, world, rank, torch.device("cpu")),
                       log=lambda _: None)
     trainer.init_from_hf()
-    held = sum(p.numel() for p in trainer.model.parameters())
+    held = sum(local_part(p).numel() for p in trainer.model.parameters())
     padding = 0
     if layout.get("tp", 1) == 2:  # 101 tokens in 2 x 51 rows: rank 1's last row of the
         tables = 1 if expected["tied"] else 2  # embedding (and of the head) is padding
         padding = rank * tables * SIZES["hidden_size"]
     assert sum(read) == held - padding, (sum(read), held, padding)
     assert sum(read) < expected["parameters"]
+    one = expected["one"]
     if layout.get("tp", 1) > 1:
         (chunk,) = trainer.model
-        loss = chunk(TOKENS[:, :-1], TOKENS[:, 1:])
+        with torch.no_grad():
+            logits = chunk(TOKENS).transpose(0, 1)  # (batch, seq, this rank's 51 columns)
+            first = rank * logits.shape[-1]
+            real = min(logits.shape[-1], SIZES["vocab_size"] - first)
+            torch.testing.assert_close(logits[..., :real],
+                                       expected["logits"][..., first:first + real],
+                                       rtol=1e-5, atol=1e-5)
+            loss = chunk(TOKENS[:, :-1], TOKENS[:, 1:])
         assert loss.item() == pytest.approx(expected["loss"], rel=1e-5)
     else:
-        one = expected["one"]
         for chunk in trainer.model:
             for name, param in chunk.named_parameters():  # the last stage's tied copy too
-                assert torch.equal(param, one.get(name, one["embedding.weight"])), name
+                full = one.get(name, one["embedding.weight"])
+                rows = data_parallel_rows(param)
+                assert torch.equal(local_part(param), full[rows.start:rows.stop]), name
+    trainer.save_checkpoint()
+    trainer.checkpointer.close()
 
 
 @pytest.mark.parametrize("name", ["sharded", "llama-tied", "mistral"])
-@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}], ids=["tp2", "pp2"])
-def test_imports_in_parallel_layouts_reading_only_slices(saved, layout, name):
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"pp": 2}, {}], ids=["tp2", "pp2", "dp2"])
+def test_imports_in_parallel_layouts_reading_only_slices(saved, tmp_path, layout, name):
+    """... and the checkpoint each layout saves exports bit-identical to the original."""
     directory = saved[name]
     one = LlamaModel(hf.model_config_from_hf(directory))
     hf.load_hf_weights([one], directory)
-    expected = {"loss": _their_loss(directory), "one": dict(one.named_parameters()),
+    expected = {"loss": _their_loss(directory), "logits": _their_logits(directory),
+                "one": dict(one.named_parameters()),
                 "parameters": sum(p.numel() for p in one.parameters()),
                 "tied": one.config.tie_embeddings}
-    run_on_ranks(_import_in_layout, 2, str(directory), layout, expected)
+    run_on_ranks(_import_in_layout, 2, str(directory), layout, expected,
+                 str(tmp_path / "ck"))
+    hf.export_hf(tmp_path / "ck", tmp_path / "out", log=lambda _: None)
+    original = {}
+    for file in directory.glob("*.safetensors"):
+        original.update(load_file(file))
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[k], original[k]) for k in original)
 
 
 @pytest.mark.parametrize("name", ["llama-untied-llama3", "llama-tied"])
@@ -272,17 +296,17 @@ def test_export_refuses_a_non_empty_out_dir_and_a_bad_shard_size(saved, tmp_path
     assert exit_info.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
 
 
-def test_export_in_bf16_with_the_tokenizer(saved, tmp_path):
+def test_export_in_bf16_with_the_tokenizer(saved, tmp_path, capsys):
     """--dtype bfloat16 stores every weight in bf16 (config.json says so) and --tokenizer
     copies the tokenizer's files, its end-of-sequence id in both configs; transformers
-    loads model and tokenizer."""
+    loads model and tokenizer. A tokenizer larger than the model's vocabulary is refused."""
     from eurocore.data.example import train_tokenizer
 
     tokenizer = train_tokenizer(["ein kleiner Text", "un petit texte", "pieni teksti"] * 20,
                                 tmp_path / "tokenizer", vocab_size=300)
-    config = TrainConfig(init_from_hf=str(saved["llama-tied"]), steps=2, batch_size=2,
-                         seq_len=8, data_workers=0, eval_every=0,
-                         checkpoint_dir=str(tmp_path / "ck"))
+    model_dir = _save(tmp_path / "model", "llama-tied", vocab_size=320)
+    config = TrainConfig(init_from_hf=str(model_dir), steps=2, batch_size=2, seq_len=8,
+                         data_workers=0, eval_every=0, checkpoint_dir=str(tmp_path / "ck"))
     trainer = Trainer(config, CPU, log=lambda _: None)
     trainer.init_from_hf()
     trainer.save_checkpoint()
@@ -290,14 +314,76 @@ def test_export_in_bf16_with_the_tokenizer(saved, tmp_path):
     assert eurocore_main(["export-hf", str(tmp_path / "ck"), str(out), "--dtype", "bfloat16",
                           "--tokenizer", str(tokenizer)]) == 0
     tensors = load_file(out / "model.safetensors")
-    original = load_file(saved["llama-tied"] / "model.safetensors")
+    original = load_file(model_dir / "model.safetensors")
     for key, tensor in tensors.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor,
                                                               original[key].bfloat16()), key
     written = json.loads((out / "config.json").read_text())
     eos = transformers.AutoTokenizer.from_pretrained(out).eos_token_id
     assert written["torch_dtype"] == "bfloat16" and written["eos_token_id"] == eos
+    assert written["bos_token_id"] == 1  # the HF model's, carried through the checkpoint
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == eos
     assert (out / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
-    model = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert model.dtype == torch.bfloat16
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+    small = TrainConfig(init_from_hf=str(saved["llama-tied"]), steps=2, batch_size=2,
+                        seq_len=8, data_workers=0, eval_every=0,
+                        checkpoint_dir=str(tmp_path / "small"))
+    Trainer(small, CPU, log=lambda _: None).save_checkpoint()
+    assert eurocore_main(["export-hf", str(tmp_path / "small"), str(tmp_path / "o"),
+                          "--tokenizer", str(tokenizer)]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer: " in err and "more than the model's vocab_size 101" in err
+    with pytest.raises(ValueError, match=r"^tokenizer: .* has \d+ tokens, more than the "
+                                         r"vocab_size 101 of init_from_hf's model"):
+        TrainConfig(**{**small.__dict__, "tokenizer": str(tokenizer)})
+
+
+LLAMA2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+          "intermediate_size": 176, "num_attention_heads": 8, "num_hidden_layers": 2,
+          "num_key_value_heads": 8, "vocab_size": 250, "max_position_embeddings": 128,
+          "rms_norm_eps": 1e-5, "rope_scaling": None, "tie_word_embeddings": False,
+          "hidden_act": "silu", "pretraining_tp": 1, "torch_dtype": "float16"}
+
+
+@pytest.mark.parametrize("changes, want", [
+    ({}, {"rope_theta": 10000.0, "rope_scaling": None, "num_kv_heads": 8}),  # Llama 2's form
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 5e5},
+     {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 4.0}}),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+     {"rope_theta": 1e6, "rope_scaling": None}),
+    ({"num_key_value_heads": None}, {"num_kv_heads": 8}),  # absent: as many as heads
+])
+def test_configs_in_every_form_transformers_writes(tmp_path, changes, want):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA2, **changes}))
+    config = hf.model_config_from_hf(tmp_path)
+    for field, value in want.items():
+        assert getattr(config, field) == value, field
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+     r"^sliding_window: 4096 is set \(or MistralConfig's default\)"),
+    ({"partial_rotary_factor": 0.5}, r"^partial_rotary_factor: 0.5 is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.25}},
+     r"^partial_rotary_factor: 0.25"),
+    ({"attention_dropout": 0.1}, r"^attention_dropout: 0.1 is not supported"),
+    ({"hidden_size": None}, r"^config.json: a size is not an integer"),
+    ({"num_hidden_layers": "two"}, r"^config.json: a size is not an integer"),
+    ({"head_dim": 16}, r"^head_dim: 16 is not hidden_size / num_attention_heads = 8"),
+    ({"hidden_act": "gelu"}, r"^hidden_act: 'gelu' is not supported"),
+])
+def test_configs_eurocore_does_not_build_are_refused(tmp_path, changes, message):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA2, **changes}))
+    with pytest.raises(ValueError, match=message):
+        hf.model_config_from_hf(tmp_path)
+
+
+def test_a_truncated_safetensors_file_is_named(saved, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(saved["sharded"], directory)
+    victim = sorted(directory.glob("model-*.safetensors"))[1]
+    victim.write_bytes(victim.read_bytes()[:-50])
+    model = LlamaModel(hf.model_config_from_hf(directory))
+    with pytest.raises(ValueError, match=rf"'.*{victim.name}' is not a readable safetensors"):
+        hf.load_hf_weights([model], directory)
