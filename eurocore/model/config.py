@@ -84,6 +84,24 @@ class ModelConfig:
             raise ValueError(f"seq_len: {seq_len} is not divisible by tp = {tp}, as sequence "
                              f"parallelism needs; use a multiple of {tp} or turn it off")
 
+    def training_flops_per_token(self, seq_len: int) -> int:
+        """Model FLOPs of one training step per token (forward and backward) for sequences
+        of ``seq_len`` tokens: every matmul counted exactly, times 3 (the backward does
+        twice the forward's), as MFU counts them.
+
+        Forward, per token: per layer 2·h·(h + 2·kv) for q, k and v, 2·h² for the output
+        projection, 6·h·f for gate, up and down, and 2·s·h for causal attention's two s x d
+        products over on average s / 2 keys (the masked half is not counted, as the attention
+        benchmark counts it); then 2·h·V for the head (vocabulary unpadded). Norms, RoPE,
+        softmax and the loss are not matmuls and not counted; nor is recomputation (flash
+        attention's backward, activation checkpointing), which costs hardware FLOPs, not
+        model FLOPs. This is 6 x the matmul parameters + 6·L·s·h (PaLM's formula with the
+        causal half of attention).
+        """
+        h, kv, f = self.hidden_size, self.num_kv_heads * self.head_dim, self.ffn_hidden_size
+        per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 6 * h * f + 2 * seq_len * h
+        return 3 * (self.num_layers * per_layer + 2 * h * self.vocab_size)
+
     def num_parameters(self) -> int:
         """Parameters of the full model (vocabulary unpadded)."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim

@@ -148,6 +148,9 @@ class TrainConfig:
     metrics_json: str | None = option(None, "logging",
                                       "rank 0 writes the logged metrics here (a JSON list)",
                                       metavar="PATH")
+    peak_tflops: float | None = option(None, "logging", "the device's peak TFLOP/s for MFU "
+                                       "(default: the table's dense bf16 figure for known "
+                                       "GPUs; none on CPUs)", metavar="TFLOPS")
     # [run]
     device: str = option("auto", "run", "auto (the local GPU if any), cpu or cuda",
                          choices=("auto", "cpu", "cuda"))
@@ -180,6 +183,8 @@ class TrainConfig:
             check_bool("bf16", self.bf16)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.peak_tflops is not None:
+            check_number("peak_tflops", self.peak_tflops, minimum=0.0, inclusive=False)
         check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         check_int("keep_last", self.keep_last, minimum=0)
         check_bool("async_checkpoint", self.async_checkpoint)

@@ -38,6 +38,7 @@ from eurocore.train.checkpoint import (
 )
 from eurocore.train.config import RunLayout, TrainConfig
 from eurocore.train.distributed import Process
+from eurocore.train.metrics import device_peak
 from eurocore.train.optim import adamw, learning_rate
 from eurocore.train.preemption import Preempted, StopSignals
 
@@ -136,7 +137,13 @@ class Trainer:
             log=self._log)
         self.stop = stop
         self._saved_step: int | None = None
+        self._data_wait_s = 0.0  # since the last logged step
+        self.flops_per_token = self.model_config.training_flops_per_token(config.seq_len)
+        self.peak_tflops, peak_source = device_peak(process.device, config.peak_tflops)
         self._describe()
+        if self.peak_tflops is not None:
+            self._log(f"mfu: against {self.peak_tflops:g} TFLOP/s per device ({peak_source}); "
+                      f"{self.flops_per_token / 1e9:.3g} GFLOP per token trained")
 
     def _describe(self) -> None:
         """The start-up summary (rank 0): model, layout, parameters per stage, data."""
@@ -187,7 +194,9 @@ class Trainer:
             self._batches = prefetch(self.data, self._rows, start=step, stop=None,
                                      workers=self.config.data_workers,
                                      pin=self.process.device.type == "cuda")
+        waited = time.perf_counter()
         loaded, batch = next(self._batches)
+        self._data_wait_s += time.perf_counter() - waited  # the loader fell behind
         assert loaded == step, (loaded, step)
         loss = self._run(batch, forward_only=False)
         sum_tied_embedding_grads(self.model, self.groups)
@@ -255,7 +264,10 @@ class Trainer:
               ) -> list[dict[str, float]]:
         """Runs the steps from ``self.step`` to ``config.steps``, logging every
         ``log_every`` steps and the last: the metrics of each logged step (step, loss, lr,
-        grad_norm, tokens_per_s, step_ms) are returned on every rank and passed to
+        grad_norm, tokens_per_s, step_ms, tflops_per_device, mfu (None where the device's
+        peak is unknown), data_wait_ms (per step, waiting for the loader), and on GPUs
+        max_allocated_gib and max_reserved_gib since the last log) are returned on every
+        rank and passed to
         ``on_step`` as they come. Saves the checkpoints that are due (and waits for the
         last one to be complete).
 
@@ -291,10 +303,18 @@ class Trainer:
                 now = time.perf_counter()
                 # averaged over the steps since the last log: the device runs ahead between
                 per_step = (now - last_time) / (step - last_step)
+                previous = last_step
                 last_time, last_step = now, step
+                tokens_per_s = tokens_per_step / per_step
+                tflops = tokens_per_s * self.flops_per_token / self.process.world_size / 1e12
                 metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
-                           "tokens_per_s": tokens_per_step / per_step,
-                           "step_ms": 1e3 * per_step}
+                           "tokens_per_s": tokens_per_s, "step_ms": 1e3 * per_step,
+                           "tflops_per_device": tflops,
+                           "mfu": (tflops / self.peak_tflops if self.peak_tflops is not None
+                                   else None),
+                           "data_wait_ms": 1e3 * self._data_wait_s / (step - previous),
+                           **self._memory()}
+                self._data_wait_s = 0.0
                 valid_note = ""
                 if valid is not None:
                     metrics["valid_loss"] = valid
@@ -305,7 +325,9 @@ class Trainer:
                 self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
                           f"{result['lr']:.2e} | grad norm {norm:.3f} | "
                           f"{metrics['tokens_per_s']:,.0f} tokens/s | "
-                          f"{metrics['step_ms']:.1f} ms")
+                          f"{metrics['step_ms']:.1f} ms"
+                          + (f" | {tflops:.1f} TFLOP/s per device, MFU {metrics['mfu']:.1%}"
+                             if metrics["mfu"] is not None else ""))
                 for line in self.data.progress(step + 1) if not last else ():  # what's next
                     self._log(f"data: {line}")
             self._after_step(last)
@@ -320,6 +342,16 @@ class Trainer:
             self._log(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
                       f"{span}{summary}")
         return history
+
+    def _memory(self) -> dict[str, float | None]:
+        """The device memory peaks since the last call, GiB (None on a CPU), then reset."""
+        device = self.process.device
+        if device.type != "cuda":
+            return {"max_allocated_gib": None, "max_reserved_gib": None}
+        peaks = {"max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                 "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(device)
+        return peaks
 
     def _after_step(self, last: bool) -> None:
         """Saves the checkpoint that is due (every checkpoint_every steps and after the
