@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 from eurocore.model.config import ModelConfig
@@ -256,6 +257,9 @@ class LlamaModel(nn.Module):
         check_ids: in eager mode, check every forward's token ids, labels and positions
             (:func:`check_token_ids`: one synchronisation per forward). A trainer that
             checks its batches in the data path turns this off.
+        recompute_layers: decoder layers (global indices; those of this chunk count) that
+            keep only their input for the backward and run their forward again there
+            (``torch.utils.checkpoint``, non-reentrant): full activation recomputation.
 
     Each rank holds only its shard; every weight is drawn from ``config.seed`` in fixed
     blocks, so every TP and PP layout starts from the same model (padding rows of the
@@ -266,7 +270,8 @@ class LlamaModel(nn.Module):
                  sequence_parallel: bool = False, layers: Sequence[int] | None = None,
                  pre_process: bool = True, post_process: bool = True,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, check_ids: bool = True) -> None:
+                 dtype: torch.dtype | None = None, check_ids: bool = True,
+                 recompute_layers: Sequence[int] = ()) -> None:
         super().__init__()
         groups = groups or ParallelGroups.single()
         for arg, flag in (("sequence_parallel", sequence_parallel), ("pre_process", pre_process),
@@ -285,6 +290,11 @@ class LlamaModel(nn.Module):
                              f"{list(layers)}")
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, tp_group, **parallel)
                                      for i in layers})
+        if any(not 0 <= i < config.num_layers for i in recompute_layers):
+            raise ValueError(f"recompute_layers: expected indices in 0 .. "
+                             f"{config.num_layers - 1}, got {list(recompute_layers)}")
+        # layers whose activations are not kept: recomputed from their input in the backward
+        self.recompute_layers = frozenset(str(i) for i in recompute_layers) & set(self.layers)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len,
                                       theta=config.rope_theta, scaling=config.rope_scaling,
                                       layout="thd", device=device)
@@ -392,8 +402,12 @@ class LlamaModel(nn.Module):
                             labels if self.post_process else None, position_ids)
         packed = PackedBatch.from_position_ids(position_ids, batch, seq, tokens.device)
         x = self.embedding(tokens.t()) if self.pre_process else hidden_states
-        for layer in self.layers.values():
-            x = layer(x, self.rotary, packed)
+        for name, layer in self.layers.items():
+            if name in self.recompute_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, self.rotary, packed,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, self.rotary, packed)
         if not self.post_process:
             return x
         logits = self.head(self.norm(x))                # (seq, batch, padded vocab / tp)
@@ -406,7 +420,8 @@ class LlamaModel(nn.Module):
 def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int = 1,
                  layers_per_stage: Sequence[int] | None = None, sequence_parallel: bool = False,
                  device: torch.device | str | None = None,
-                 check_ids: bool = True) -> list[LlamaModel]:
+                 check_ids: bool = True, recompute_layers: Sequence[int] = ()
+                 ) -> list[LlamaModel]:
     """This rank's model chunks, one per virtual stage it holds: chunk c is virtual stage
     c · pp + pp_rank of pp · num_chunks, its layers from ``eurocore.parallel.pipeline.
     stage_layers``; the first holds the embedding, the last the head (the whole model
@@ -417,7 +432,7 @@ def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int
     return [LlamaModel(config, groups, sequence_parallel=sequence_parallel,
                        layers=splits[stage], pre_process=stage == 0,
                        post_process=stage == num_stages - 1, device=device,
-                       check_ids=check_ids)
+                       check_ids=check_ids, recompute_layers=recompute_layers)
             for stage in stages]
 
 

@@ -85,6 +85,12 @@ class TrainConfig:
     layers_per_stage: tuple[int, ...] | None = option(
         None, "parallel", "decoder layers of each (virtual) stage; default: an even split "
         "with the first and last stages lighter", metavar="N,N,...")
+    recompute: str = option("none", "parallel", "activation recomputation: none, or full (each "
+                            "chosen decoder layer keeps only its input and runs again in the "
+                            "backward)", choices=("none", "full"))
+    recompute_layers: tuple[int, ...] | None = option(
+        None, "parallel", "the decoder layers --recompute full applies to (default: all)",
+        metavar="N,N,...")
     sequence_parallel: bool = option(False, "parallel",
                                      "split activations along the sequence between TP regions")
     # [optimizer]
@@ -218,6 +224,17 @@ class TrainConfig:
         if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
             raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
                             f"{type(self.layers_per_stage).__name__}")
+        if self.recompute not in ("none", "full"):
+            raise ValueError(f"recompute: expected none or full, got {self.recompute!r}")
+        if self.recompute_layers is not None:
+            if not isinstance(self.recompute_layers, tuple):
+                raise TypeError(f"recompute_layers: expected a tuple of ints, got "
+                                f"{type(self.recompute_layers).__name__}")
+            if self.recompute == "none":
+                raise ValueError("recompute_layers: chooses layers for --recompute full; "
+                                 "recompute is none")
+            for i in self.recompute_layers:
+                check_int("recompute_layers", i, minimum=0, maximum=model.num_layers - 1)
         stages = self.pp * self.vpp
         if model.num_layers < stages:
             raise ValueError(f"{'vpp' if self.vpp > 1 else 'pp'}: {stages} pipeline stages "
@@ -269,6 +286,14 @@ class TrainConfig:
         if self.tokenizer is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = _tokenizer_vocab(self.tokenizer)
         return preset(self.preset, **overrides)
+
+    def recomputed_layers(self) -> tuple[int, ...]:
+        """The decoder layers whose activations are recomputed (global indices)."""
+        if self.recompute == "none":
+            return ()
+        if self.recompute_layers is not None:
+            return self.recompute_layers
+        return tuple(range(self.model_config().num_layers))
 
     def layout(self, world_size: int) -> RunLayout:
         """How the run splits over ``world_size`` processes; raises ValueError naming the

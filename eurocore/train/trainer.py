@@ -115,7 +115,8 @@ class Trainer:
             for chunk in stage_chunks(self.model_config, self.groups, num_chunks=config.vpp,
                                       layers_per_stage=config.layers_per_stage,
                                       sequence_parallel=config.sequence_parallel,
-                                      device=process.device, check_ids=False))
+                                      device=process.device, check_ids=False,
+                                      recompute_layers=config.recomputed_layers()))
         self.optimizer = adamw(self.model, lr=config.lr, weight_decay=config.weight_decay)
         self.bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
         self.step = 0
