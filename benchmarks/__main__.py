@@ -19,13 +19,14 @@ import torch
 
 from eurocore.utils.files import check_writable_dir
 
-from . import attention, harness, rms_norm, rotary
+from . import attention, harness, rms_norm, rotary, swiglu
 
 # op name -> cases(device, quick) -> list[Case]. A new kernel plugs in with one line here.
 OPS: dict[str, Callable[[torch.device, bool], list[harness.Case]]] = {
     "rms_norm": rms_norm.cases,
     "rotary": rotary.cases,
     "attention": attention.cases,
+    "swiglu": swiglu.cases,
 }
 
 DEFAULT_OUT = "benchmarks/results"

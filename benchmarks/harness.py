@@ -183,6 +183,64 @@ def eurocore_backends(op: str, device: torch.device,
     return [(label, backend, None)]
 
 
+# A zero-argument callable returning an implementation to time (the compiled one compiles
+# per case); what a third-party loader returns: (its maker, or None and why it cannot run).
+Maker = Callable[[], Any]
+Loader = Callable[[], tuple[Maker | None, str | None]]
+
+
+def implementations(op: str, label_op: str, device: torch.device,
+                    implemented: tuple[str, ...], *, eurocore: Callable[[str], Maker],
+                    eager: Maker, compiled: Maker, third_party: Sequence[tuple[str, Loader]],
+                    quick: bool, dtype_name: str) -> tuple[list[tuple[str, Maker]], list[Case]]:
+    """The implementations every kernel benchmark times, alike for each op, and the cases
+    skipped (with why): eurocore's rows (:func:`eurocore_backends` of ``op``, made by
+    ``eurocore(backend)``), torch eager, torch.compile (not in a quick CPU run: compiling
+    takes longer than the run) and ``third_party`` (GPU-only: name, loader). Skipped cases
+    are named ``label_op``."""
+    impls: list[tuple[str, Maker]] = []
+    skipped: list[Case] = []
+    for label, backend, reason in eurocore_backends(op, device, implemented):
+        if backend is None:
+            skipped.append(Case.skipped(label_op, label, reason or "unavailable",
+                                        dtype=dtype_name))
+        else:
+            impls.append((label, eurocore(backend)))
+    impls.append(("torch eager", eager))
+    gpu = _is_gpu(device)
+    if gpu or not quick:
+        impls.append(("torch.compile", compiled))
+    else:
+        skipped.append(Case.skipped(label_op, "torch.compile", "skipped with --quick on the CPU "
+                                    "(compiling takes longer than the whole quick run)",
+                                    dtype=dtype_name))
+    for name, load in third_party:
+        if not gpu:
+            skipped.append(Case.skipped(label_op, name, "GPU-only implementation",
+                                        dtype=dtype_name))
+            continue
+        make, reason = load()
+        if make is None:
+            skipped.append(Case.skipped(label_op, name, reason or "unavailable",
+                                        dtype=dtype_name))
+        else:
+            impls.append((name, make))
+    return impls, skipped
+
+
+def constant(value: Any) -> Maker:
+    """A maker of ``value`` itself (an implementation that needs no per-case making)."""
+    return lambda: value
+
+
+def constant_loader(load: Callable[[], tuple[Any | None, str | None]]) -> Loader:
+    """``load`` (returning an implementation or None, and why) as a :data:`Loader`."""
+    def loader() -> tuple[Maker | None, str | None]:
+        value, reason = load()
+        return (None if value is None else constant(value)), reason
+    return loader
+
+
 def _is_gpu(device: torch.device) -> bool:
     # ROCm builds of torch expose AMD GPUs as "cuda" devices too.
     return device.type == "cuda"

@@ -146,33 +146,14 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
         tokens_list, hidden_list = CPU_TOKENS, CPU_HIDDEN
     dtype_name = str(dtype).removeprefix("torch.")
 
-    # (label, a function returning the forward): the compiled one is made per case.
-    impls: list[tuple[str, Callable[[], Forward]]] = []
-    out: list[Case] = []
-
     from eurocore.ops.normalization import IMPLEMENTED
 
-    for label, backend, reason in harness.eurocore_backends(OP, device, IMPLEMENTED):
-        if backend is None:
-            out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
-        else:
-            impls.append((label, _constant(_eurocore(backend))))
-    impls.append(("torch eager", _constant(_eager)))
-    if gpu or not quick:
-        impls.append(("torch.compile", _compiled))
-    else:
-        out.append(Case.skipped(OP, "torch.compile", "skipped with --quick on the CPU "
-                                "(compiling takes longer than the whole quick run)",
-                                dtype=dtype_name))
-    for name, load in (("liger", _liger), ("apex", _apex)):
-        if not gpu:
-            out.append(Case.skipped(OP, name, "GPU-only implementation", dtype=dtype_name))
-            continue
-        forward, reason = load()
-        if forward is None:
-            out.append(Case.skipped(OP, name, reason or "unavailable", dtype=dtype_name))
-        else:
-            impls.append((name, _constant(forward)))
+    impls, out = harness.implementations(
+        OP, OP, device, IMPLEMENTED, eurocore=lambda backend: harness.constant(_eurocore(backend)),
+        eager=harness.constant(_eager), compiled=_compiled,
+        third_party=[("liger", harness.constant_loader(_liger)),
+                     ("apex", harness.constant_loader(_apex))],
+        quick=quick, dtype_name=dtype_name)
 
     element_size = torch.empty((), dtype=dtype).element_size()
     for variant in VARIANTS:
@@ -190,6 +171,3 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
                     ))
     return out
 
-
-def _constant(forward: Forward) -> Callable[[], Forward]:
-    return lambda: forward

@@ -179,7 +179,7 @@ def _eurocore(backend: str) -> Callable[[], Impl]:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, k, cos, sin, backend=backend)
 
-    return _constant(Impl(lambda q, k, cos, sin: (q, k, cos, sin), forward))
+    return harness.constant(Impl(lambda q, k, cos, sin: (q, k, cos, sin), forward))
 
 
 def _liger() -> tuple[Callable[[], Impl] | None, str | None]:
@@ -197,7 +197,7 @@ def _liger() -> tuple[Callable[[], Impl] | None, str | None]:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return LigerRopeFunction.apply(q, k, cos, sin)
 
-    return _constant(Impl(prepare, forward)), None
+    return harness.constant(Impl(prepare, forward)), None
 
 
 def _flash_attn() -> tuple[Callable[[], Impl] | None, str | None]:
@@ -214,7 +214,7 @@ def _flash_attn() -> tuple[Callable[[], Impl] | None, str | None]:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)  # one per call
 
-    return _constant(Impl(prepare, forward)), None
+    return harness.constant(Impl(prepare, forward)), None
 
 
 def cases(device: torch.device | str, quick: bool) -> list[Case]:
@@ -240,33 +240,12 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
         tokens_list = CPU_TOKENS
     dtype_name = str(dtype).removeprefix("torch.")
 
-    # (label, a function returning the implementation): the compiled one is made per case.
-    impls: list[tuple[str, Callable[[], Impl]]] = []
-    out: list[Case] = []
-
     from eurocore.ops.rotary import IMPLEMENTED
 
-    for label, backend, reason in harness.eurocore_backends("apply_rotary", device, IMPLEMENTED):
-        if backend is None:
-            out.append(Case.skipped(OP, label, reason or "unavailable", dtype=dtype_name))
-        else:
-            impls.append((label, _eurocore(backend)))
-    impls.append(("torch eager", _eager))
-    if gpu or not quick:
-        impls.append(("torch.compile", _compiled))
-    else:
-        out.append(Case.skipped(OP, "torch.compile", "skipped with --quick on the CPU "
-                                "(compiling takes longer than the whole quick run)",
-                                dtype=dtype_name))
-    for name, load in (("liger", _liger), ("flash-attn", _flash_attn)):
-        if not gpu:
-            out.append(Case.skipped(OP, name, "GPU-only implementation", dtype=dtype_name))
-            continue
-        make, reason = load()
-        if make is None:
-            out.append(Case.skipped(OP, name, reason or "unavailable", dtype=dtype_name))
-        else:
-            impls.append((name, make))
+    impls, out = harness.implementations(
+        "apply_rotary", OP, device, IMPLEMENTED, eurocore=_eurocore, eager=_eager,
+        compiled=_compiled, third_party=[("liger", _liger), ("flash-attn", _flash_attn)],
+        quick=quick, dtype_name=dtype_name)
 
     element_size = torch.empty((), dtype=dtype).element_size()
     q_heads, k_heads, head_dim = heads
@@ -286,6 +265,3 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
                 ))
     return out
 
-
-def _constant(impl: Impl) -> Callable[[], Impl]:
-    return lambda: impl

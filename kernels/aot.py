@@ -734,11 +734,96 @@ def _attention_cases() -> list[AotCase]:
                                  seqlen_q=16384)
     return dedupe(out)
 
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+# ---------------------------------------------------------------------------------------------
+
+
+def _swiglu_case(*, backward: bool, n: int, dtype: str = "bf16", fused: bool = False,
+                 gate_aligned: bool = True, dy_stride: int | None = None,
+                 note: str = "") -> AotCase:
+    """One kernel of ``eurocore.kernels.swiglu`` as the op launches it on rows of ``n``
+    (a test compares it with the real launchers' launches).
+
+    gate and up: contiguous (rows, n), or with ``fused`` the two halves of a contiguous
+    (rows, 2n) gate/up projection (row stride 2n; up starts n elements in, so it is aligned
+    only when n elements are a multiple of 16 bytes). ``gate_aligned`` False: gate is a view
+    at an odd element offset. The output and the gradients are fresh contiguous tensors;
+    the backward's dy is autograd's (contiguous), or expanded rows with ``dy_stride`` 0.
+    """
+    from eurocore.kernels import swiglu as m
+
+    cfg = m.launch_config(n)
+    size = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    stride_in = 2 * n if fused else n
+    gate = Ptr(dtype, gate_aligned)
+    up = Ptr(dtype, not fused or (n * size) % 16 == 0)
+    if backward:
+        kernel = m._swiglu_bwd_kernel
+        args: dict[str, Any] = dict(
+            DY=Ptr(dtype), G=gate, U=up, DG=Ptr(dtype), DU=Ptr(dtype),
+            stride_dy=n if dy_stride is None else dy_stride, stride_g=stride_in,
+            stride_u=stride_in, stride_dg=n, stride_du=n, n_cols=n)
+    else:
+        kernel = m._swiglu_fwd_kernel
+        args = dict(G=gate, U=up, Y=Ptr(dtype), stride_g=stride_in, stride_u=stride_in,
+                    stride_y=n, n_cols=n)
+    sig, const, div = specialise(kernel_params(kernel), args, {"BLOCK_N": cfg["BLOCK_N"]})
+    parts = [f"n={n}", dtype]
+    parts += [name for name, on in (("bwd", backward), ("fused gate/up", fused),
+                                    ("gate misaligned", not gate_aligned),
+                                    ("dy expanded", dy_stride == 0)) if on]
+    if note:
+        parts.append(note)
+    name = "_swiglu_bwd_kernel" if backward else "_swiglu_fwd_kernel"
+    return AotCase(name, kernel, sig, const, cfg["num_warps"], None, div, " ".join(parts))
+
+
+# Intermediate sizes of real models: Llama-3-8B 14336, EuroLLM-9B 12288, Llama-2-7B 11008,
+# Llama-3-70B 28672; 14336 first: its labels survive dedupe.
+SWIGLU_SIZES = (14336, 12288, 11008, 28672)
+# The largest row the launch-configuration sweep goes to: past MAX_BLOCK_N rows only add
+# programs, never a configuration.
+SWIGLU_SWEEP_N = 65536
+
+
+def _swiglu_cases() -> list[AotCase]:
+    from eurocore.kernels import swiglu as m
+
+    def both(**config: Any) -> list[AotCase]:
+        return [_swiglu_case(backward=False, **config), _swiglu_case(backward=True, **config)]
+
+    out: list[AotCase] = []
+    # 1. Every launch configuration (block, warps), in bf16 on contiguous rows, with n (so
+    #    the row strides) a multiple of 16 and not; n = 1 makes n_cols and the strides the
+    #    constexpr 1.
+    for sizes in distinct_launch_configs(m.launch_config, SWIGLU_SWEEP_N).values():
+        for n in (max((s for s in sizes if s % 16 == 0), default=None),
+                  max((s for s in sizes if s % 16), default=None)):
+            if n is not None:
+                out += both(n=n)
+    # 2. The real models' sizes in every dtype, contiguous and as the halves of a fused
+    #    gate/up projection.
+    for n, dtype, fused in itertools.product(SWIGLU_SIZES, ("bf16", "fp16", "fp32"),
+                                             (False, True)):
+        out += both(n=n, dtype=dtype, fused=fused)
+    # 3. Specialisations of odd launches: fused halves of an odd size (up misaligned, row
+    #    strides not multiples of 16), a misaligned gate, an expanded output gradient.
+    out += both(n=4097, fused=True)
+    out += both(n=4097, dtype="fp32", fused=True)
+    out += both(n=14336, gate_aligned=False)
+    out += both(n=4097, gate_aligned=False)
+    out.append(_swiglu_case(backward=True, n=4097, dy_stride=0))
+    out.append(_swiglu_case(backward=True, n=14336, dy_stride=0))
+    return dedupe(out)
+
+
 # kernel family → case generator; a new kernel module adds one line here.
 GENERATORS: dict[str, Callable[[], list[AotCase]]] = {
     "rms_norm": _rms_norm_cases,
     "rotary": _rotary_cases,
     "attention": _attention_cases,
+    "swiglu": _swiglu_cases,
 }
 
 

@@ -6,8 +6,10 @@
     cos, sin = rope_cos_sin(4096, 128, theta=500000.0)
     q, k = apply_rotary(q, k, cos, sin)                 # q and k (GQA) in one launch
     out = flash_attention(q, k, v, causal=True)         # flash_attn_func's interface
+    h = swiglu(gate, up)                                # silu(gate) * up, fused
 """
 
+from eurocore.ops.activation import swiglu, swiglu_reference
 from eurocore.ops.attention import (
     attention_reference,
     attention_varlen_reference,
@@ -37,4 +39,6 @@ __all__ = [
     "rms_norm",
     "rms_norm_reference",
     "rope_cos_sin",
+    "swiglu",
+    "swiglu_reference",
 ]

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from eurocore.benchmarks import attention, harness, rotary
+from eurocore.benchmarks import attention, harness, rotary, swiglu
 from eurocore.benchmarks.__main__ import main as bench_main
-from eurocore.ops import apply_rotary_reference, rms_norm, rms_norm_reference
+from eurocore.ops import apply_rotary_reference, rms_norm, rms_norm_reference, swiglu_reference
 from eurocore.ops.attention import attention_reference
 
 
@@ -36,14 +36,14 @@ def test_write_json_is_atomic_and_named_by_date_and_device(tmp_path):
 
 
 # The baseline each op is measured beside, present in every run.
-_BASELINES = {"rms_norm": "torch eager", "rotary": "torch eager",
+_BASELINES = {"rms_norm": "torch eager", "rotary": "torch eager", "swiglu": "torch eager",
               "attention": "sdpa/flash" if torch.cuda.is_available() else "sdpa/math"}
 # Ops that count FLOPs (TFLOP/s against the matmul rate) besides bytes.
 _FLOP_OPS = {"attention"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("op", ["rms_norm", "rotary", "attention"])
+@pytest.mark.parametrize("op", ["rms_norm", "rotary", "attention", "swiglu"])
 def test_cli_quick_writes_consistent_json(op, tmp_path, capsys):
     assert bench_main(["--quick", "--ops", op, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -282,3 +282,32 @@ def test_gpu_cases_show_cuda_next_to_triton(module_name, monkeypatch):
                         lambda name: backends.BackendStatus(True, "available"))
     runnable = {c.impl for c in module.cases("cuda", quick=True) if c.skip is None}
     assert {"eurocore/triton", "eurocore/cuda"} <= runnable
+
+
+def test_swiglu_cases(monkeypatch):
+    """CPU: float32, the torch backend, torch eager, Liger listed as GPU-only, torch.compile
+    skipped only with quick; each eager forward computes the op's reference. On a GPU: a
+    Triton row and no cuda row (the op has no C++ kernel), Liger run or skipped with its
+    reason; bytes are each input read and each output written once."""
+    cases = swiglu.cases("cpu", quick=True)
+    run = [c for c in cases if c.skip is None]
+    assert {c.impl for c in run} == {"eurocore/torch", "torch eager"}
+    assert {c.variant for c in run} == set(swiglu.VARIANTS)
+    skipped = {c.impl: c.skip for c in cases if c.skip is not None}
+    assert skipped["liger"] == "GPU-only implementation"
+    assert "quick" in skipped["torch.compile"]
+    assert "torch.compile" in {c.impl for c in swiglu.cases("cpu", quick=False)}
+    (case,) = [c for c in run if c.impl == "torch eager" and c.variant == "fwd"
+               and c.shape == {"tokens": 256, "intermediate": 1024}]
+    assert case.bytes == 3 * 256 * 1024 * 4
+    inputs = _record_inputs(monkeypatch, swiglu)
+    out = case.setup()()
+    ((gate, up),) = inputs
+    torch.testing.assert_close(out, swiglu_reference(gate, up))
+
+    listed = swiglu.cases("cuda", quick=True)
+    impls = {c.impl for c in listed}
+    assert "eurocore/triton" in impls and "eurocore/cuda" not in impls
+    assert {"torch eager", "torch.compile", "liger"} <= impls
+    bwd = [c for c in listed if c.variant == "bwd" and c.skip is None]
+    assert bwd and all(c.bytes == 5 * 16384 * 14336 * 2 for c in bwd)

@@ -17,7 +17,8 @@ from eurocore.kernels import aot
 from eurocore.kernels import flash_attention as attention_kernels
 from eurocore.kernels import rms_norm as rms_norm_kernels
 from eurocore.kernels import rotary as rotary_kernels
-from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen
+from eurocore.kernels import swiglu as swiglu_kernels
+from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen, swiglu
 from eurocore.ops import attention as attention_ops
 from eurocore.ops import rotary as rotary_ops
 
@@ -725,3 +726,161 @@ def test_attention_compiles_for_its_vendors_targets_only():
         (nvidia.label, "sm_90"), (nvidia.label, "sm_80"), (amd.label, "gfx90a"),
         (amd.label, "gfx942")]
     assert all(isinstance(r, aot.AotReport) for r in results), [str(r) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+# ---------------------------------------------------------------------------------------------
+
+SWIGLU_KERNELS = ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
+# read before any test patches the kernels
+SWIGLU_PARAMS = {name: aot.kernel_params(getattr(swiglu_kernels, name))
+                 for name in SWIGLU_KERNELS}
+
+
+def _swiglu_key(kernel, signature, constexprs, divisible, num_warps):
+    return (kernel, aot.config_key(signature), aot.config_key(constexprs), divisible, num_warps)
+
+
+def _swiglu_case_key(case):
+    return _swiglu_key(case.kernel, case.signature, case.constexprs, case.divisible,
+                       case.num_warps)
+
+
+def _launch_swiglu(monkeypatch, device, *, n, rows=3, dtype="bf16", fused=False,
+                   gate_aligned=True, dy_stride=None):
+    """Calls swiglu(backend="triton") forward and backward with the kernels replaced by
+    recorders (nothing runs); returns the recorded launches' keys, forward first. Arguments
+    as aot._swiglu_case takes them."""
+    launches = []
+    for name in SWIGLU_KERNELS:
+        monkeypatch.setattr(swiglu_kernels, name, _NamedRecorder(name, launches))
+    dt = _TORCH_DTYPES[dtype]
+    if fused:
+        gate, up = torch.randn(rows, 2 * n, dtype=dt, device=device).chunk(2, dim=-1)
+    else:
+        gate, up = (torch.randn(rows, n, dtype=dt, device=device) for _ in range(2))
+    if not gate_aligned:
+        gate = torch.randn(rows * n + 1, dtype=dt, device=device)[1:].view(rows, n)
+    gate, up = gate.requires_grad_(), up.requires_grad_()  # views of leaves: leaves again
+    y = swiglu(gate, up, backend="triton")
+    dy = (torch.randn(1, n, dtype=dt, device=device).expand(rows, n) if dy_stride == 0
+          else torch.randn(rows, n, dtype=dt, device=device))
+    torch.autograd.grad(y, (gate, up), dy)
+    keys = []
+    for name, _, args, kwargs in launches:
+        kwargs = dict(kwargs)
+        num_warps = kwargs.pop("num_warps")
+        params = SWIGLU_PARAMS[name]
+        assert len(args) + len(kwargs) == len(params), name
+        values = {p: aot.Ptr(_INDEX_OR_FLOAT[v.dtype], v.data_ptr() % 16 == 0)
+                  if isinstance(v, torch.Tensor) else v
+                  for p, v in zip(params, args, strict=False)}
+        keys.append(_swiglu_key(name, *aot.specialise(params, values, kwargs), num_warps))
+    return keys
+
+
+_SWIGLU_LAUNCHES = [
+    {"n": 37},
+    {"n": 48},
+    {"n": 1},
+    {"n": 5000},  # two blocks per row
+    {"n": 37, "dtype": "fp16"},
+    {"n": 37, "dtype": "fp32"},
+    {"n": 48, "fused": True},
+    {"n": 37, "fused": True},  # up misaligned, row strides not multiples of 16
+    {"n": 37, "dtype": "fp32", "fused": True},
+    {"n": 48, "gate_aligned": False},
+    {"n": 37, "dy_stride": 0},
+    {"n": 48, "dy_stride": 0},
+]
+
+
+@pytest.mark.parametrize("config", _SWIGLU_LAUNCHES, ids=lambda c: ",".join(
+    f"{k}={v}" for k, v in c.items()))
+def test_swiglu_aot_case_is_the_launchers(monkeypatch, device, config):
+    """aot._swiglu_case specialises exactly as the launchers do through swiglu, forward
+    then backward: the same signature, constexprs, divisibility and warps. The AOT cases are
+    built by the same function at production sizes."""
+    expected = [_swiglu_case_key(aot._swiglu_case(backward=b, **config)) for b in (False, True)]
+    found = _launch_swiglu(monkeypatch, device, **config)  # patches the kernels
+    assert [key[0] for key in found] == list(SWIGLU_KERNELS)
+    for want, got in zip(expected, found, strict=True):
+        assert got == want, (config, dict(got[2]), dict(want[2]))
+
+
+@pytest.mark.parametrize("n", aot.SWIGLU_SIZES)
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_production_launches_are_aot_cases(monkeypatch, device, n, fused, dtype):
+    """swiglu at the real models' intermediate sizes (forward and backward, the kernels
+    replaced by recorders) launches only binaries the AOT set compiles. The row count sets
+    only the grid, never the specialisation: a few rows stand for a micro-batch."""
+    compiled = {_swiglu_case_key(c) for c in aot.cases("swiglu")}
+    found = _launch_swiglu(monkeypatch, device, n=n, rows=5, dtype=dtype, fused=fused)
+    assert len(found) == 2
+    for key in found:
+        assert key in compiled, (n, fused, dtype, dict(key[2]))
+
+
+def _swiglu_variant(case):
+    if case.constexprs.get("n_cols") == 1:
+        return "n=1"
+    return "aligned" if "n_cols" in case.divisible else "unaligned"
+
+
+def test_swiglu_cases_cover_every_launch_config():
+    """Every (block, warps) launch_config gives a row up to SWIGLU_SWEEP_N, for each kernel,
+    with n a multiple of 16 and not wherever the configuration admits both: a configuration
+    added to launch_config without an AOT case fails here."""
+    wanted = set()
+    for n in range(1, aot.SWIGLU_SWEEP_N + 1):
+        cfg = aot.config_key(swiglu_kernels.launch_config(n))
+        variant = "n=1" if n == 1 else ("aligned" if n % 16 == 0 else "unaligned")
+        wanted.update((kernel, cfg, variant) for kernel in SWIGLU_KERNELS)
+    assert {cfg for _, cfg, _ in wanted} == set(
+        aot.distinct_launch_configs(swiglu_kernels.launch_config, aot.SWIGLU_SWEEP_N))
+    covered = {(c.kernel, aot.config_key({"BLOCK_N": c.constexprs["BLOCK_N"],
+                                          "num_warps": c.num_warps}), _swiglu_variant(c))
+               for c in aot.cases("swiglu")}
+    missing = sorted(wanted - covered, key=str)
+    assert not missing, f"launch configurations without an AOT case: {missing}"
+    # past the largest block, a longer row only adds programs
+    assert swiglu_kernels.launch_config(aot.SWIGLU_SWEEP_N) == swiglu_kernels.launch_config(
+        10 * aot.SWIGLU_SWEEP_N)
+
+
+def test_swiglu_cases_vary_every_dtype_and_specialisation():
+    cases = aot.cases("swiglu")
+    assert 20 <= len(cases) <= 80, len(cases)  # CI compiles each for four targets
+    assert {c.kernel for c in cases} == set(SWIGLU_KERNELS)
+    assert all(c.vendors == () and c.options == {} for c in cases)
+    for kernel in SWIGLU_KERNELS:
+        mine = [c for c in cases if c.kernel == kernel]
+        assert {c.signature["G"] for c in mine} == {"*bf16", "*fp16", "*fp32"}
+        assert any("U" not in c.divisible for c in mine)  # the upper half of an odd fused row
+        assert any("G" not in c.divisible for c in mine)  # a misaligned gate
+    assert any(c.kernel == "_swiglu_bwd_kernel" and "expanded" in c.label
+               and c.signature["stride_dy"] == "i32" and "stride_dy" in c.divisible
+               and "n_cols" not in c.divisible for c in cases)
+
+
+@pytest.mark.slow
+def test_swiglu_bf16_loads_16_bytes_at_a_time():
+    """The aligned bf16 kernels at the largest block must use 16-byte vector loads:
+    ld.global.v4 on sm_90, dwordx4 on gfx942; a narrower load means the hints were lost."""
+    _need_backend("sm_90")
+    _need_backend("gfx942")
+    for kernel in SWIGLU_KERNELS:
+        (case,) = [c for c in aot.cases("swiglu") if c.kernel == kernel
+                   and c.signature["G"] == "*bf16"
+                   and c.constexprs["BLOCK_N"] == swiglu_kernels.MAX_BLOCK_N
+                   and "n_cols" in c.divisible and "fused" not in c.label
+                   and all(a in c.divisible for a in c.signature if a.isupper()
+                           and a != "BLOCK_N")]
+        sm_90, gfx942 = aot.compile_all([case], [aot.TARGETS["sm_90"], aot.TARGETS["gfx942"]])
+        assert isinstance(sm_90, aot.AotReport), str(sm_90)
+        assert sm_90.widest_load == 16 and sm_90.spills == 0, (sm_90.loads, sm_90.spills)
+        assert any(load.startswith("ld.global.v4") for load in sm_90.loads), sm_90.loads
+        assert isinstance(gfx942, aot.AotReport), str(gfx942)
+        assert any(load.endswith("_load_dwordx4") for load in gfx942.loads), gfx942.loads
