@@ -139,6 +139,11 @@ class Trainer:
         self.stop = stop
         self._saved_step: int | None = None
         self._data_wait_s = 0.0  # since the last logged step
+        self._hf_tokens = None  # the special token ids of init_from_hf's model, read once
+        if config.init_from_hf is not None:
+            from eurocore.train.hf import special_tokens
+
+            self._hf_tokens = special_tokens(config.init_from_hf)
         self.flops_per_token = self.model_config.training_flops_per_token(config.seq_len)
         self.peak_tflops, peak_source = device_peak(process.device, config.peak_tflops)
         self._describe()
@@ -404,10 +409,8 @@ class Trainer:
                 "config": json.loads(json.dumps(dataclasses.asdict(config))),
                 "model_config": dataclasses.asdict(self.model_config),
                 "layout": self._layout_meta()}
-        if config.init_from_hf is not None:  # for an export to carry the special tokens over
-            from eurocore.train.hf import special_tokens
-
-            meta["hf_tokens"] = special_tokens(config.init_from_hf)
+        if self._hf_tokens is not None:  # for an export to carry the special tokens over
+            meta["hf_tokens"] = self._hf_tokens
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
