@@ -5,6 +5,7 @@
     eurocore checkpoint inspect DIR   a checkpoint's step, layout, model and integrity
     eurocore export-hf CHECKPOINT OUT_DIR   a checkpoint as a Hugging Face Llama model
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
+    eurocore plot RUN_DIR        a run's metrics.jsonl as RUN_DIR/metrics.png
     eurocore backends            which backends this machine can run, and why (not)
 
 The top of the layering: everything is imported inside the sub-command that needs it, so
@@ -50,8 +51,26 @@ def _parser() -> argparse.ArgumentParser:
                         help="a directory whose tokenizer files are copied alongside")
     export.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                         help="the largest safetensors file, in GB (default 5)")
+    plot = sub.add_parser(
+        "plot", help="plot a training run's metrics (RUN_DIR/metrics.jsonl): loss, learning "
+        "rate, tokens/s and MFU over the steps, as a PNG (needs matplotlib: eurocore[plot])")
+    plot.add_argument("path", metavar="PATH", help="a run directory (the training run's "
+                      "--output-dir)")
+    plot.add_argument("-o", "--output", metavar="PNG", default=None,
+                      help="where the PNG goes (default RUN_DIR/metrics.png)")
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
     return parser
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from eurocore.train.plot import plot
+
+    try:
+        print(plot(args.path, args.output))
+    except (ValueError, ImportError, OSError) as err:  # bad input, no matplotlib, a full disk
+        print(f"eurocore plot: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _export_hf(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -114,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect_checkpoint(args.path)
     if args.command == "export-hf":
         return _export_hf(args, parser)
+    if args.command == "plot":
+        return _plot(args)
     parser.print_help()
     return 0 if args.command is None and not argv else 2
 

@@ -154,6 +154,9 @@ class TrainConfig:
     metrics_json: str | None = option(None, "logging",
                                       "rank 0 writes the logged metrics here (a JSON list)",
                                       metavar="PATH")
+    tensorboard: bool = option(True, "logging", "also write the logged metrics as TensorBoard "
+                               "events in OUTPUT_DIR/tensorboard (when the tensorboard package "
+                               "is installed; OUTPUT_DIR/metrics.jsonl is always written)")
     peak_tflops: float | None = option(None, "logging", "the device's peak TFLOP/s for MFU "
                                        "(default: the table's dense bf16 figure for known "
                                        "GPUs; none on CPUs)", metavar="TFLOPS")
@@ -185,6 +188,7 @@ class TrainConfig:
                              f" must stay below 1 (AdamW scales weights by 1 - lr · wd)")
         check_number("grad_clip", self.grad_clip, minimum=0.0, inclusive=False)
         check_bool("sequence_parallel", self.sequence_parallel)
+        check_bool("tensorboard", self.tensorboard)
         if self.bf16 is not None:
             check_bool("bf16", self.bf16)
         if self.device not in ("auto", "cpu", "cuda"):

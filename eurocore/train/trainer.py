@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
@@ -35,10 +36,17 @@ from eurocore.train.checkpoint import (
     restore_rng,
     rng_tensors,
     set_optimizer_steps,
+    versions,
 )
 from eurocore.train.config import RunLayout, TrainConfig
 from eurocore.train.distributed import Process
-from eurocore.train.metrics import device_peak
+from eurocore.train.metrics import (
+    MetricsWriter,
+    Progress,
+    device_name,
+    device_peak,
+    format_duration,
+)
 from eurocore.train.optim import adamw, learning_rate
 from eurocore.train.preemption import Preempted, StopSignals
 
@@ -145,10 +153,11 @@ class Trainer:
 
             self._hf_tokens = special_tokens(config.init_from_hf)
         self.flops_per_token = self.model_config.training_flops_per_token(config.seq_len)
-        self.peak_tflops, peak_source = device_peak(process.device, config.peak_tflops)
+        self.peak_tflops, self.peak_source = device_peak(process.device, config.peak_tflops)
         self._describe()
         if self.peak_tflops is not None:
-            self._log(f"mfu: against {self.peak_tflops:g} TFLOP/s per device ({peak_source}); "
+            self._log(f"mfu: against {self.peak_tflops:g} TFLOP/s per device "
+                      f"({self.peak_source}); "
                       f"{self.flops_per_token / 1e9:.3g} GFLOP per token trained")
 
     def _describe(self) -> None:
@@ -270,11 +279,14 @@ class Trainer:
               ) -> list[dict[str, float]]:
         """Runs the steps from ``self.step`` to ``config.steps``, logging every
         ``log_every`` steps and the last: the metrics of each logged step (step, loss, lr,
-        grad_norm, tokens_per_s, step_ms, tflops_per_device, mfu (None where the device's
-        peak is unknown), data_wait_ms (per step, waiting for the loader), and on GPUs
-        max_allocated_gib and max_reserved_gib since the last log) are returned on every
-        rank and passed to
-        ``on_step`` as they come. Saves the checkpoints that are due (and waits for the
+        grad_norm, tokens_per_s (global), tokens_per_s_per_device, step_ms,
+        tflops_per_device, mfu (None where the device's peak is unknown), data_wait_ms (per
+        step, waiting for the loader), elapsed_s (since this call began), on GPUs
+        max_allocated_gib and max_reserved_gib since the last log, and valid_loss at
+        validation) are returned on every rank and passed to
+        ``on_step`` as they come. With an output directory, rank 0 also writes them to
+        OUTPUT_DIR/metrics.jsonl and TensorBoard (:class:`~eurocore.train.metrics.
+        MetricsWriter`). Saves the checkpoints that are due (and waits for the
         last one to be complete).
 
         Raises:
@@ -283,12 +295,22 @@ class Trainer:
                 complete.
             CheckpointError: a save failed.
         """
+        sink = self._metrics_writer()
+        try:
+            return self._train(on_step, sink)
+        finally:  # however the run ends: the file closed, TensorBoard's events flushed
+            if sink is not None:
+                sink.close()
+
+    def _train(self, on_step: Callable[[dict[str, float]], None] | None,
+               sink: MetricsWriter | None) -> list[dict[str, float]]:
         config = self.config
         floor = self.data.loss_floor
         floor_note = f" (floor {floor:.4f})" if floor is not None else ""
         tokens_per_step = config.batch_size * config.seq_len
         history: list[dict[str, float]] = []
         last_time, last_step = time.perf_counter(), self.step - 1
+        progress = Progress(self.step, config.steps, start=last_time)
         if self.step >= config.steps:  # resumed from the checkpoint after the last step
             self._log(f"done: the run is at step {self.step}, the end of its {config.steps} "
                       f"steps; nothing to train (a larger --steps goes on)")
@@ -313,19 +335,24 @@ class Trainer:
                 last_time, last_step = now, step
                 tokens_per_s = tokens_per_step / per_step
                 tflops = tokens_per_s * self.flops_per_token / self.process.world_size / 1e12
+                elapsed, eta = progress.update(step, now)
                 metrics = {"step": step, "loss": loss, "lr": result["lr"], "grad_norm": norm,
-                           "tokens_per_s": tokens_per_s, "step_ms": 1e3 * per_step,
+                           "tokens_per_s": tokens_per_s,
+                           "tokens_per_s_per_device": tokens_per_s / self.process.world_size,
+                           "step_ms": 1e3 * per_step,
                            "tflops_per_device": tflops,
                            "mfu": (tflops / self.peak_tflops if self.peak_tflops is not None
                                    else None),
                            "data_wait_ms": 1e3 * self._data_wait_s / (step - previous),
-                           **self._memory()}
+                           "elapsed_s": elapsed, **self._memory()}
                 self._data_wait_s = 0.0
                 valid_note = ""
                 if valid is not None:
                     metrics["valid_loss"] = valid
                     valid_note = f" | valid loss {valid:.4f}"
                 history.append(metrics)
+                if sink is not None:  # rank 0, logged steps only: a line and queued scalars
+                    sink.write(metrics)
                 if on_step is not None:
                     on_step(metrics)
                 self._log(f"step {step:5d} | loss {loss:.4f}{floor_note}{valid_note} | lr "
@@ -333,7 +360,9 @@ class Trainer:
                           f"{metrics['tokens_per_s']:,.0f} tokens/s | "
                           f"{metrics['step_ms']:.1f} ms"
                           + (f" | {tflops:.1f} TFLOP/s per device, MFU {metrics['mfu']:.1%}"
-                             if metrics["mfu"] is not None else ""))
+                             if metrics["mfu"] is not None else "")
+                          + f" | {format_duration(elapsed)} elapsed"
+                          + ("" if last else f", eta {format_duration(eta)}"))
                 for line in self.data.progress(step + 1) if not last else ():  # what's next
                     self._log(f"data: {line}")
             self._after_step(last)
@@ -348,6 +377,29 @@ class Trainer:
             self._log(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} "
                       f"{span}{summary}")
         return history
+
+    def _metrics_writer(self) -> MetricsWriter | None:
+        """Rank 0's :class:`~eurocore.train.metrics.MetricsWriter` on the output directory
+        (None on other ranks and without one), its first line this start's metadata."""
+        config = self.config
+        if self.process.rank != 0 or config.output_dir is None:
+            return None
+        run = {"start_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "start_step": self.step, "resumed": self.step > 0,
+               "config": json.loads(json.dumps(dataclasses.asdict(config))),
+               "model_config": json.loads(json.dumps(dataclasses.asdict(self.model_config))),
+               "layout": {**self._layout_meta(), "micro_batch_size": self.layout.micro_batch_size,
+                          "num_microbatches": self.layout.num_microbatches,
+                          "schedule": self.layout.schedule},
+               "world_size": self.process.world_size, "device": device_name(self.process.device),
+               "peak_tflops": self.peak_tflops, "peak_source": self.peak_source,
+               "flops_per_token": self.flops_per_token, "versions": versions()}
+        sink = MetricsWriter(config.output_dir, run, self.step, tensorboard=config.tensorboard)
+        events = ("TensorBoard events in tensorboard/" if sink.tensorboard else
+                  "TensorBoard off" if not config.tensorboard else
+                  "no TensorBoard: pip install eurocore[tensorboard]")
+        self._log(f"metrics: {sink.path} ({events})")
+        return sink
 
     def _memory(self) -> dict[str, float | None]:
         """The device memory peaks since the last call, GiB (None on a CPU), then reset."""

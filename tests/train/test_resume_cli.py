@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from eurocore.train.metrics import read_metrics
 from eurocore.train.preemption import PREEMPTED_EXIT_STATUS
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -93,6 +94,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, uninterrupted
     resumed = _metrics(run)
     assert sorted(resumed) == list(range(start, 15))
     assert all(resumed[s] == uninterrupted[s] for s in resumed), (resumed, uninterrupted)
+    # metrics.jsonl: the steps the killed run logged after its checkpoint are not repeated
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")
+            if r["kind"] == "step"] == list(range(15))
     # the closing line says which steps this run took (the log also holds the first run's)
     assert f"done: loss {resumed[start][0]:.4f} -> {resumed[14][0]:.4f} from step {start} to " \
            f"14 (of 15)" in (run / "log.txt").read_text()
