@@ -7,6 +7,7 @@
     q, k = apply_rotary(q, k, cos, sin)                 # q and k (GQA) in one launch
     out = flash_attention(q, k, v, causal=True)         # flash_attn_func's interface
     h = swiglu(gate, up)                                # silu(gate) * up, fused
+    loss = linear_cross_entropy(hidden, weight, labels)  # no (tokens x vocab) logits
 """
 
 from eurocore.ops.activation import swiglu, swiglu_reference
@@ -22,6 +23,7 @@ from eurocore.ops.backends import (
     BackendUnavailableError,
     available_backends,
 )
+from eurocore.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from eurocore.ops.normalization import rms_norm, rms_norm_reference
 from eurocore.ops.rotary import apply_rotary, apply_rotary_reference, rope_cos_sin
 
@@ -36,6 +38,8 @@ __all__ = [
     "available_backends",
     "flash_attention",
     "flash_attention_varlen",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope_cos_sin",
