@@ -16,7 +16,7 @@ Without ``position_ids`` each row is one document.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from eurocore.model.config import ModelConfig
+from eurocore.model.recompute import free_until_backward
 from eurocore.nn import FlashAttention, RotaryEmbedding
+from eurocore.ops import swiglu
 from eurocore.ops.checks import check_index_tensor, reads_allowed
 from eurocore.parallel import (
     ColumnParallelLinear,
@@ -33,10 +35,8 @@ from eurocore.parallel import (
     ParallelRMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelHead,
     local_part,
-    mark_pipeline_copy,
-    padded_vocab_size,
-    vocab_parallel_cross_entropy,
 )
 from eurocore.parallel.pipeline import stage_layers
 from eurocore.parallel.sharding import FullSlice
@@ -170,9 +170,14 @@ class Attention(nn.Module):
             seed=_seed(config, layer, 1), device=device, dtype=dtype)
         self.core = FlashAttention(causal=True)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch
-                ) -> torch.Tensor:
-        q, k, v = self.qkv.split_output(self.qkv(x))     # (seq, batch, local heads · hd)
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch, *,
+                recompute_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``recompute_input``: x's value again; given, x's storage is freed once the
+        projection has saved it and refilled in the backward (selective recomputation)."""
+        qkv = self.qkv(x)
+        if recompute_input is not None:
+            free_until_backward(x, qkv, recompute_input)
+        q, k, v = self.qkv.split_output(qkv)             # (seq, batch, local heads · hd)
         seq, batch = q.shape[0], q.shape[1]
 
         def tokens_first(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -210,17 +215,46 @@ class MLP(nn.Module):
             std=config.init_std / math.sqrt(2 * config.num_layers),
             seed=_seed(config, layer, 3), device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up.split_output(self.gate_up(x))
-        return self.down(nn.functional.silu(gate) * up)
+    def forward(self, x: torch.Tensor, *,
+                recompute_input: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """``recompute_input``: x's value again; given, x and the SwiGLU product (from gate
+        and up, which SwiGLU keeps anyway) are freed once their projections have saved them
+        and refilled in the backward (selective recomputation)."""
+        gate_up = self.gate_up(x)
+        if recompute_input is not None:
+            free_until_backward(x, gate_up, recompute_input)
+        gate, up = self.gate_up.split_output(gate_up)
+        product = swiglu(gate, up)
+        out = self.down(product)
+        if recompute_input is not None:
+            free_until_backward(product, out, lambda: swiglu(gate, up))
+        return out
+
+
+RECOMPUTE = ("none", "selective", "full")
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm block: x + attention(norm(x)), then h + mlp(norm(h)).
+
+    recompute: what the layer keeps for its backward.
+
+    * ``"none"``: every activation its ops save.
+    * ``"selective"``: not the two RMSNorm outputs nor the SwiGLU product; each is
+      computed again in the backward from what its op keeps anyway (the norm's input, gate
+      and up), bit for bit (:mod:`eurocore.model.recompute`).
+    * ``"full"``: only its input; the whole forward runs again in the backward
+      (``torch.utils.checkpoint``, non-reentrant).
+    """
 
     def __init__(self, config: ModelConfig, layer: int, tp_group=None, *,
-                 sequence_parallel: bool = False, device=None, dtype=None) -> None:
+                 sequence_parallel: bool = False, recompute: str = "none", device=None,
+                 dtype=None) -> None:
         super().__init__()
+        if recompute not in RECOMPUTE:
+            raise ValueError(f"recompute: expected one of {', '.join(RECOMPUTE)}, got "
+                             f"{recompute!r}")
+        self.recompute = recompute
         parallel = {"sequence_parallel": sequence_parallel, "device": device, "dtype": dtype}
         self.attention_norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
                                               **parallel)
@@ -231,8 +265,30 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch
                 ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rotary, packed)
-        return h + self.mlp(self.mlp_norm(h))
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, rotary, packed,
+                                                     use_reentrant=False)
+        return self._forward(x, rotary, packed)
+
+    def _forward(self, x: torch.Tensor, rotary: RotaryEmbedding, packed: PackedBatch
+                 ) -> torch.Tensor:
+        selective = self.recompute == "selective"
+        h = x + self.attention(
+            _normed(self.attention_norm, x), rotary, packed,
+            recompute_input=(lambda: _normed(self.attention_norm, x)) if selective else None)
+        return h + self.mlp(_normed(self.mlp_norm, h),
+                            recompute_input=(lambda: _normed(self.mlp_norm, h)) if selective
+                            else None)
+
+
+def _normed(norm: ParallelRMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) in the dtype the projection after it computes in: under autocast the cast is
+    made here, so that the tensor the projection saves is this one (which selective
+    recomputation can free), not a cast of it inside the projection."""
+    y = norm(x)
+    if torch.is_autocast_enabled(y.device.type):
+        return y.to(torch.get_autocast_dtype(y.device.type))
+    return y
 
 
 class LlamaModel(nn.Module):
@@ -257,9 +313,12 @@ class LlamaModel(nn.Module):
         check_ids: in eager mode, check every forward's token ids, labels and positions
             (:func:`check_token_ids`: one synchronisation per forward). A trainer that
             checks its batches in the data path turns this off.
-        recompute_layers: decoder layers (global indices; those of this chunk count) that
-            keep only their input for the backward and run their forward again there
-            (``torch.utils.checkpoint``, non-reentrant): full activation recomputation.
+        recompute: activation recomputation of the decoder layers, ``"none"``,
+            ``"selective"`` or ``"full"`` (:class:`DecoderLayer`).
+        recompute_layers: the decoder layers (global indices; those of this chunk count)
+            that ``recompute`` applies to (default: all); the others keep everything.
+        fused_loss: the last stage's loss from ``eurocore.ops.linear_cross_entropy`` (no
+            logits kept); False: from the logits (:class:`VocabParallelHead`).
 
     Each rank holds only its shard; every weight is drawn from ``config.seed`` in fixed
     blocks, so every TP and PP layout starts from the same model (padding rows of the
@@ -271,13 +330,15 @@ class LlamaModel(nn.Module):
                  pre_process: bool = True, post_process: bool = True,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, check_ids: bool = True,
-                 recompute_layers: Sequence[int] = ()) -> None:
+                 recompute: str = "none", recompute_layers: Sequence[int] | None = None,
+                 fused_loss: bool = True) -> None:
         super().__init__()
         groups = groups or ParallelGroups.single()
         for arg, flag in (("sequence_parallel", sequence_parallel), ("pre_process", pre_process),
-                          ("post_process", post_process), ("check_ids", check_ids)):
+                          ("post_process", post_process), ("check_ids", check_ids),
+                          ("fused_loss", fused_loss)):
             check_bool(arg, flag)
-        self.check_ids = check_ids
+        self.check_ids, self.fused_loss = check_ids, fused_loss
         config.check_layout(groups.tp_size, sequence_parallel)
         self.config, self.sequence_parallel = config, sequence_parallel
         self.pre_process, self.post_process = pre_process, post_process
@@ -288,43 +349,33 @@ class LlamaModel(nn.Module):
         if any(not 0 <= i < config.num_layers for i in layers):
             raise ValueError(f"layers: expected indices in 0 .. {config.num_layers - 1}, got "
                              f"{list(layers)}")
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, tp_group, **parallel)
-                                     for i in layers})
-        if any(not 0 <= i < config.num_layers for i in recompute_layers):
+        if recompute_layers is None:
+            recompute_layers = range(config.num_layers)
+        elif any(not 0 <= i < config.num_layers for i in recompute_layers):
             raise ValueError(f"recompute_layers: expected indices in 0 .. "
                              f"{config.num_layers - 1}, got {list(recompute_layers)}")
-        # layers whose activations are not kept: recomputed from their input in the backward
-        self.recompute_layers = frozenset(str(i) for i in recompute_layers) & set(self.layers)
+        recomputed = set(recompute_layers)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(config, i, tp_group,
+                                 recompute=recompute if i in recomputed else "none", **parallel)
+            for i in layers})
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len,
                                       theta=config.rope_theta, scaling=config.rope_scaling,
                                       layout="thd", device=device)
-        self._tied_copy = False
         if pre_process:
-            self.embedding = self._embedding(tp_group, parallel)
+            self.embedding = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                    tp_group, std=config.init_std,
+                                                    seed=_seed(config, -1, 0), **parallel)
         if post_process:
             self.norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
                                         **parallel)
-            padded = padded_vocab_size(config.vocab_size, groups.tp_size)
-            self.head = ColumnParallelLinear(config.hidden_size, padded, tp_group,
-                                             std=config.init_std, seed=_seed(config, -1, 1),
-                                             **parallel)
-            if config.tie_embeddings and pre_process:
-                self.head.weight = self.embedding.weight
-            elif config.tie_embeddings:  # the last stage's copy of the first stage's table
-                with torch.no_grad():
-                    self.head.weight.copy_(self._embedding(tp_group, parallel).weight)
-                mark_pipeline_copy(self.head.weight)
-                self._tied_copy = True
-            else:
-                with torch.no_grad():  # padding rows: zero, like the embedding's
-                    local = self.head.weight.shape[0]
-                    real = max(0, min(config.vocab_size - groups.tp_rank * local, local))
-                    self.head.weight[real:].zero_()
-
-    def _embedding(self, tp_group, parallel: dict) -> VocabParallelEmbedding:
-        return VocabParallelEmbedding(self.config.vocab_size, self.config.hidden_size, tp_group,
-                                      std=self.config.init_std, seed=_seed(self.config, -1, 0),
-                                      **parallel)
+            tied = config.tie_embeddings
+            # tied: the embedding's own weight on one stage, else a copy drawn like it
+            self.head = VocabParallelHead(
+                config.vocab_size, config.hidden_size, tp_group, std=config.init_std,
+                seed=_seed(config, -1, 0 if tied else 1),
+                weight=self.embedding.weight if tied and pre_process else None,
+                embedding_copy=tied and not pre_process, **parallel)
 
     def weight_layouts(self) -> list[WeightLayout]:
         """Every parameter of this chunk with the slices of the full model's layout-free
@@ -334,13 +385,9 @@ class LlamaModel(nn.Module):
         for name, param in self.named_parameters():
             module_name, _, leaf = name.rpartition(".")
             module = self.get_submodule(module_name)
-            copy = False
-            if module is getattr(self, "head", None):
-                slices = module.full_slices(leaf, real_rows=self.config.vocab_size)
-                copy = self._tied_copy
-                module_name = "embedding" if copy else module_name
-            else:
-                slices = module.full_slices(leaf)
+            slices = module.full_slices(leaf)
+            copy = getattr(module, "embedding_copy", False)
+            module_name = "embedding" if copy else module_name
             parent, _, attribute = module_name.rpartition(".")
             parts = FUSED_PARTS.get(attribute)
             named = [(f"{parent}.{parts[s.part]}.{leaf}" if parts else f"{module_name}.{leaf}",
@@ -356,7 +403,7 @@ class LlamaModel(nn.Module):
             return None
         if self.pre_process:
             return self.embedding.weight
-        return self.head.weight if self._tied_copy else None
+        return self.head.weight if self.post_process and self.head.embedding_copy else None
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None,
@@ -402,25 +449,20 @@ class LlamaModel(nn.Module):
                             labels if self.post_process else None, position_ids)
         packed = PackedBatch.from_position_ids(position_ids, batch, seq, tokens.device)
         x = self.embedding(tokens.t()) if self.pre_process else hidden_states
-        for name, layer in self.layers.items():
-            if name in self.recompute_layers and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, self.rotary, packed,
-                                                      use_reentrant=False)
-            else:
-                x = layer(x, self.rotary, packed)
+        for layer in self.layers.values():
+            x = layer(x, self.rotary, packed)
         if not self.post_process:
             return x
-        logits = self.head(self.norm(x))                # (seq, batch, padded vocab / tp)
         if labels is None:
-            return logits
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.config.vocab_size,
-                                            self.tp_group)
+            return self.head(self.norm(x))              # (seq, batch, padded vocab / tp)
+        return self.head(self.norm(x), labels.t(), fused=self.fused_loss)
 
 
 def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int = 1,
                  layers_per_stage: Sequence[int] | None = None, sequence_parallel: bool = False,
                  device: torch.device | str | None = None,
-                 check_ids: bool = True, recompute_layers: Sequence[int] = ()
+                 check_ids: bool = True, recompute: str = "none",
+                 recompute_layers: Sequence[int] | None = None, fused_loss: bool = True
                  ) -> list[LlamaModel]:
     """This rank's model chunks, one per virtual stage it holds: chunk c is virtual stage
     c · pp + pp_rank of pp · num_chunks, its layers from ``eurocore.parallel.pipeline.
@@ -432,7 +474,8 @@ def stage_chunks(config: ModelConfig, groups: ParallelGroups, *, num_chunks: int
     return [LlamaModel(config, groups, sequence_parallel=sequence_parallel,
                        layers=splits[stage], pre_process=stage == 0,
                        post_process=stage == num_stages - 1, device=device,
-                       check_ids=check_ids, recompute_layers=recompute_layers)
+                       check_ids=check_ids, recompute=recompute,
+                       recompute_layers=recompute_layers, fused_loss=fused_loss)
             for stage in stages]
 
 

@@ -24,6 +24,7 @@ from eurocore.parallel.layers import (
     ParallelRMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelHead,
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ParallelRMSNorm",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "VocabParallelHead",
     "all_gather_forward_reduce_scatter_backward",
     "all_gather_forward_split_backward",
     "all_reduce_forward_copy_backward",

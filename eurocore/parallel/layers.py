@@ -22,16 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from eurocore.ops import rms_norm
+from eurocore.ops import linear_cross_entropy, rms_norm
 from eurocore.parallel.collectives import (
     _all_gather,
     _reduce_scatter,
+    all_gather_forward_reduce_scatter_backward,
     all_gather_forward_split_backward,
     all_reduce_forward_copy_backward,
     copy_forward_all_reduce_backward,
     reduce_scatter_forward_all_gather_backward,
 )
-from eurocore.parallel.grads import mark_replicated_over_tp
+from eurocore.parallel.grads import mark_pipeline_copy, mark_replicated_over_tp
 from eurocore.parallel.sharding import FullSlice
 from eurocore.utils.checks import check_int, check_number
 
@@ -311,23 +312,23 @@ def _vocab_range(vocab_size: int, tp_group) -> tuple[int, int, int]:
     return rank * local, (rank + 1) * local, padded
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the (padded) vocabulary split over the TP group.
+class _VocabRows(nn.Module):
+    """A (vocabulary, hidden) table split over the TP group by rows: the vocabulary is padded
+    to a multiple of tp (:func:`padded_vocab_size`) and rank r holds rows [first, last) =
+    [r·V_local, (r+1)·V_local). Padding rows start at zero and belong to no full tensor.
 
     Args:
-        num_embeddings: the real vocabulary size (any; padded to a multiple of tp).
+        num_embeddings: the real vocabulary size (any).
         embedding_dim: hidden size.
         tp_group: the tensor-parallel group (None: one rank).
-        sequence_parallel: reduce-scatter the output along the sequence (else all-reduce).
-        std, seed: the layout-independent normal initialisation; padding rows are zero.
-
-    Forward: token ids (seq, batch) in [0, num_embeddings) -> (seq, or seq / tp with
-    sequence parallelism, batch, embedding_dim).
+        sequence_parallel: the activations on the model's side are sequence shards.
+        std, seed: the layout-independent normal initialisation of the real rows.
+        weight: share this parameter (a tied table) instead of drawing one.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group=None, *,
                  sequence_parallel: bool = False, std: float = 0.02, seed: int = 0,
-                 device: torch.device | str | None = None,
+                 weight: nn.Parameter | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_int("num_embeddings", num_embeddings, minimum=1)
@@ -335,28 +336,43 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.first, self.last, self.padded_size = _vocab_range(num_embeddings, tp_group)
+        self.real_rows = max(0, min(self.last, num_embeddings) - self.first)
+        if weight is not None:
+            if tuple(weight.shape) != (self.last - self.first, embedding_dim):
+                raise ValueError(f"weight: expected shape {(self.last - self.first, embedding_dim)}"
+                                 f", got {tuple(weight.shape)}")
+            self.weight = weight
+            return
         self.weight = nn.Parameter(torch.zeros(self.last - self.first, embedding_dim,
                                                device=device, dtype=dtype))
-        real = max(0, min(self.last, num_embeddings) - self.first)
-        if real:
-            layout_independent_normal_(self.weight[:real], (num_embeddings, embedding_dim),
-                                       slice(self.first, self.first + real), slice(None), std,
-                                       seed)
+        if self.real_rows:
+            layout_independent_normal_(self.weight[:self.real_rows],
+                                       (num_embeddings, embedding_dim),
+                                       slice(self.first, self.first + self.real_rows),
+                                       slice(None), std, seed)
 
     def local_shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a full (num_embeddings, dim) table, padding rows zero."""
         local = torch.zeros(self.last - self.first, *full.shape[1:], dtype=full.dtype,
                             device=full.device)
-        real = max(0, min(self.last, self.num_embeddings) - self.first)
-        local[:real] = full[self.first:self.first + real]
+        local[:self.real_rows] = full[self.first:self.first + self.real_rows]
         return local
 
     def full_slices(self, name: str = "weight") -> list[FullSlice]:
         """Where this rank's rows sit in the full, unpadded (num_embeddings, dim) table;
         padding rows belong to none (a rank holding only padding has no slice)."""
-        real = max(0, min(self.last, self.num_embeddings) - self.first)
         full = (self.num_embeddings, self.embedding_dim)
-        return [FullSlice(0, full, range(real), (self.first, 0))] if real else []
+        return ([FullSlice(0, full, range(self.real_rows), (self.first, 0))]
+                if self.real_rows else [])
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """Token embedding with the (padded) vocabulary split over the TP group (the arguments of
+    :class:`_VocabRows`).
+
+    Forward: token ids (seq, batch) in [0, num_embeddings) -> (seq, or seq / tp with
+    sequence parallelism, batch, embedding_dim).
+    """
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.first) | (ids >= self.last)
@@ -366,6 +382,51 @@ class VocabParallelEmbedding(nn.Module):
         if self.sequence_parallel:
             return reduce_scatter_forward_all_gather_backward(out, self.tp_group, 0)
         return all_reduce_forward_copy_backward(out, self.tp_group)
+
+
+class VocabParallelHead(_VocabRows):
+    """The output layer and its loss, with the (padded) vocabulary split over the TP group
+    like :class:`VocabParallelEmbedding`'s (the arguments of :class:`_VocabRows`).
+
+    Tied embeddings: ``weight=embedding.weight`` shares the embedding's parameter (one
+    stage holds both); ``embedding_copy=True`` makes this weight the last pipeline stage's
+    copy of the first stage's embedding (draw it with the embedding's ``std`` and ``seed``:
+    it starts equal; :func:`eurocore.parallel.mark_pipeline_copy` marks it, so gradient
+    norms count it once).
+
+    Forward: x (seq, or seq / tp with sequence parallelism, batch, hidden), gathered over the
+    sequence (or passed on) into the column-parallel region; then
+
+    * without labels: this rank's logits (seq, batch, V_local), padding columns included;
+    * with labels (seq, batch) in [0, num_embeddings) or ``ignore_index``: the fp32 mean
+      loss over the tokens not ignored, the same on every rank, from
+      ``eurocore.ops.linear_cross_entropy`` (no logits kept: O(seq · batch · hidden) bytes
+      for the backward whatever the vocabulary), or with ``fused=False`` from the logits
+      and :func:`vocab_parallel_cross_entropy`.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp_group=None, *,
+                 embedding_copy: bool = False, **kwargs) -> None:
+        super().__init__(num_embeddings, embedding_dim, tp_group, **kwargs)
+        self.embedding_copy = embedding_copy
+        if embedding_copy:
+            mark_pipeline_copy(self.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *,
+                ignore_index: int = -100, fused: bool = True) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = all_gather_forward_reduce_scatter_backward(x, self.tp_group, 0)
+        else:
+            x = copy_forward_all_reduce_backward(x, self.tp_group)
+        if labels is not None and fused:
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight,
+                                        labels.reshape(-1), ignore_index=ignore_index,
+                                        group=self.tp_group, vocab_size=self.num_embeddings)
+        logits = nn.functional.linear(x, self.weight)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.num_embeddings, self.tp_group,
+                                            ignore_index)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,

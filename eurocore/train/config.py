@@ -30,6 +30,7 @@ from eurocore.data.blend import parse_data_path
 from eurocore.data.corpus import parse_split
 from eurocore.data.tokenizer import load_tokenizer, tokenizer_file
 from eurocore.model import ModelConfig, preset
+from eurocore.model.llama import RECOMPUTE
 from eurocore.parallel.pipeline import stage_layers
 from eurocore.utils.checks import check_bool, check_int, check_number
 
@@ -85,11 +86,13 @@ class TrainConfig:
     layers_per_stage: tuple[int, ...] | None = option(
         None, "parallel", "decoder layers of each (virtual) stage; default: an even split "
         "with the first and last stages lighter", metavar="N,N,...")
-    recompute: str = option("none", "parallel", "activation recomputation: none, or full (each "
-                            "chosen decoder layer keeps only its input and runs again in the "
-                            "backward)", choices=("none", "full"))
+    recompute: str = option(
+        "none", "parallel", "activation recomputation: none; selective (the RMSNorm outputs and "
+        "the SwiGLU product are computed again in the backward from what their ops keep); "
+        "full (each chosen decoder layer keeps only its input and runs again in the "
+        "backward)", choices=RECOMPUTE)
     recompute_layers: tuple[int, ...] | None = option(
-        None, "parallel", "the decoder layers --recompute full applies to (default: all)",
+        None, "parallel", "the decoder layers --recompute applies to (default: all)",
         metavar="N,N,...")
     sequence_parallel: bool = option(False, "parallel",
                                      "split activations along the sequence between TP regions")
@@ -164,6 +167,9 @@ class TrainConfig:
     device: str = option("auto", "run", "auto (the local GPU if any), cpu or cuda",
                          choices=("auto", "cpu", "cuda"))
     bf16: bool | None = option(None, "run", "bf16 autocast: on, off, or auto (on GPUs only)")
+    fused_loss: bool = option(True, "run", "the loss from the final hidden states in chunks of "
+                              "tokens (eurocore.ops.linear_cross_entropy), never keeping the "
+                              "(tokens x vocabulary) logits; off: from the logits")
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "vpp", "steps", "batch_size", "log_every",
@@ -228,14 +234,15 @@ class TrainConfig:
         if self.layers_per_stage is not None and not isinstance(self.layers_per_stage, tuple):
             raise TypeError(f"layers_per_stage: expected a tuple of ints, got "
                             f"{type(self.layers_per_stage).__name__}")
-        if self.recompute not in ("none", "full"):
-            raise ValueError(f"recompute: expected none or full, got {self.recompute!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute: expected one of {', '.join(RECOMPUTE)}, got "
+                             f"{self.recompute!r}")
         if self.recompute_layers is not None:
             if not isinstance(self.recompute_layers, tuple):
                 raise TypeError(f"recompute_layers: expected a tuple of ints, got "
                                 f"{type(self.recompute_layers).__name__}")
             if self.recompute == "none":
-                raise ValueError("recompute_layers: chooses layers for --recompute full; "
+                raise ValueError("recompute_layers: chooses layers for --recompute; "
                                  "recompute is none")
             for i in self.recompute_layers:
                 check_int("recompute_layers", i, minimum=0, maximum=model.num_layers - 1)

@@ -124,7 +124,9 @@ class Trainer:
                                       layers_per_stage=config.layers_per_stage,
                                       sequence_parallel=config.sequence_parallel,
                                       device=process.device, check_ids=False,
-                                      recompute_layers=config.recomputed_layers()))
+                                      recompute=config.recompute,
+                                      recompute_layers=config.recomputed_layers(),
+                                      fused_loss=config.fused_loss))
         self.optimizer = adamw(self.model, lr=config.lr, weight_decay=config.weight_decay)
         self.bf16 = process.device.type == "cuda" if config.bf16 is None else config.bf16
         self.step = 0

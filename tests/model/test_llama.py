@@ -74,6 +74,25 @@ def test_tensor_parallel_model_matches_one_process(world):
     run_on_ranks(_check_matches_one_process, world, variants)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_loss_equals_the_logits_path(tied):
+    """The default loss (linear cross-entropy, no logits kept) against the head's logits and
+    vocab_parallel_cross_entropy: the loss and every gradient."""
+    config = _config(tie_embeddings=tied)
+    tokens, labels, positions = _batch(config.vocab_size)
+    results = []
+    for fused in (True, False):
+        model = LlamaModel(config, fused_loss=fused)
+        loss = model(tokens, labels, position_ids=positions)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (fused_loss, fused_grads), (loss, grads) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5,
+                                   atol=1e-6 * grad.abs().max().item(), msg=name)
+
+
 def test_packed_documents_do_not_see_each_other():
     """A row holding documents A and B gives B the logits B gets alone (positions restart,
     no attention across the boundary)."""

@@ -10,10 +10,12 @@ from eurocore.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    VocabParallelHead,
     layout_independent_normal_,
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
+from eurocore.ops import linear_cross_entropy, linear_cross_entropy_reference
 from tests.parallel.launch import run_on_ranks
 
 SEQ, BATCH, IN, OUT = 8, 3, 12, 20  # SEQ, IN and OUT divisible by 2 and 4
@@ -172,6 +174,62 @@ def test_vocab_parallel_embedding_equals_one_process(world, sequence_parallel):
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_cross_entropy_equals_f_cross_entropy(world):
     run_on_ranks(_check_cross_entropy, world)
+
+
+def _check_head(rank: int, world: int) -> None:
+    """The head's loss (fused linear-CE, and the logits + vocab_parallel_cross_entropy
+    path) and its input and weight gradients, against F.cross_entropy on one process, with
+    and without SP; then the op itself with a z-loss and small chunks."""
+    group = dist.group.WORLD
+    full = torch.empty(VOCAB, DIM, dtype=torch.float64)
+    layout_independent_normal_(full, (VOCAB, DIM), slice(0, VOCAB), slice(None), STD, SEED)
+    full.requires_grad_()
+    x_full = _tensor(10, SEQ, BATCH, DIM).requires_grad_()
+    labels = torch.randint(0, VOCAB, (SEQ, BATCH), generator=torch.Generator().manual_seed(11))
+    labels[2, 1] = labels[5, 0] = -100
+    expected = torch.nn.functional.cross_entropy((x_full @ full.t()).reshape(-1, VOCAB),
+                                                 labels.reshape(-1))
+    expected.backward()
+    rows = padded_vocab_size(VOCAB, world) // world
+    real = max(0, min(VOCAB - rank * rows, rows))
+    seq = slice(rank * SEQ // world, (rank + 1) * SEQ // world)
+    for sequence_parallel in (False, True):
+        for fused in (True, False):
+            head = VocabParallelHead(VOCAB, DIM, group, sequence_parallel=sequence_parallel,
+                                     std=STD, seed=SEED, dtype=torch.float64)
+            x = x_full.detach()[seq] if sequence_parallel else x_full.detach()
+            x.requires_grad_()
+            loss = head(x, labels, fused=fused)
+            what = f"sp {sequence_parallel}, fused {fused}"
+            # the unfused path computes its softmax in fp32: fp32's tolerances there
+            close = {} if fused else {"rtol": 1e-5, "atol": 1e-6}
+            torch.testing.assert_close(loss.double(), expected, msg=what, **close)
+            loss.backward()
+            expected_x = x_full.grad[seq] if sequence_parallel else x_full.grad
+            torch.testing.assert_close(x.grad, expected_x, msg=what, **close)
+            torch.testing.assert_close(head.weight.grad[:real], full.grad[rank * rows:][:real],
+                                       msg=what, **close)
+            assert not head.weight.grad[real:].any()
+    # the op on its own: a z-loss, chunks of 3 tokens, this rank's rows of the padded table
+    local = torch.cat([full.detach(), full.new_zeros(rows * world - VOCAB, DIM)])
+    local = local[rank * rows:(rank + 1) * rows].clone().requires_grad_()
+    hidden = x_full.detach().reshape(-1, DIM).clone().requires_grad_()
+    loss = linear_cross_entropy(hidden, local, labels.reshape(-1), group=group,
+                                vocab_size=VOCAB, z_loss=0.1, chunk_size=3)
+    loss.backward()
+    dist.all_reduce(hidden.grad, group=group)  # the caller's sum of the partial gradients
+    ref_w = full.detach().clone().requires_grad_()
+    ref_h = hidden.detach().clone().requires_grad_()
+    ref = linear_cross_entropy_reference(ref_h, ref_w, labels.reshape(-1), z_loss=0.1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(hidden.grad, ref_h.grad)
+    torch.testing.assert_close(local.grad[:real], ref_w.grad[rank * rows:][:real])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_head_equals_one_process(world):
+    run_on_ranks(_check_head, world)
 
 
 def test_cross_entropy_on_one_process_and_all_ignored():
