@@ -3,16 +3,20 @@ parallelism, measured on the CPU and set beside Megatron's formulas.
 
     python -m eurocore.benchmarks.parallel_accounting [--out DIR] [--seq S] [--batch B]
         [--preset NAME] [--hidden H] [--heads A] [--kv-heads G] [--ffn F] [--tp 1 2 4]
+        [--recompute none selective full]
 
 For one ``eurocore.model.llama.DecoderLayer`` (bf16 parameters and activations) and each
-tensor-parallel degree t, sequence parallelism (SP) off and on, one rank of a real gloo
-process group reports two things. Nothing here depends on the hardware: bytes and counts,
-no times.
+tensor-parallel degree t, sequence parallelism (SP) off and on, and each activation
+recomputation setting, one rank of a real gloo process group reports what follows; and
+for the output layer (final norm, head, loss) the same bytes with the fused linear
+cross-entropy, at two vocabulary sizes, beside the logits path. Nothing here depends on the
+hardware: bytes and counts, no times.
 
-1. Activation bytes saved for backward per layer. The forward runs under
+1. Activation bytes kept for backward per layer. The forward runs under
    ``torch.autograd.graph.saved_tensors_hooks``; every tensor autograd saves is counted by
-   its storage (deduplicated by ``untyped_storage().data_ptr()``, ``nbytes()`` once: a saved
-   view keeps its whole storage alive, so the storage is what costs memory). Excluded:
+   its storage (once per storage, its ``nbytes()`` read after the forward: a saved view
+   keeps its whole storage alive, so the storage is what costs memory, and a storage that
+   selective recomputation emptied costs nothing until the backward). Excluded:
    parameters and anything sharing their storage, and the per-step tensors every layer
    shares (the rotary tables cos/sin, the PackedBatch position_ids and cu_seqlens), reported
    apart as ``shared_bytes_excluded``.
@@ -26,8 +30,8 @@ no times.
    Triton launchers replaced by CPU stand-ins that compute the same outputs with the torch
    reference. What autograd saves is decided by those wrappers, not by the launchers, so
    this is exactly what the GPU path saves (flash attention: q, k, v, out and the fp32 lse;
-   RMSNorm: its input and the fp32 rstd; RoPE: only the shared tables). Stand-ins only run
-   forward; backward through them is never needed here.
+   RMSNorm: its input and the fp32 rstd; RoPE: only the shared tables; SwiGLU: gate and
+   up). Stand-ins only run forward; backward through them is never needed here.
 
 2. Collectives per layer per training step (forward + backward) on one rank:
    ``torch.distributed.all_reduce``, ``all_gather_into_tensor`` and ``reduce_scatter_tensor``
@@ -86,12 +90,23 @@ heads, g kv heads, d = h/a, f = ffn width; bf16 = 2 bytes, fp32 = 4:
     attention.out    0 (its input is a view of the core's out, already counted)
     mlp_norm         2·n·h + 4·n
     mlp.gate_up      2·n·h (input, as for qkv)
-    mlp              gate_up output 2·N·2f/t (silu saves gate, mul saves up: views of it)
-                     + silu(gate) 2·N·f/t
-    mlp.down         2·N·f/t (input)
+    mlp              gate_up output 2·N·2f/t (SwiGLU saves gate and up: views of it)
+    mlp.down         2·N·f/t (input: the SwiGLU product)
 
 Each term is charged to the module during whose forward autograd first saves it; the
 per-module breakdown of both counts is in the JSON.
+
+Recomputation (``--recompute``, ``eurocore.model.llama.DecoderLayer``): ``selective`` keeps
+neither norm output (attention.qkv, mlp.gate_up: 0) nor the SwiGLU product (mlp.down: 0);
+each is computed again in the backward from what its op keeps anyway. ``full`` keeps the
+layer's input, 2·n·h, and while one layer is recomputed in the backward it holds that
+layer's ``none`` bytes again (``recompute_peak_bytes``). The goals the tests assert: with
+TP + SP, ``selective`` keeps at most 0.75 × Megatron's 34·s·b·h/t; ``full`` exactly 2·s·b·h/t.
+
+The output layer + loss (``eurocore.parallel.VocabParallelHead`` with the fused linear
+cross-entropy) keeps the final norm's input and rstd, the head's (gathered) input, the
+labels, an fp32 lse per token and one count: O(s·b·h), the same at any vocabulary, where
+Megatron's 4·s·b·h·(1 + v/h) and eurocore's logits path grow with v.
 """
 
 from __future__ import annotations
@@ -117,11 +132,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from eurocore.model.config import PRESETS, ModelConfig, preset
-from eurocore.model.llama import DecoderLayer, PackedBatch
+from eurocore.model.llama import RECOMPUTE, DecoderLayer, PackedBatch
 from eurocore.nn import RotaryEmbedding
+from eurocore.ops import activation as activation_op
 from eurocore.ops import attention as attention_op
 from eurocore.ops import normalization as normalization_op
 from eurocore.ops import rotary as rotary_op
+from eurocore.parallel import ParallelRMSNorm, VocabParallelHead
 from eurocore.parallel.collectives import ALL_GATHER, REDUCE_SCATTER
 from eurocore.utils.checks import check_int
 from eurocore.utils.files import check_writable_dir, write_json_atomically
@@ -129,10 +146,11 @@ from eurocore.utils.files import check_writable_dir, write_json_atomically
 from . import harness, pipeline_timeline
 
 DEFAULT_OUT = "benchmarks/results"
-# The default layer: small enough for a 2-core CPU in well under two minutes, large enough
-# that the per-token terms dominate as in a real model. The counts scale with s·b·h.
+# The default layer: small enough for a 2-core CPU in a few minutes, large enough that the
+# per-token terms dominate as in a real model. The counts scale with s·b·h. The vocabulary
+# is Llama-3's: the output layer's logits path grows with it, the fused loss does not.
 DEFAULT_SHAPE = {"hidden_size": 1024, "num_heads": 16, "num_kv_heads": 8,
-                 "ffn_hidden_size": 2816}
+                 "ffn_hidden_size": 2816, "vocab_size": 128256}
 DEFAULT_SEQ, DEFAULT_BATCH, DEFAULT_TP = 512, 1, (1, 2, 4)
 DTYPE = torch.bfloat16
 # The torch.distributed functions eurocore's collectives call, by the name reported here.
@@ -143,10 +161,12 @@ NORM_WEIGHT_ALL_REDUCE = "all_reduce[norm weight]"
 
 @dataclass(frozen=True)
 class Setting:
-    """One layout: the tensor-parallel degree and whether sequence parallelism is on."""
+    """One layout: the tensor-parallel degree, whether sequence parallelism is on, and the
+    layer's activation recomputation (``eurocore.model.llama.RECOMPUTE``)."""
 
     tp: int
     sequence_parallel: bool
+    recompute: str = "none"
 
 
 # -------------------------------------------------------------------------------------------
@@ -163,9 +183,11 @@ def megatron_formula_bytes(seq: int, batch: int, hidden: int, tp: int,
 
 
 def llama_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
-                         sequence_parallel: bool) -> dict[str, int]:
-    """The bytes one rank's DecoderLayer saves for backward on the fused-kernel path, per
-    module (the module docstring derives each term). Sum the values for the layer."""
+                         sequence_parallel: bool, recompute: str = "none") -> dict[str, int]:
+    """The bytes one rank's DecoderLayer keeps for backward on the fused-kernel path, per
+    module (the module docstring derives each term). Sum the values for the layer.
+    ``selective`` keeps no norm outputs (the projections' inputs) nor the SwiGLU product;
+    ``full`` keeps only the layer's input."""
     h, a, g, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads,
                      config.head_dim, config.ffn_hidden_size)
     full = seq * batch                                # N: tokens of the gathered sequence
@@ -173,16 +195,37 @@ def llama_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
     bf16, fp32 = 2, 4
     norm = bf16 * local * h + fp32 * local             # input + rstd
     core = bf16 * full * (a * d + 2 * g * d + a * d) // tp + fp32 * full * a // tp
+    if recompute == "full":
+        return {"layer": bf16 * local * h}
+    kept = recompute == "none"
     return {
         "attention_norm": norm,
-        "attention.qkv": bf16 * local * h,
+        "attention.qkv": bf16 * local * h if kept else 0,
         "attention.core": core,
         "attention.out": 0,  # a view of the core's saved output
         "mlp_norm": norm,
-        "mlp.gate_up": bf16 * local * h,
-        "mlp": bf16 * full * (2 * f + f) // tp,
-        "mlp.down": bf16 * full * f // tp,
+        "mlp.gate_up": bf16 * local * h if kept else 0,
+        "mlp": bf16 * full * 2 * f // tp,  # gate and up: SwiGLU's saved views of gate_up
+        "mlp.down": bf16 * full * f // tp if kept else 0,
     }
+
+
+def output_layer_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
+                                sequence_parallel: bool) -> dict[str, int]:
+    """The bytes one rank's final norm, head and loss keep for backward with the fused
+    linear cross-entropy: no vocabulary term. The head gathers the sequence (with SP) and
+    the loss keeps that input whole, its int64 labels, an fp32 lse per token and the count
+    of tokens (one int64)."""
+    h, full = config.hidden_size, seq * batch
+    local = full // tp if sequence_parallel else full
+    return {"norm": 2 * local * h + 4 * local,
+            "head": 2 * full * h + 8 * full + 4 * full + 8}
+
+
+def megatron_output_layer_bytes(seq: int, batch: int, hidden: int, vocab: int) -> float:
+    """Megatron's output layer + loss term (Korthikanti et al. 2022): 4·s·b·h·(1 + v/h),
+    the fp32 logits' 4·s·b·v being most of it, on one rank without parallelism."""
+    return 4 * seq * batch * hidden * (1 + vocab / hidden)
 
 
 def megatron_collectives(seq: int, batch: int, hidden: int, tp: int,
@@ -208,12 +251,17 @@ def megatron_collectives(seq: int, batch: int, hidden: int, tp: int,
 
 
 def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """The storage's identity (its StorageImpl): unlike its data pointer, it stays unique
+    when a storage is emptied and the allocator hands its bytes to another."""
+    return t.untyped_storage()._cdata
 
 
 class SavedTensorCounter:
-    """Counts the storage bytes autograd saves for backward while active, once per storage,
-    charged to the innermost module running when it is first saved.
+    """Counts the storage bytes autograd keeps for backward from what is saved while active,
+    once per storage, charged to the innermost module running when it is first saved.
+
+    Sizes are read when asked (after the forward), not when saved: selective recomputation
+    empties some saved storages once their consumer has run, and those then count 0.
 
     Args:
         modules: ``{name: module}`` whose forwards are tracked (saves outside them go to
@@ -229,13 +277,28 @@ class SavedTensorCounter:
         self.parameter_storages = {_storage_key(p) for p in parameters}
         self.shared_storages = {_storage_key(t) for t in shared if t is not None}
         self.seen: set[int] = set()
-        self.by_module: dict[str, int] = {}
-        self.shared_bytes = 0
+        # (owner or None for shared, storage): the storages themselves, so their sizes can
+        # be read after the forward
+        self._saved: list[tuple[str | None, torch.UntypedStorage]] = []
         self._stack: list[str] = []
 
     @property
+    def by_module(self) -> dict[str, int]:
+        """Bytes kept per module, modules keeping nothing left out."""
+        counts: dict[str, int] = {}
+        for owner, storage in self._saved:
+            if owner is not None and storage.nbytes():
+                counts[owner] = counts.get(owner, 0) + storage.nbytes()
+        return counts
+
+    @property
+    def shared_bytes(self) -> int:
+        """Bytes of the shared tensors saved."""
+        return sum(storage.nbytes() for owner, storage in self._saved if owner is None)
+
+    @property
     def total(self) -> int:
-        """Activation bytes counted so far (shared tensors excluded)."""
+        """Activation bytes kept (shared tensors excluded)."""
         return sum(self.by_module.values())
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -243,12 +306,11 @@ class SavedTensorCounter:
         if isinstance(t, nn.Parameter) or key in self.parameter_storages or key in self.seen:
             return t
         self.seen.add(key)
-        nbytes = t.untyped_storage().nbytes()
         if key in self.shared_storages:
-            self.shared_bytes += nbytes
+            self._saved.append((None, t.untyped_storage()))
         else:
             owner = self._stack[-1] if self._stack else "<outside>"
-            self.by_module[owner] = self.by_module.get(owner, 0) + nbytes
+            self._saved.append((owner, t.untyped_storage()))
         return t
 
     @contextlib.contextmanager
@@ -351,17 +413,24 @@ def _no_backward(*_args, **_kwargs):
     raise NotImplementedError("the CPU stand-ins of the fused kernels run forward only")
 
 
+def _swiglu_fwd_stand_in(gate, up, y) -> None:
+    """``eurocore.kernels.swiglu.swiglu_fwd`` on the CPU: the same output."""
+    y.copy_(activation_op.swiglu_reference(gate, up))
+
+
 _STAND_INS = {
     "normalization": types.SimpleNamespace(rms_norm_fwd=_rms_norm_fwd_stand_in,
                                            rms_norm_bwd=_no_backward),
     "attention": types.SimpleNamespace(flash_attn_fwd=_flash_attn_fwd_stand_in,
                                        flash_attn_bwd=_no_backward),
+    "activation": types.SimpleNamespace(swiglu_fwd=_swiglu_fwd_stand_in,
+                                        swiglu_bwd=_no_backward),
 }
 
 
 @contextlib.contextmanager
 def op_backends(kind: str) -> Iterator[None]:
-    """Inside the block every RMSNorm, RoPE and attention call takes one path:
+    """Inside the block every RMSNorm, RoPE, attention and SwiGLU call takes one path:
 
     ``"torch"``: the torch reference (what the CPU runs anyway). ``"fused"``: the kernel
     backends' custom ops and autograd wrappers, with CPU stand-in launchers (forward only).
@@ -370,7 +439,7 @@ def op_backends(kind: str) -> Iterator[None]:
         raise ValueError(f"kind: expected 'torch' or 'fused', got {kind!r}")
     name = "torch" if kind == "torch" else "triton"
     with contextlib.ExitStack() as stack:
-        for module in (normalization_op, rotary_op, attention_op):
+        for module in (normalization_op, rotary_op, attention_op, activation_op):
             stack.enter_context(mock.patch.object(module, "resolve_backend",
                                                   lambda *args, **kwargs: name))
         if kind == "fused":
@@ -378,6 +447,8 @@ def op_backends(kind: str) -> Iterator[None]:
                                                   lambda _b: _STAND_INS["normalization"]))
             stack.enter_context(mock.patch.object(attention_op, "_launchers",
                                                   lambda _b: _STAND_INS["attention"]))
+            stack.enter_context(mock.patch.object(activation_op, "_launchers",
+                                                  lambda _b: _STAND_INS["activation"]))
             stack.enter_context(mock.patch.object(rotary_op, "_launch", _rotary_stand_in))
         yield
 
@@ -439,8 +510,8 @@ class CollectiveCounter:
 
 
 def build_layer(config: ModelConfig, seq: int, batch: int, tp_group: dist.ProcessGroup | None,
-                sequence_parallel: bool) -> tuple[DecoderLayer, torch.Tensor, RotaryEmbedding,
-                                                  PackedBatch]:
+                sequence_parallel: bool, recompute: str = "none"
+                ) -> tuple[DecoderLayer, torch.Tensor, RotaryEmbedding, PackedBatch]:
     """Layer 0 in bf16 on the CPU, this rank's input x (seq / t with SP, batch, hidden)
     requiring grad, the shared rotary module and the packed-batch bounds (one document
     per row), as ``LlamaModel`` builds them."""
@@ -448,27 +519,44 @@ def build_layer(config: ModelConfig, seq: int, batch: int, tp_group: dist.Proces
     config.check_layout(tp, sequence_parallel, seq)
     device = torch.device("cpu")
     layer = DecoderLayer(config, 0, tp_group, sequence_parallel=sequence_parallel,
-                         device=device, dtype=DTYPE)
+                         recompute=recompute, device=device, dtype=DTYPE)
     rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, theta=config.rope_theta,
                              scaling=config.rope_scaling, layout="thd", device=device)
     packed = PackedBatch.from_position_ids(None, batch, seq, device)
+    return layer, _layer_input(config, seq, batch, tp_group, sequence_parallel), rotary, packed
+
+
+def _layer_input(config: ModelConfig, seq: int, batch: int,
+                 tp_group: dist.ProcessGroup | None, sequence_parallel: bool) -> torch.Tensor:
+    """This rank's bf16 residual stream (seq, or seq / t with SP, batch, hidden), requiring
+    grad."""
+    tp = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if tp_group is None else dist.get_rank(tp_group)
     local_seq = seq // tp if sequence_parallel else seq
     gen = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(local_seq, batch, config.hidden_size, generator=gen).to(DTYPE)
-    return layer, x.requires_grad_(), rotary, packed
+    return x.requires_grad_()
 
 
 def measure_setting(config: ModelConfig, seq: int, batch: int,
-                    tp_group: dist.ProcessGroup | None, sequence_parallel: bool
-                    ) -> dict[str, Any]:
-    """This rank's measurements for one layout: saved bytes on the fused-kernel path and on
-    the torch reference, and the collectives of one forward + backward (torch reference).
-    Collectives are real: every rank of ``tp_group`` must call this together."""
+                    tp_group: dist.ProcessGroup | None, sequence_parallel: bool,
+                    recompute: str = "none") -> dict[str, Any]:
+    """This rank's measurements for one layout: kept bytes on the fused-kernel path and
+    (without recomputation) on the torch reference, and the collectives of one forward +
+    backward (torch reference). Collectives are real: every rank of ``tp_group`` must call
+    this together."""
     tp = 1 if tp_group is None else dist.get_world_size(tp_group)
-    layer, x, rotary, packed = build_layer(config, seq, batch, tp_group, sequence_parallel)
+    layer, x, rotary, packed = build_layer(config, seq, batch, tp_group, sequence_parallel,
+                                           recompute)
     with op_backends("fused"):
         fused = count_saved_bytes(layer, x, rotary, packed)
+    result = {
+        "activation_bytes_measured": fused.total,
+        "activation_by_module_measured": dict(sorted(fused.by_module.items())),
+        "shared_bytes_excluded": fused.shared_bytes,
+    }
+    if recompute != "none":
+        return result
     reference = saved_tensor_counter(layer, rotary, packed)
     counter = CollectiveCounter(tp)
     with op_backends("torch"), counter.active():
@@ -477,37 +565,73 @@ def measure_setting(config: ModelConfig, seq: int, batch: int,
         counter.phase = "backward"
         out.backward(torch.ones_like(out))
     return {
-        "activation_bytes_measured": fused.total,
-        "activation_by_module_measured": dict(sorted(fused.by_module.items())),
+        **result,
         "activation_bytes_torch_reference": reference.total,
         "activation_by_module_torch_reference": dict(sorted(reference.by_module.items())),
-        "shared_bytes_excluded": fused.shared_bytes,
         "collectives": counter.calls,
     }
 
 
+def measure_output_layer(config: ModelConfig, seq: int, batch: int,
+                         tp_group: dist.ProcessGroup | None, sequence_parallel: bool
+                         ) -> dict[str, Any]:
+    """Bytes this rank's final norm + head + loss keep for backward (fused-kernel path):
+    with the fused linear cross-entropy at the config's vocabulary and at twice it, and
+    with the logits path (``fused=False``). Every rank of ``tp_group`` calls this together
+    (the loss exchanges per-token numbers)."""
+    x = _layer_input(config, seq, batch, tp_group, sequence_parallel)
+    result = {}
+    for name, vocab, fused in (("fused", config.vocab_size, True),
+                               ("fused_double_vocab", 2 * config.vocab_size, True),
+                               ("logits", config.vocab_size, False)):
+        norm = ParallelRMSNorm(config.hidden_size, config.norm_eps, tp_group,
+                               sequence_parallel=sequence_parallel, dtype=DTYPE)
+        head = VocabParallelHead(vocab, config.hidden_size, tp_group,
+                                 sequence_parallel=sequence_parallel, dtype=DTYPE)
+        labels = torch.randint(0, vocab, (seq, batch), generator=torch.Generator().manual_seed(3))
+        counter = SavedTensorCounter({"norm": norm, "head": head},
+                                     [*norm.parameters(), *head.parameters()])
+        with op_backends("fused"), counter.active():
+            loss = head(norm(x), labels, fused=fused)
+        del loss
+        result[name] = {"bytes": counter.total, "vocab_size": vocab,
+                        "by_module": dict(sorted(counter.by_module.items()))}
+    return result
+
+
 def _worker(rank: int, world_size: int, port: int, config: ModelConfig, seq: int, batch: int,
-            modes: Sequence[bool], out_dir: str) -> None:
+            settings: Sequence[Setting], out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results = [measure_setting(config, seq, batch, dist.group.WORLD, sp) for sp in modes]
+        results = [_measure_one(config, seq, batch, dist.group.WORLD, s) for s in settings]
     finally:
         dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
+def _measure_one(config: ModelConfig, seq: int, batch: int,
+                 tp_group: dist.ProcessGroup | None, setting: Setting) -> dict[str, Any]:
+    """The layer's measurements; with no recomputation, the output layer's too."""
+    result = measure_setting(config, seq, batch, tp_group, setting.sequence_parallel,
+                             setting.recompute)
+    if setting.recompute == "none":
+        result["output_layer"] = measure_output_layer(config, seq, batch, tp_group,
+                                                      setting.sequence_parallel)
+    return result
+
+
 def run_tp(config: ModelConfig, seq: int, batch: int, tp: int,
-           modes: Sequence[bool]) -> list[dict[str, Any]]:
-    """Measures each SP mode in ``modes`` at tensor-parallel degree ``tp``: in this process
+           settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    """Measures each of ``settings`` (all at tensor-parallel degree ``tp``): in this process
     for tp = 1, else in ``tp`` spawned processes joined in a gloo group. Returns rank 0's
     results; raises if the ranks disagree (they are symmetric)."""
     if tp == 1:
-        return [measure_setting(config, seq, batch, None, sp) for sp in modes]
+        return [_measure_one(config, seq, batch, None, s) for s in settings]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(tp, harness.free_port(), config, seq, batch, list(modes), tmp),
-                 nprocs=tp, join=True)
+        mp.spawn(_worker, args=(tp, harness.free_port(), config, seq, batch, list(settings),
+                                tmp), nprocs=tp, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(tp)]
     for rank, results in enumerate(ranks[1:], start=1):
         if results != ranks[0]:
@@ -515,30 +639,54 @@ def run_tp(config: ModelConfig, seq: int, batch: int, tp: int,
     return ranks[0]
 
 
+def selective_goal_bytes(seq: int, batch: int, hidden: int, tp: int) -> float:
+    """The goal for ``selective`` with TP + SP: 0.75 × Megatron's 34·s·b·h/t."""
+    return 0.75 * megatron_formula_bytes(seq, batch, hidden, tp, True)
+
+
 def measure(config: ModelConfig, seq: int, batch: int,
             settings: Sequence[Setting]) -> list[dict[str, Any]]:
     """One row per setting: the measurements next to the Megatron formula and the
-    Llama-adjusted analytic count."""
+    Llama-adjusted analytic count, the goals, and (no recomputation) the output layer."""
     rows = []
+    sbh = seq * batch * config.hidden_size
     for tp in sorted({s.tp for s in settings}):
-        modes = [s.sequence_parallel for s in settings if s.tp == tp]
-        for sp, result in zip(modes, run_tp(config, seq, batch, tp, modes), strict=True):
-            analytic = llama_analytic_bytes(config, seq, batch, tp, sp)
+        chosen = [s for s in settings if s.tp == tp]
+        for setting, result in zip(chosen, run_tp(config, seq, batch, tp, chosen),
+                                   strict=True):
+            sp = setting.sequence_parallel
+            analytic = llama_analytic_bytes(config, seq, batch, tp, sp, setting.recompute)
             megatron = megatron_formula_bytes(seq, batch, config.hidden_size, tp, sp)
             measured = result["activation_bytes_measured"]
-            rows.append({
+            row = {
                 "tp": tp,
                 "sequence_parallel": sp,
+                "recompute": setting.recompute,
                 "activation_bytes_measured": measured,
                 "llama_analytic_bytes": sum(analytic.values()),
                 "megatron_formula_bytes": megatron,
                 "measured_over_megatron": measured / megatron,
-                "measured_per_sbh": measured / (seq * batch * config.hidden_size),
+                "measured_per_sbh": measured / sbh,
                 "activation_by_module_analytic": analytic,
-                **{k: v for k, v in result.items() if k != "activation_bytes_measured"},
-                "megatron_collectives": megatron_collectives(seq, batch, config.hidden_size,
-                                                             tp, sp),
-            })
+                **{k: v for k, v in result.items()
+                   if k not in ("activation_bytes_measured", "output_layer")},
+            }
+            if setting.recompute == "none":
+                row["megatron_collectives"] = megatron_collectives(
+                    seq, batch, config.hidden_size, tp, sp)
+                output = result["output_layer"]
+                output["analytic_bytes"] = sum(output_layer_analytic_bytes(
+                    config, seq, batch, tp, sp).values())
+                output["megatron_bytes"] = megatron_output_layer_bytes(
+                    seq, batch, config.hidden_size, config.vocab_size)
+                row["output_layer"] = output
+            if setting.recompute == "full":
+                row["recompute_peak_bytes"] = sum(llama_analytic_bytes(
+                    config, seq, batch, tp, sp).values())
+            if setting.recompute == "selective" and sp:
+                row["goal_bytes"] = selective_goal_bytes(seq, batch, config.hidden_size, tp)
+                row["meets_goal"] = measured <= row["goal_bytes"]
+            rows.append(row)
     return rows
 
 
@@ -553,19 +701,42 @@ def _mib(nbytes: float) -> str:
 
 def format_activation_table(rows: Sequence[dict[str, Any]], sbh: int) -> str:
     """Measured, analytic and Megatron bytes per layer and rank, in MiB and per s·b·h."""
-    header = (f"{'t':>2} {'SP':>3} | {'measured':>9} {'analytic':>9} {'exact':>5} | "
-              f"{'Megatron':>9} {'ratio':>6} | {'/sbh':>6} {'Megatron/sbh':>12} | "
-              f"{'torch ref':>9}")
+    header = (f"{'recompute':>9} {'t':>2} {'SP':>3} | {'measured':>9} {'analytic':>9} "
+              f"{'exact':>5} | {'Megatron':>9} {'ratio':>6} | {'/sbh':>6} "
+              f"{'Megatron/sbh':>12} | {'goal/sbh':>8} | {'torch ref':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         exact = "yes" if r["activation_bytes_measured"] == r["llama_analytic_bytes"] else "NO"
+        goal = (f"{r['goal_bytes'] / sbh:>7.2f}{'' if r['meets_goal'] else '!'}"
+                if "goal_bytes" in r else "")
+        reference = r.get("activation_bytes_torch_reference")
         lines.append(
-            f"{r['tp']:>2} {'on' if r['sequence_parallel'] else 'off':>3} | "
+            f"{r['recompute']:>9} {r['tp']:>2} {'on' if r['sequence_parallel'] else 'off':>3} | "
             f"{_mib(r['activation_bytes_measured']):>9} {_mib(r['llama_analytic_bytes']):>9} "
             f"{exact:>5} | {_mib(r['megatron_formula_bytes']):>9} "
             f"{r['measured_over_megatron']:>6.3f} | {r['measured_per_sbh']:>6.2f} "
-            f"{r['megatron_formula_bytes'] / sbh:>12.2f} | "
-            f"{_mib(r['activation_bytes_torch_reference']):>9}")
+            f"{r['megatron_formula_bytes'] / sbh:>12.2f} | {goal:>8} | "
+            f"{_mib(reference) if reference is not None else '':>9}")
+    return "\n".join(lines)
+
+
+def format_output_layer_table(rows: Sequence[dict[str, Any]], sbh: int) -> str:
+    """The output layer + loss per layout: fused linear-CE (at v and 2v), the logits path
+    and Megatron's 4·s·b·h·(1 + v/h), in MiB and per s·b·h."""
+    header = (f"{'t':>2} {'SP':>3} | {'fused':>8} {'exact':>5} {'fused 2v':>8} | "
+              f"{'logits':>8} | {'Megatron':>8} | {'fused/sbh':>9} {'logits/sbh':>10}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "output_layer" not in r:
+            continue
+        o = r["output_layer"]
+        exact = "yes" if o["fused"]["bytes"] == o["analytic_bytes"] else "NO"
+        lines.append(
+            f"{r['tp']:>2} {'on' if r['sequence_parallel'] else 'off':>3} | "
+            f"{_mib(o['fused']['bytes']):>8} {exact:>5} "
+            f"{_mib(o['fused_double_vocab']['bytes']):>8} | {_mib(o['logits']['bytes']):>8} | "
+            f"{_mib(o['megatron_bytes']):>8} | {o['fused']['bytes'] / sbh:>9.2f} "
+            f"{o['logits']['bytes'] / sbh:>10.2f}")
     return "\n".join(lines)
 
 
@@ -576,7 +747,7 @@ def format_collective_table(rows: Sequence[dict[str, Any]], sbh: int) -> str:
               f"{'bytes':>10} {'x 2sbh':>7} {'ring bytes':>10} | {'Megatron':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        if r["tp"] == 1:
+        if r["tp"] == 1 or "collectives" not in r:
             continue
         for phase in ("forward", "backward"):
             calls = r["collectives"][phase]
@@ -603,7 +774,8 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
     the size flags applied, its max_seq_len raised to ``--seq`` if shorter."""
     overrides = dict(DEFAULT_SHAPE) if args.preset is None else {}
     for flag, field in (("hidden", "hidden_size"), ("heads", "num_heads"),
-                        ("kv_heads", "num_kv_heads"), ("ffn", "ffn_hidden_size")):
+                        ("kv_heads", "num_kv_heads"), ("ffn", "ffn_hidden_size"),
+                        ("vocab", "vocab_size")):
         if getattr(args, flag) is not None:
             overrides[field] = getattr(args, flag)
     name = args.preset or "tiny"
@@ -627,13 +799,16 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"micro-batch size (default {DEFAULT_BATCH})")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="model preset (default: 'tiny' with hidden 1024, 16 heads, "
-                             "8 kv heads, ffn 2816)")
+                             "8 kv heads, ffn 2816, vocabulary 128256)")
     parser.add_argument("--hidden", type=int, default=None, help="override hidden_size")
     parser.add_argument("--heads", type=int, default=None, help="override num_heads")
     parser.add_argument("--kv-heads", type=int, default=None, help="override num_kv_heads")
     parser.add_argument("--ffn", type=int, default=None, help="override ffn_hidden_size")
+    parser.add_argument("--vocab", type=int, default=None, help="override vocab_size")
     parser.add_argument("--tp", type=int, nargs="+", default=list(DEFAULT_TP),
                         help="tensor-parallel degrees (default: 1 2 4)")
+    parser.add_argument("--recompute", nargs="+", default=list(RECOMPUTE), choices=RECOMPUTE,
+                        help="activation recomputation settings (default: all)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="skip the pipeline timeline (PP 2 and 4, with and without "
                              "virtual stages)")
@@ -641,7 +816,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Measures every (t, SP) layout, prints the tables and writes the JSON."""
+    """Measures every (recompute, t, SP) setting, prints the tables and writes the JSON."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -649,8 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               *(("--tp", t) for t in args.tp)):
             check_int(option, value, minimum=1)
         config = config_from_args(args)
-        settings = [Setting(t, sp) for t in args.tp for sp in ((False,) if t == 1
-                                                              else (False, True))]
+        settings = [Setting(t, sp, recompute) for recompute in args.recompute
+                    for t in args.tp for sp in ((False,) if t == 1 else (False, True))]
         for s in settings:
             config.check_layout(s.tp, s.sequence_parallel, args.seq)
         if not args.no_json:
@@ -665,6 +840,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nActivation bytes saved for backward per layer, one rank (MiB; fused-kernel "
           "path, flash attention)")
     print(format_activation_table(rows, sbh))
+    print(f"\nOutput layer + loss, one rank (MiB; vocabulary {config.vocab_size})")
+    print(format_output_layer_table(rows, sbh))
     print("\nCollectives per layer, one rank, one forward + backward (bytes: full-size "
           "tensor per call, summed)")
     print(format_collective_table(rows, sbh))

@@ -1,7 +1,7 @@
 """The per-layer accounting benchmark on a tiny layer: the saved-tensor counter itself, the
-measured activation bytes against the exact Llama-adjusted count, how they split over two
-ranks with sequence parallelism, and the collectives of one forward + backward (two gloo
-processes)."""
+measured activation bytes against the exact Llama-adjusted count (no, selective and full
+recomputation), how they split over two ranks with sequence parallelism, the goals, the
+output layer + loss, and the collectives of one forward + backward (two gloo processes)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,23 @@ from eurocore.model.config import preset
 SEQ, BATCH = 16, 1
 # hidden 64, 8 heads (head_dim 8), 4 kv heads, ffn 176: every term of the count is distinct.
 CONFIG = preset("tiny", max_seq_len=SEQ)
-SETTINGS = [pa.Setting(1, False), pa.Setting(2, False), pa.Setting(2, True)]
+SETTINGS = [pa.Setting(1, False), pa.Setting(2, False), pa.Setting(2, True),
+            *(pa.Setting(tp, sp, recompute) for recompute in ("selective", "full")
+              for tp, sp in ((1, False), (2, True)))]
 
 
 @pytest.fixture(scope="module")
-def rows() -> dict[tuple[int, bool], dict]:
-    """One measurement per setting (t = 2 in two spawned gloo processes), by (tp, sp)."""
+def all_rows() -> dict[tuple[int, bool, str], dict]:
+    """One measurement per setting (t = 2 in two spawned gloo processes), by (tp, sp,
+    recompute)."""
     measured = pa.measure(CONFIG, SEQ, BATCH, SETTINGS)
-    return {(r["tp"], r["sequence_parallel"]): r for r in measured}
+    return {(r["tp"], r["sequence_parallel"], r["recompute"]): r for r in measured}
+
+
+@pytest.fixture(scope="module")
+def rows(all_rows) -> dict[tuple[int, bool], dict]:
+    """The settings without recomputation, by (tp, sp)."""
+    return {(tp, sp): r for (tp, sp, recompute), r in all_rows.items() if recompute == "none"}
 
 
 def test_counter_counts_each_storage_once_and_skips_parameters():
@@ -42,18 +51,52 @@ def test_counter_counts_each_storage_once_and_skips_parameters():
 
 
 @pytest.mark.parametrize("setting", SETTINGS,
-                         ids=lambda s: f"tp{s.tp}-sp{int(s.sequence_parallel)}")
-def test_measured_bytes_equal_the_llama_analytic_count(rows, setting):
+                         ids=lambda s: f"tp{s.tp}-sp{int(s.sequence_parallel)}-{s.recompute}")
+def test_measured_bytes_equal_the_llama_analytic_count(all_rows, setting):
     """Exactly, module by module (each term charged to the module that first saves it)."""
-    row = rows[(setting.tp, setting.sequence_parallel)]
+    row = all_rows[(setting.tp, setting.sequence_parallel, setting.recompute)]
     analytic = pa.llama_analytic_bytes(CONFIG, SEQ, BATCH, setting.tp,
-                                       setting.sequence_parallel)
+                                       setting.sequence_parallel, setting.recompute)
     assert row["activation_bytes_measured"] == sum(analytic.values())
     assert row["activation_by_module_measured"] == {k: v for k, v in analytic.items() if v}
+    if setting.recompute == "full":  # checkpoint keeps the input only: nothing shared
+        return
     # The rotary tables and packed positions are counted apart, never as activations.
     assert row["shared_bytes_excluded"] > 0
-    # The torch reference keeps the seq x seq scores and fp32 intermediates: always more.
-    assert row["activation_bytes_torch_reference"] > row["activation_bytes_measured"]
+    if setting.recompute == "none":
+        # The torch reference keeps the seq x seq scores and fp32 intermediates: more.
+        assert row["activation_bytes_torch_reference"] > row["activation_bytes_measured"]
+
+
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, True)])
+def test_recomputation_goals(all_rows, tp, sp):
+    """selective keeps neither norm output nor the SwiGLU product, and with TP + SP at most
+    0.75 x Megatron's 34·s·b·h/t; full keeps exactly the layer's input, 2·s·b·h(/t)."""
+    sbh = SEQ * BATCH * CONFIG.hidden_size
+    none, selective, full = (all_rows[(tp, sp, r)] for r in ("none", "selective", "full"))
+    freed = 2 * (2 * sbh // tp) + 2 * SEQ * BATCH * CONFIG.ffn_hidden_size // tp
+    assert selective["activation_bytes_measured"] == none["activation_bytes_measured"] - freed
+    assert full["activation_bytes_measured"] == 2 * sbh // tp
+    assert full["recompute_peak_bytes"] == none["activation_bytes_measured"]
+    if sp:
+        goal = 0.75 * 34 * sbh / tp
+        assert selective["goal_bytes"] == goal
+        assert selective["activation_bytes_measured"] <= goal and selective["meets_goal"]
+
+
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
+def test_the_output_layer_keeps_no_vocabulary_term(rows, tp, sp):
+    """With the fused linear cross-entropy the final norm, head and loss keep exactly the
+    analytic O(s·b·h) bytes, the same at twice the vocabulary; the logits path keeps
+    more, growing with the vocabulary like Megatron's 4·s·b·h·(1 + v/h)."""
+    out = rows[(tp, sp)]["output_layer"]
+    assert out["fused"]["bytes"] == out["analytic_bytes"] == \
+        sum(pa.output_layer_analytic_bytes(CONFIG, SEQ, BATCH, tp, sp).values())
+    assert out["fused_double_vocab"]["bytes"] == out["fused"]["bytes"]
+    logits = SEQ * BATCH * (-(-CONFIG.vocab_size // tp))  # this rank's logits, elements
+    assert out["logits"]["bytes"] > out["fused"]["bytes"] + 4 * logits
+    assert out["megatron_bytes"] == 4 * SEQ * BATCH * CONFIG.hidden_size * (
+        1 + CONFIG.vocab_size / CONFIG.hidden_size)
 
 
 def test_batch_two_saves_each_tensor_once():
@@ -134,6 +177,7 @@ def test_cli_writes_the_json_atomically(tmp_path, capsys):
     assert len(files) == 1 and files[0].name.startswith("parallel-accounting-")
     data = json.loads(files[0].read_text())
     assert data["config"]["hidden_size"] == CONFIG.hidden_size
-    (row,) = data["rows"]
-    assert row["activation_bytes_measured"] == row["llama_analytic_bytes"]
-    assert "yes" in capsys.readouterr().out
+    assert [row["recompute"] for row in data["rows"]] == ["none", "selective", "full"]
+    for row in data["rows"]:
+        assert row["activation_bytes_measured"] == row["llama_analytic_bytes"]
+    assert "NO" not in capsys.readouterr().out
