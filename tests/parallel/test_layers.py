@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from eurocore.ops import linear_cross_entropy, linear_cross_entropy_reference
 from eurocore.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -15,7 +16,6 @@ from eurocore.parallel.layers import (
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
-from eurocore.ops import linear_cross_entropy, linear_cross_entropy_reference
 from tests.parallel.launch import run_on_ranks
 
 SEQ, BATCH, IN, OUT = 8, 3, 12, 20  # SEQ, IN and OUT divisible by 2 and 4
