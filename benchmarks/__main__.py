@@ -1,23 +1,31 @@
 """The kernel benchmark command: ``python -m eurocore.benchmarks`` (or ``eurocore bench``).
 
-    python -m eurocore.benchmarks [--ops rms_norm] [--quick] [--out DIR] [--no-json]
+    python -m eurocore.benchmarks [--ops rms_norm] [--quick] [--out DIR | --json PATH]
+        [--no-json] [--deadline SECONDS] [--plot]
     python -m eurocore.benchmarks compile [ARGS...]     # forwarded to eurocore.benchmarks.compile
     python -m eurocore.benchmarks tune [ARGS...]        # launch-configuration sweeps (a GPU)
+    python -m eurocore.benchmarks host [ARGS...]        # host time per eager call of each op
 
 Prints the environment, the ceilings measured now on the same device, the results table,
 and the path of the JSON written to ``DIR/<date>-<device>.json`` (default
-``benchmarks/results`` under the current directory).
+``benchmarks/results`` under the current directory) or ``--json PATH``. The JSON is
+rewritten after every case, so a run killed midway keeps what it measured; ``--deadline``
+stops starting cases that many seconds after the process started (imports included) and
+says so in the JSON's ``status``.
+``--plot`` adds one PNG per op beside the JSON (:func:`eurocore.benchmarks.plot.plot_results`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from eurocore.utils.files import check_writable_dir
+from eurocore.utils.files import check_writable_dir, check_writable_file
 
 from . import attention, harness, rms_norm, rotary, swiglu
 
@@ -46,11 +54,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                              f"(default: all of {', '.join(OPS)})")
     parser.add_argument("--quick", action="store_true",
                         help="a few shapes only (and no torch.compile on the CPU)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                        help="time only these variants, in this order (fwd, bwd, "
+                             "fwd+bwd; default all, in each op's order)")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"where the JSON results go (default: {DEFAULT_OUT})")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the JSON to PATH instead of DIR/<date>-<device>.json")
     parser.add_argument("--no-json", action="store_true", help="print only; write no JSON")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="start no case after this many seconds from the process's "
+                             "start (the cases left are listed as not run)")
+    parser.add_argument("--plot", action="store_true",
+                        help="also one PNG per op beside the JSON: the fraction of the "
+                             "measured ceiling against shape, a line per implementation "
+                             "(needs matplotlib: the plot extra)")
     return parser
 
 
@@ -100,14 +120,31 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
         from . import tune
 
         return tune.main(argv[1:])
+    if argv and argv[0] == "host":
+        from . import host
+
+        return host.main(argv[1:])
 
     parser = _parser(prog)
     args = parser.parse_args(argv)
     ops = _selected_ops(parser, args.ops)
     device = _device(parser, args.device)
+    if args.deadline is not None and args.deadline <= 0:
+        parser.error(f"--deadline: a number of seconds above 0, got {args.deadline:g}")
+    deadline = harness.deadline_after(args.deadline)
+    if args.no_json and (args.json or args.plot):
+        parser.error(f"{'--json' if args.json else '--plot'}: needs the JSON; drop --no-json")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot: matplotlib is not installed (pip install eurocore[plot])")
     if not args.no_json:
         try:
-            check_writable_dir("--out", args.out)
+            if args.json:
+                check_writable_file("--json", args.json)
+            else:
+                check_writable_dir("--out", args.out)
         except ValueError as err:
             parser.error(str(err))
 
@@ -120,20 +157,44 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
 
     results: list[harness.Result] = []
     skipped: list[harness.Skipped] = []
-    path = None
+    path = None if args.no_json else Path(args.json or harness.result_path(env, args.out))
+
+    def write(status: str) -> None:
+        if path is not None:
+            harness.write_json(results, ceilings, env, args.out, skipped, path=path,
+                               status=status)
+
+    def record(item: harness.Result | harness.Skipped) -> None:
+        # after each case: a run killed midway keeps every case it finished
+        (results if isinstance(item, harness.Result) else skipped).append(item)
+        write("running")
+
+    write("running")  # from here on the file exists, whenever the run is stopped
     for op in ops:
+        if deadline is not None and time.monotonic() > deadline:
+            skipped.append(harness.Skipped(op, "*", {}, "*", harness.NOT_RUN,
+                                           "not started: the run's deadline had passed"))
+            continue
         op_cases = OPS[op](device, args.quick)
+        if args.variants is not None:  # the cases skipped as a whole ("*") still say why
+            order = ("*", *args.variants)
+            op_cases = sorted((c for c in op_cases if c.variant in order),
+                              key=lambda c: order.index(c.variant))
         runnable = sum(case.skip is None for case in op_cases)
         print(f"{op}: {runnable} cases", flush=True)
-        op_results, op_skipped = harness.run_cases(op_cases, device, ceilings)
-        results += op_results
-        skipped += op_skipped
-        if not args.no_json:  # after each op: a run cut short keeps what it measured
-            path = harness.write_json(results, ceilings, env, args.out, skipped)
+        harness.run_cases(op_cases, device, ceilings, deadline=deadline, on_case=record,
+                          progress=lambda line: print(f"  {line}", flush=True))
+    cut = any(s.status == harness.NOT_RUN for s in skipped)
+    write("deadline" if cut else "complete")
     print()
     harness.print_table(results, skipped)
     if path is not None:
         print(f"\nresults written to {path}")
+    if args.plot and path is not None:
+        from .plot import plot_results
+
+        for png in plot_results(path, path.parent):
+            print(f"plot written to {png}")
     failed = [s for s in skipped if s.status == "failed" and s.impl.startswith("eurocore")]
     return 1 if failed else 0
 

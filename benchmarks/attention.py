@@ -9,6 +9,10 @@ scale 1/sqrt(head_dim), causal or not (the shape's ``causal`` is 1 or 0).
 GPU shapes: bf16, 16384 tokens per batch (batch = 16384 / seq, seq 1024 .. 16384) and a
 hidden size of 2048 split into heads: 32 heads of 64 or 16 heads of 128, kv_heads = heads
 (plain MHA), plus one GQA point (16 query heads, 4 kv heads of 128, seq 4096, causal).
+``--quick`` on a GPU: seq 4096 with 16 heads of 128 (MHA, causal and not), then Llama's
+attention (32 query heads, 8 kv heads of 128): seq 4096 causal and not, and seq 16384 causal.
+Cases run shape by shape, every variant of a shape before the next shape, so a run cut
+short by its deadline holds whole shapes.
 
 FLOPs (docs/design.md, "Performance methodology"), with b the batch, h the query heads, sq and
 sk the sequence lengths and d the head dim:
@@ -52,6 +56,10 @@ GPU_HEAD_DIMS = (64, 128)
 GPU_QUICK_SEQLENS = (4096,)  # --quick on a GPU: one sequence length, head_dim 128
 GPU_QUICK_HEAD_DIMS = (128,)
 GPU_GQA = dict(seq=4096, heads=16, kv_heads=4, head_dim=128)  # group 4, causal; full run only
+# --quick on a GPU, after the MHA points: Llama-3-8B's attention (32 query heads, 8 kv heads
+# of 128) at 16384 tokens per batch, as (seq, causal).
+GPU_QUICK_LLAMA = dict(heads=32, kv_heads=8, head_dim=128)
+GPU_QUICK_LLAMA_SEQS = ((4096, False), (4096, True), (16384, True))
 # The CPU only checks the harness end to end: small fp32 shapes that finish in seconds.
 CPU_BATCH = 2
 CPU_SEQLENS = (128, 256)
@@ -280,6 +288,10 @@ def gpu_shapes(quick: bool) -> list[dict[str, int]]:
         g = GPU_GQA
         shapes.append(_Shape(GPU_TOKENS // g["seq"], g["seq"], g["heads"], g["kv_heads"],
                              g["head_dim"], True))
+    else:
+        g = GPU_QUICK_LLAMA
+        shapes += [_Shape(GPU_TOKENS // seq, seq, g["heads"], g["kv_heads"], g["head_dim"],
+                          causal) for seq, causal in GPU_QUICK_LLAMA_SEQS]
     return [s.as_dict() for s in shapes]
 
 
@@ -293,12 +305,13 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     """The attention cases for ``device``: every implementation, shape and variant.
 
     On a GPU: bf16, the grid of :func:`gpu_shapes` (quick: seq 4096, head_dim 128, causal and
-    not), for eurocore (auto's backend), SDPA flash, SDPA cuDNN (else memory-efficient) and
-    flash-attn; each SDPA backend is tried on a small input first where the device is
-    present, and listed as skipped with its error where it fails. On the CPU: float32 (CPU
-    bf16 is not representative; the dtype field says float32), :func:`cpu_shapes`, eurocore's
-    auto backend (torch, the reference; triton under the interpreter is skipped) and SDPA's
-    math backend; the GPU implementations are listed as skipped.
+    not, then Llama's GQA at 4096 and 16384), for eurocore (auto's backend), SDPA flash, SDPA
+    cuDNN (else memory-efficient) and flash-attn; each SDPA backend is tried on a small input
+    first where the device is present, and listed as skipped with its error where it fails. On
+    the CPU: float32 (CPU bf16 is not representative; the dtype field says float32),
+    :func:`cpu_shapes`, eurocore's auto backend (torch, the reference; triton under the
+    interpreter is skipped) and SDPA's math backend; the GPU implementations are listed as
+    skipped.
 
     Returns:
         Cases to run, plus skipped cases (``Case.skip`` set) naming what is left out and why.
@@ -336,8 +349,9 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
 
     element_size = torch.empty((), dtype=dtype).element_size()
     probed: dict[tuple, list] = {}
-    for variant in VARIANTS:
-        for shape in shapes:
+    # shape by shape: a run stopped at its deadline holds every variant of the shapes done
+    for shape in shapes:
+        for variant in VARIANTS:
             b, s, h, hk, d = (shape[k] for k in ("batch", "seq", "heads", "kv_heads",
                                                   "head_dim"))
             causal = bool(shape["causal"])

@@ -374,13 +374,17 @@ def format_table(rows: Sequence[dict[str, Any]], disk: dict[str, float] | None =
     return "\n".join(lines)
 
 
+def plot_title(env: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The title of :func:`plot`'s figure: device, model, layout, torch version."""
+    return (f"{env['device_name']}: {settings['model']} checkpoints, "
+            f"{settings['save_layout']}, torch {env['torch']}")
+
+
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Bars of what training waits per save (sync, async) and the load times, as PNG."""
-    import matplotlib
+    from .plot import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{r['part']}\n{r['case']}" for r in rows]
     values = [r.get("wait_ms", r.get("load_ms")) / 1e3 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -389,11 +393,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_ylabel("seconds (training waits / load takes)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -537,8 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(payload["rows"], payload["disk"]))
     print(f"\nresults written to {path}")
     if args.plot:
-        title = (f"{env['device_name']}: {settings['model']} checkpoints, {save_layout}, "
-                 f"torch {env['torch']}")
+        title = plot_title(env, payload["settings"])
         print(f"plot written to {plot(payload['rows'], path.with_suffix('.png'), title)}")
     return 0
 

@@ -45,7 +45,7 @@ from eurocore.utils.files import write_json_atomically
 # What a case builds: fresh inputs, then the zero-argument callable that is timed.
 Setup = Callable[[], Callable[[], object]]
 
-SCHEMA_VERSION = 2  # 2: host_ms and timing per result
+SCHEMA_VERSION = 3  # 2: host_ms and timing per result; 3: the run's status
 
 # Ceiling sizes. GPU: a 1 GiB copy is far past any L2, and 8192³ saturates the tensor cores.
 # CPU: sizes that finish in well under a second on two cores.
@@ -139,9 +139,14 @@ class Result:
         )
 
 
+# Skipped.status of a case not started because the run's deadline had passed.
+NOT_RUN = "not run"
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A case that was not measured: skipped by design ("skipped") or raised ("failed")."""
+    """A case that was not measured: skipped by design ("skipped"), raised ("failed") or
+    not started because the run's deadline had passed (:data:`NOT_RUN`)."""
 
     op: str
     variant: str
@@ -417,25 +422,53 @@ def run_cases(
     ceilings: dict[str, Any],
     *,
     progress: Callable[[str], None] | None = None,
+    deadline: float | None = None,
+    on_case: Callable[[Result | Skipped], None] | None = None,
 ) -> tuple[list[Result], list[Skipped]]:
     """Builds and times each case in turn, freeing its inputs before the next.
 
     A case whose setup or first call raises is reported as failed with the error's first
     line, and the run goes on: one broken implementation does not hide the others.
 
+    Args:
+        progress: receives one line per case before it runs: its position, the estimated
+            time left (the mean time of the cases so far, times the cases left) and what
+            it is.
+        deadline: a ``time.monotonic()`` instant; no case starts after it, and each one
+            left is reported with status :data:`NOT_RUN` (a case already running finishes).
+        on_case: receives each case's Result or Skipped as soon as it is known, so that a
+            caller can write its results down before the next case (a run killed midway
+            keeps what it measured).
+
     Returns:
         (results, skipped) in the order of ``cases``.
     """
     device = torch.device(device)
+    cases = list(cases)
+    runnable = sum(case.skip is None and case.setup is not None for case in cases)
     results: list[Result] = []
     skipped: list[Skipped] = []
+    started, done = time.monotonic(), 0
+
+    def report(item: Result | Skipped) -> None:
+        (results if isinstance(item, Result) else skipped).append(item)
+        if on_case is not None:
+            on_case(item)
+
     for case in cases:
         if case.skip is not None or case.setup is None:
-            skipped.append(Skipped(case.op, case.variant, dict(case.shape), case.impl,
-                                   "skipped", case.skip or "no setup"))
+            report(Skipped(case.op, case.variant, dict(case.shape), case.impl, "skipped",
+                           case.skip or "no setup"))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            report(Skipped(case.op, case.variant, dict(case.shape), case.impl, NOT_RUN,
+                           "not started: the run's deadline had passed"))
             continue
         if progress is not None:
-            progress(f"{case.op} {case.variant} {_format_shape(case.shape)} {case.impl}")
+            eta = ("" if done == 0 else
+                   f", ETA {(time.monotonic() - started) / done * (runnable - done):.0f} s")
+            progress(f"[{done + 1}/{runnable}{eta}] {case.op} {case.variant} "
+                     f"{_format_shape(case.shape)} {case.impl}")
         fn = None
         try:
             fn = case.setup()
@@ -444,15 +477,40 @@ def run_cases(
             ms, timing = time_device(fn, device)
             host_ms = host_time(fn, device) if _is_gpu(device) else None
         except Exception as err:  # any implementation's failure is reported, not fatal
-            skipped.append(Skipped(case.op, case.variant, dict(case.shape), case.impl,
-                                   "failed", _first_line(err)))
+            outcome: Result | Skipped = Skipped(case.op, case.variant, dict(case.shape),
+                                                case.impl, "failed", _first_line(err))
         else:
-            results.append(Result.from_case(case, ms, device, ceilings, host_ms=host_ms,
-                                            timing=timing))
+            outcome = Result.from_case(case, ms, device, ceilings, host_ms=host_ms,
+                                       timing=timing)
         finally:
             del fn
             _free(device)
+        done += 1
+        report(outcome)
     return results, skipped
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (its interpreter's start-up and imports
+    included), from /proc on Linux; 0.0 where that cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # the fields after the command's closing parenthesis; starttime is the 22nd field
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """The ``time.monotonic()`` instant ``seconds`` after this process started (None for
+    None): a command's ``--deadline``, which counts Python's start-up and imports too, so
+    that a caller's time limit on the whole command is what it measures."""
+    if seconds is None:
+        return None
+    return time.monotonic() - process_age_s() + seconds
 
 
 def _cpu_model() -> str:
@@ -619,10 +677,17 @@ def print_table(results: Sequence[Result], skipped: Sequence[Skipped] = (), *,
     notes = sorted({r.note for r in results if r.note})
     for note in notes:
         print(f"note: {note}", file=file)
+    not_run = [s for s in skipped if s.status == NOT_RUN]
     for s in skipped:
+        if s.status == NOT_RUN:  # one line for them all, below: the deadline is one reason
+            continue
         where = " ".join(x for x in (s.variant if s.variant != "*" else "",
                                      _format_shape(s.shape) if s.shape else "") if x)
         print(f"{s.status}: {s.op} {s.impl}{' ' + where if where else ''}: {s.reason}",
+              file=file)
+    if not_run:
+        ops = ", ".join(dict.fromkeys(s.op for s in not_run))
+        print(f"{NOT_RUN}: {len(not_run)} case(s) of {ops}: the run's deadline had passed",
               file=file)
 
 
@@ -670,18 +735,24 @@ def result_path(env: dict[str, Any], out_dir: str | os.PathLike[str],
 
 
 def write_json(results: Sequence[Result], ceilings: dict[str, Any], env: dict[str, Any],
-               out_dir: str | os.PathLike[str], skipped: Sequence[Skipped] = ()) -> Path:
-    """Writes ``<out_dir>/<YYYY-MM-DD>-<device-slug>.json`` atomically and returns its path.
+               out_dir: str | os.PathLike[str], skipped: Sequence[Skipped] = (), *,
+               path: str | os.PathLike[str] | None = None, status: str = "complete") -> Path:
+    """Writes ``<out_dir>/<YYYY-MM-DD>-<device-slug>.json`` (or ``path``, when given)
+    atomically and returns its path.
 
-    The file holds ``{"schema", "environment", "ceilings", "results", "skipped"}``. It is
-    written to a temporary file in ``out_dir`` and renamed over the target, so a reader
-    never sees half a file. CPU runs get a ``cpu-`` prefix on the slug when the CPU's name
-    lacks one, so they are never mistaken for GPU results.
+    The file holds ``{"schema", "status", "environment", "ceilings", "results",
+    "skipped"}``; ``status`` says how far the run got: "running" (written after each case:
+    the cases so far), "complete", or "deadline" (stopped at its deadline: the cases not
+    run are in ``skipped`` with status "not run"). It is written to a temporary file in the
+    target's folder and renamed over the target, so a reader never sees half a file. CPU
+    runs get a ``cpu-`` prefix on the slug when the CPU's name lacks one, so they are never
+    mistaken for GPU results.
     """
-    path = result_path(env, out_dir)
+    path = Path(path) if path is not None else result_path(env, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "schema": SCHEMA_VERSION,
+        "status": status,
         "environment": env,
         "ceilings": ceilings,
         "results": [dataclasses.asdict(r) for r in results],

@@ -6,6 +6,7 @@
     eurocore export-hf CHECKPOINT OUT_DIR   a checkpoint as a Hugging Face Llama model
     eurocore bench [ARGS...]     the kernel benchmarks (python -m eurocore.benchmarks ARGS)
     eurocore plot RUN_DIR        a run's metrics.jsonl as RUN_DIR/metrics.png
+    eurocore plot RESULTS.json   benchmark results as PNGs beside the file
     eurocore backends            which backends this machine can run, and why (not)
 
 The top of the layering: everything is imported inside the sub-command that needs it, so
@@ -53,20 +54,31 @@ def _parser() -> argparse.ArgumentParser:
                         help="the largest safetensors file, in GB (default 5)")
     plot = sub.add_parser(
         "plot", help="plot a training run's metrics (RUN_DIR/metrics.jsonl): loss, learning "
-        "rate, tokens/s and MFU over the steps, as a PNG (needs matplotlib: eurocore[plot])")
+        "rate, tokens/s and MFU over the steps, as a PNG; or a benchmark's results JSON: "
+        "each op's fraction of the measured ceiling against shape, one line per "
+        "implementation (needs matplotlib: eurocore[plot])")
     plot.add_argument("path", metavar="PATH", help="a run directory (the training run's "
-                      "--output-dir)")
-    plot.add_argument("-o", "--output", metavar="PNG", default=None,
-                      help="where the PNG goes (default RUN_DIR/metrics.png)")
+                      "--output-dir) or a results JSON file")
+    plot.add_argument("-o", "--output", metavar="OUT", default=None,
+                      help="a run: the PNG (default RUN_DIR/metrics.png); results: the "
+                      "directory of the PNGs (default the JSON's)")
     sub.add_parser("backends", help="list the backends and whether this machine can run them")
     return parser
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from eurocore.train.plot import plot
+    from pathlib import Path
 
     try:
-        print(plot(args.path, args.output))
+        if Path(args.path).is_file():  # benchmark results
+            from eurocore.benchmarks.plot import plot_results
+
+            for png in plot_results(args.path, args.output or Path(args.path).parent):
+                print(png)
+        else:
+            from eurocore.train.plot import plot
+
+            print(plot(args.path, args.output))
     except (ValueError, ImportError, OSError) as err:  # bad input, no matplotlib, a full disk
         print(f"eurocore plot: {err}", file=sys.stderr)
         return 1

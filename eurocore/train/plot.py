@@ -3,13 +3,15 @@
     eurocore plot runs/tiny-20261201-120000          # -> runs/tiny-.../metrics.png
     path = plot("runs/tiny-...")                     # the same from Python
 
+(``eurocore plot RESULTS.json`` draws benchmark results instead: the CLI hands a file to
+``eurocore.benchmarks.plot.plot_results``, a layer above this one.)
+
 A directory is a run: its ``metrics.jsonl`` (:func:`eurocore.train.metrics.read_metrics`)
 drawn as one figure of four panels: loss (training, and validation where evaluated),
 learning rate, throughput (tokens/s, all devices) and MFU (TFLOP/s per device where the
 device's peak is unknown), over the steps, with a dashed line where the run resumed.
-:func:`plot_run` draws parsed records and :func:`save_figure` writes any figure, so that
-other inputs (benchmark results: a file) can be added beside it; a file is not supported
-yet. matplotlib (the ``plot`` extra) is needed, with its Agg backend: no display.
+:func:`plot_run` draws parsed records and :func:`save_figure` writes any figure.
+matplotlib (the ``plot`` extra) is needed, with its Agg backend: no display.
 """
 
 from __future__ import annotations
@@ -25,16 +27,14 @@ PLOT_FILE = "metrics.png"  # in the run directory, unless told otherwise
 
 
 def plot(path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None) -> Path:
-    """Plots what ``path`` holds and returns the PNG's path: a run directory's
-    metrics.jsonl (see :func:`plot_run_dir`). Raises ValueError naming ``PATH`` when it
-    does not exist or is a file (benchmark results: not supported yet)."""
+    """Plots a run directory's metrics.jsonl (see :func:`plot_run_dir`) and returns the
+    PNG's path. Raises ValueError naming ``PATH`` when it does not exist or is a file."""
     source = Path(path)
     if source.is_dir():
         return plot_run_dir(source, output)
     if source.exists():
-        raise ValueError(f"PATH: {str(source)!r} is a file; plotting a file (benchmark "
-                         f"results) is not supported yet: give a run directory, which holds "
-                         f"{METRICS_FILE}")
+        raise ValueError(f"PATH: {str(source)!r} is a file; expected a run directory, "
+                         f"which holds {METRICS_FILE}")
     raise ValueError(f"PATH: {str(source)!r} does not exist (expected a run directory, "
                      f"the training run's --output-dir)")
 

@@ -211,7 +211,8 @@ def test_attention_flops_and_bytes_are_hand_counted():
     (forward) and q, k, v, out, dout, dq, dk, dv plus the fp32 lse (backward), bf16."""
     cases = [c for c in attention.cases("cuda", quick=True) if c.shape]
     runnable = [c for c in cases if c.skip is None]  # every implementation counts alike
-    causal = {c.variant: c for c in runnable if c.shape["causal"]}
+    causal = {c.variant: c for c in runnable
+              if c.shape["causal"] and c.shape["heads"] == c.shape["kv_heads"]}
     assert causal["fwd"].shape == {"batch": 4, "seq": 4096, "heads": 16, "kv_heads": 16,
                                    "head_dim": 128, "causal": 1}
     fwd = 274_877_906_944  # 4 * 4 * 16 * 4096 * 4096 * 128 / 2
@@ -225,6 +226,23 @@ def test_attention_flops_and_bytes_are_hand_counted():
     full = next(c for c in runnable if not c.shape["causal"] and c.variant == "fwd")
     assert full.flops == 2 * fwd
     assert attention.attention_flops(2, 4, 128, 128, 64, False, "fwd") == 33_554_432
+
+
+def test_attention_quick_gpu_grid_runs_shape_by_shape():
+    """--quick on a GPU: MHA at seq 4096 (as the earlier H100 runs), then Llama's GQA (32
+    query heads, 8 kv heads of 128) at 4096 tokens causal and not, and 16384 causal, 16384
+    tokens per batch; every variant of a shape listed before the next shape, so a run cut
+    at its deadline holds whole shapes."""
+    runnable = [c for c in attention.cases("cuda", quick=True) if c.skip is None]
+    shapes = list(dict.fromkeys(tuple(c.shape.values()) for c in runnable))
+    assert shapes == [(4, 4096, 16, 16, 128, 0), (4, 4096, 16, 16, 128, 1),
+                      (4, 4096, 32, 8, 128, 0), (4, 4096, 32, 8, 128, 1),
+                      (1, 16384, 32, 8, 128, 1)]
+    order = [shapes.index(tuple(c.shape.values())) for c in runnable]
+    assert order == sorted(order)
+    for shape in shapes:
+        assert {c.variant for c in runnable if tuple(c.shape.values()) == shape} == \
+            set(attention.VARIANTS)
 
 
 def test_attention_gpu_grid():

@@ -171,6 +171,12 @@ def test_seq_len_beyond_the_model_is_rejected():
         train(TrainConfig(**{**SHORT, "seq_len": 512}), CPU)
 
 
+# The torchrun tests' ranks run on the CPU (gloo) wherever the tests run: by default each
+# rank takes the GPU of its local rank modulo the GPUs there are, so on a machine with fewer
+# GPUs than ranks two ranks would share one, which NCCL refuses.
+CPU_RANKS = ("--device", "cpu")
+
+
 @pytest.mark.slow
 def test_torchrun_tp_and_pp_on_four_ranks(tmp_path):
     """The README's 4-rank command, shortened: TP=2 x PP=2 with 4 microbatches."""
@@ -179,7 +185,7 @@ def test_torchrun_tp_and_pp_on_four_ranks(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
          "-m", "eurocore.train", "--tp", "2", "--pp", "2", "--sequence-parallel",
          "--micro-batch-size", "4", "--steps", "3", "--log-every", "1",
-         "--metrics-json", str(metrics)],
+         "--metrics-json", str(metrics), *CPU_RANKS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -196,7 +202,7 @@ def test_torchrun_command(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
          "-m", "eurocore.train", "--tp", "2", "--sequence-parallel", "--steps", "8",
-         "--log-every", "4", "--metrics-json", str(metrics)],
+         "--log-every", "4", "--metrics-json", str(metrics), *CPU_RANKS],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 x cpu" in result.stdout and "floor" in result.stdout
