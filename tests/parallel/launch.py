@@ -22,6 +22,10 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # no rank tears its group down while another still has work in flight on it (a
+        # gloo pair closed under FSDP's pending collectives once aborted a finished test);
+        # only on success: a failed rank must not wait for the others
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
