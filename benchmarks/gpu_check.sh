@@ -20,6 +20,7 @@
 #                (the pinned tiles; MHA seq 4096 and Llama's GQA 32/8 at 4096 and 16384)
 #   kernels      rms_norm rotary swiglu --quick, the backward then the forward
 #                (device times and host times per call)                   kernels.json
+#   host         python -m eurocore.benchmarks host: host time per eager call   host.json
 #   collectives  one rank of NCCL: all_reduce, all_gather, broadcast, destroy
 #   tests        pytest -n auto (serially without pytest-xdist) tests/ops tests/nn
 #                -m "not fuzz", interrupted at the deadline (the report keeps what ran)
@@ -31,10 +32,12 @@
 # Environment: PYTHON (default python3); DEADLINE (seconds for the whole check, default 480);
 # GPU_CHECK_DEVICE (cuda, the default; cpu checks this script on a CPU: no install, gloo for
 # the collectives, the benchmarks' CPU shapes); caps in seconds, 0 skipping the step:
-# INSTALL_CAP (150), ATTENTION_CAP (110), TRAIN_CAP (150), KERNELS_CAP (60), NCCL_CAP (30),
+# INSTALL_CAP (150), ATTENTION_CAP (110), TRAIN_CAP (150), KERNELS_CAP (60), HOST_CAP (40),
+# NCCL_CAP (30),
 # TESTS_CAP (600: what is left); BENCH_ARGS (the kernel benchmarks' grid, default --quick;
 # "" for the full grids); TRAIN_ARGS (more options of the training benchmark, e.g. --quick);
 # KERNEL_OPS (default "rms_norm rotary swiglu"); KERNEL_VARIANTS (default "bwd fwd");
+# HOST_ARGS (the host benchmark's options, default "--calls 100 --repeats 3");
 # TEST_PATHS (default "tests/ops tests/nn"); TEST_WORKERS (pytest -n, default auto);
 # PYTEST_ARGS (default -m "not fuzz").
 #   DEADLINE=300 TRAIN_ARGS="--models llama-1b" benchmarks/gpu_check.sh OUTDIR
@@ -261,6 +264,12 @@ budget "${KERNELS_CAP:-60}" "${NCCL_CAP:-30}"
 run_step kernels TERM kernels.json "$py" -m eurocore.benchmarks \
   --ops ${KERNEL_OPS:-rms_norm rotary swiglu} --variants ${KERNEL_VARIANTS:-bwd fwd} $bench \
   "${devflag[@]}" --json "$out/kernels.json" --deadline "$(pydeadline)" || status=1
+
+# host time per eager call (fast path, custom-op path, torch eager, torch.compile); its JSON
+# is rewritten after each op
+budget "${HOST_CAP:-40}" "${NCCL_CAP:-30}"
+run_step host TERM host.json "$py" -m eurocore.benchmarks host "${devflag[@]}" \
+  ${HOST_ARGS:---calls 100 --repeats 3} --json "$out/host.json" || status=1
 
 # --- collectives: one rank; NCCL (RCCL on ROCm) on the GPU, gloo on the CPU ----------------
 read -r -d '' COLLECTIVES <<'EOF'

@@ -23,6 +23,8 @@ over every query block and every query head of its kv group (GQA sums there, in 
 order), one program per query block accumulates dq. Gradients are bitwise reproducible.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -381,13 +383,27 @@ def vendor(device) -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
+# Host-side integer arithmetic, cached per value: triton.next_power_of_2 and triton.cdiv are
+# constexpr functions, about 2 µs a call from the host, several per launch. The configuration
+# itself is not cached: benchmarks/tune.py patches the tables above in place.
+@functools.lru_cache(maxsize=256)
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@functools.lru_cache(maxsize=1024)
+def _blocks(length: int, block: int) -> int:
+    """Blocks of ``block`` covering ``length`` (at least one)."""
+    return triton.cdiv(max(length, 1), block)
+
+
 def launch_config(head_dim: int, vendor_name: str, kernel: str, fp32: bool = False) -> dict:
     """Tiles, warps and stages of ``kernel`` ("forward", "dkdv" or "dq") for one head_dim:
     the single source of launch configurations (the launchers use it; the ahead-of-time
     compile check enumerates its outputs)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = _block_d(head_dim)
     if vendor_name == "interpreter":
         block_m, block_n, warps, stages = INTERPRETER_CONFIG
     elif fp32:
@@ -425,7 +441,7 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     cfg = launch_config(head_dim, vendor(q.device), "forward", fp32=q.dtype == torch.float32)
     if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
         return
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
+    grid = (_blocks(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
     qs, ks, vs, os_ = (_strides4(t) for t in (q, k, v, out))
     if varlen:  # one packed row: the batch index walks sequences, not memory
         qs, ks, vs, os_ = ((0, s[1], s[2]) for s in (qs, ks, vs, os_))
@@ -471,19 +487,19 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     scale, cap, flags = _scale_args(softmax_scale, softcap, window)
-    _attn_bwd_delta_kernel[(triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"]), n_seqs * heads)](
+    q_grid = (_blocks(max_seqlen_q, dq_cfg["BLOCK_M"]), n_seqs * heads)
+    _attn_bwd_delta_kernel[q_grid](
         out, do, delta, cu_q, *os_, *dos, *lse_strides, seqlen_q, heads, head_dim,
         VARLEN=varlen, **_without(dq_cfg, "BLOCK_N"))
     if dlse is not None:  # lse's gradient joins ds as −δ does (module docstring)
         delta.sub_(dlse)
     common = (seqlen_q, seqlen_k)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen_k, 1), dkdv_cfg["BLOCK_N"]),
-                           n_seqs * kv_heads)](
+    _attn_bwd_dkdv_kernel[(_blocks(max_seqlen_k, dkdv_cfg["BLOCK_N"]), n_seqs * kv_heads)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qs, *ks, *vs, *dos, *dks, *dvs,
         *lse_strides, *common, kv_heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
         VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dkdv_cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(max(max_seqlen_q, 1), dq_cfg["BLOCK_M"]), n_seqs * heads)](
+    _attn_bwd_dq_kernel[q_grid](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *dqs, *lse_strides,
         *common, heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],

@@ -19,6 +19,8 @@ deterministic: each backward program sums its own rows into a private fp32 row o
 `dw_partial`, and those rows are summed in a fixed order afterwards; no atomics.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,6 +196,32 @@ def backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, per_device))
 
 
+# A launch derives its configuration and grid from shapes alone. Derived afresh, that is
+# about 2 µs a call (triton.next_power_of_2 and triton.cdiv are constexpr functions, slow to
+# call from the host) next to a kernel that may run for less; so it is cached per shape. The
+# key also holds everything the derivation reads that can be patched (the functions and the
+# module limits: benchmarks/tune.py, the tests), so a patched one never meets a stale entry.
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(n_cols: int, patchables: tuple) -> dict:
+    """The launch config of a forward over rows of ``n_cols``."""
+    return launch_config(n_cols)
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(n_rows: int, n_cols: int, device: torch.device,
+                   patchables: tuple) -> tuple[dict, int, int]:
+    """(launch config, programs, rows per program) of a backward over (n_rows, n_cols)."""
+    programs = backward_programs(n_rows, device)
+    return launch_config(n_cols), programs, triton.cdiv(n_rows, programs)
+
+
+def _patchables() -> tuple:
+    """What the plans read that a tuning sweep or a test may patch (part of their key)."""
+    return launch_config, backward_programs, MAX_BLOCK_N, MAX_WARPS
+
+
 def rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -212,7 +240,7 @@ def rms_norm_fwd(
     n_rows, n_cols = x.shape
     if n_rows == 0:
         return
-    cfg = launch_config(n_cols)
+    cfg = _forward_plan(n_cols, _patchables())
     has_residual = residual is not None
     _rms_norm_fwd_kernel[(n_rows,)](
         x, residual if has_residual else x, weight if weight is not None else x, y,
@@ -242,8 +270,7 @@ def rms_norm_bwd(
     dx and dr (the residual's gradient, when its dtype differs from dx's) are written.
     """
     n_rows, n_cols = h.shape
-    cfg = launch_config(n_cols)
-    programs = backward_programs(n_rows, h.device)
+    cfg, programs, rows_per_program = _backward_plan(n_rows, n_cols, h.device, _patchables())
     has_weight = weight is not None
     # Single-block programs store their whole partial row; looping ones accumulate into it.
     alloc = torch.empty if cfg["ONE_BLOCK"] else torch.zeros
@@ -255,7 +282,7 @@ def rms_norm_bwd(
             dx, dr if dr is not None else dx, dw_partial,
             dy.stride(0), dh_in.stride(0) if dh_in is not None else 0, h.stride(0),
             dx.stride(0), dr.stride(0) if dr is not None else 0,
-            n_rows, n_cols, triton.cdiv(n_rows, programs),
+            n_rows, n_cols, rows_per_program,
             HAS_DH_IN=dh_in is not None, HAS_DR=dr is not None, HAS_WEIGHT=has_weight,
             ZERO_CENTERED=zero_centered_weight,
             BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"], num_warps=cfg["num_warps"],

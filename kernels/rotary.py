@@ -16,6 +16,8 @@ of k. x1 and x2 are loaded as two tiles of one shape, so the thread that reads a
 the one that writes it: in place is safe without a barrier.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -169,6 +171,27 @@ def heads_per_program(token_blocks: int, n_q_heads: int, n_k_heads: int) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int, tail: int,
+          patchables: tuple) -> tuple[dict, int, int, int, int]:
+    """(launch config, token blocks, heads per program, q head groups, head groups) of a
+    launch: pure functions of the shape, cached, since deriving them afresh costs more host
+    time (some 10 µs: triton.cdiv and triton.next_power_of_2 are constexpr functions, slow to
+    call from the host) than the rest of the launch. The key also holds what may be patched
+    (the functions and the module's tile limits: benchmarks/tune.py, the tests), so a patched
+    one never meets a stale entry."""
+    cfg = launch_config(half, tail)
+    token_blocks = triton.cdiv(n_tokens, cfg["BLOCK_T"])
+    heads = heads_per_program(token_blocks, n_q_heads, n_k_heads)
+    q_groups = triton.cdiv(n_q_heads, heads)
+    return cfg, token_blocks, heads, q_groups, q_groups + triton.cdiv(n_k_heads, heads)
+
+
+def _patchables() -> tuple:
+    """What the plan reads that a tuning sweep or a test may patch (part of its key)."""
+    return launch_config, heads_per_program, TILE, MAX_BLOCK_T, MIN_PROGRAMS, NUM_WARPS
+
+
 def rotary(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -202,11 +225,9 @@ def rotary(
     n_tokens = n_outer * n_inner
     half = cos.shape[1]
     copy_tail = not in_place and head_dim > 2 * half
-    cfg = launch_config(half, head_dim - 2 * half if copy_tail else 0)
-    token_blocks = triton.cdiv(n_tokens, cfg["BLOCK_T"])
-    heads = heads_per_program(token_blocks, n_q_heads, n_k_heads)
-    q_groups = triton.cdiv(n_q_heads, heads)
-    groups = q_groups + triton.cdiv(n_k_heads, heads)
+    cfg, token_blocks, heads, q_groups, groups = _plan(
+        n_tokens, n_q_heads, n_k_heads, half, head_dim - 2 * half if copy_tail else 0,
+        _patchables())
     if n_tokens == 0 or groups == 0:
         return
     if position_ids is not None:

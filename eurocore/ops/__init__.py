@@ -24,6 +24,7 @@ from eurocore.ops.backends import (
     available_backends,
 )
 from eurocore.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from eurocore.ops.dispatch import eager_fast_path
 from eurocore.ops.normalization import rms_norm, rms_norm_reference
 from eurocore.ops.rotary import apply_rotary, apply_rotary_reference, rope_cos_sin
 
@@ -36,6 +37,7 @@ __all__ = [
     "attention_reference",
     "attention_varlen_reference",
     "available_backends",
+    "eager_fast_path",
     "flash_attention",
     "flash_attention_varlen",
     "linear_cross_entropy",

@@ -3,13 +3,17 @@
 ``swiglu_reference`` is the specification (the ``torch`` backend); the Triton backend is
 registered as the ``torch.library`` custom ops ``eurocore::swiglu_fwd`` and
 ``eurocore::swiglu_bwd`` with fake implementations, so ``torch.compile(fullgraph=True)``
-traces through them. There is no C++ (``cuda``) kernel for this op.
+traces through them; plain eager calls skip the dispatcher (``eurocore.ops.dispatch``).
+There is no C++ (``cuda``) kernel for this op.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from eurocore.ops import dispatch
 from eurocore.ops.backends import resolve_backend
 
 IMPLEMENTED = ("torch", "triton")
@@ -38,7 +42,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     if gate.dtype not in KERNEL_DTYPES:
         raise TypeError(f"gate: the {name} backend takes float16, bfloat16 or float32, "
                         f"got {gate.dtype}")
-    return torch.ops.eurocore.swiglu_fwd(gate, up, name)
+    return _swiglu_fwd(gate, up, name)
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -75,6 +79,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+@functools.cache  # an import statement per call costs about 1 µs of host time
 def _launchers(backend: str):
     if backend == "triton":
         from eurocore.kernels import swiglu as launchers
@@ -83,7 +88,7 @@ def _launchers(backend: str):
     raise AssertionError(f"swiglu: no launchers for backend {backend!r}")  # resolve_backend
 
 
-@torch.library.custom_op("eurocore::swiglu_fwd", mutates_args=())
+@dispatch.custom_op("eurocore::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     y = _swiglu_fwd_fake(gate, up, backend)
     if y.numel():
@@ -96,7 +101,7 @@ def _swiglu_fwd_fake(gate, up, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("eurocore::swiglu_bwd", mutates_args=())
+@dispatch.custom_op("eurocore::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dgate, dup), new contiguous tensors in gate's dtype."""
@@ -120,7 +125,7 @@ def _swiglu_fwd_setup_context(ctx, inputs, output):
 
 def _swiglu_fwd_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dgate, dup = torch.ops.eurocore.swiglu_bwd(dy, gate, up, ctx.backend)
+    dgate, dup = _swiglu_bwd(dy, gate, up, ctx.backend)
     return dgate, dup, None
 
 

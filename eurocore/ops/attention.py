@@ -3,7 +3,8 @@
 ``attention_reference`` is the specification (the ``torch`` backend): plain matmuls and
 masks. The kernel backends run through the ``torch.library`` custom ops
 ``eurocore::flash_attn_fwd`` and ``eurocore::flash_attn_bwd`` with fake implementations and
-``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them.
+``register_autograd``, so ``torch.compile(fullgraph=True)`` traces through them; plain
+eager calls skip the dispatcher (``eurocore.ops.dispatch``).
 
 Semantics (flash-attn 2): with d = seqlen_k − seqlen_q, query i sees key j when
 ``i + d − left <= j <= i + d + right`` for ``window_size=(left, right)`` (−1: unbounded);
@@ -15,11 +16,13 @@ gets zeros and log-sum-exp −inf.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import torch
 
+from eurocore.ops import dispatch
 from eurocore.ops.backends import resolve_backend
 from eurocore.ops.checks import (
     check_cu_seqlens_shape,
@@ -78,7 +81,7 @@ def flash_attention(
                                        softcap=softcap)
     else:
         _check_kernel(q, name)
-        out, lse = torch.ops.eurocore.flash_attn_fwd(
+        out, lse = _flash_attn_fwd(
             q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, float(softcap),
             name)
     return (out, lse) if return_lse else out
@@ -132,7 +135,7 @@ def flash_attention_varlen(
             softcap=softcap)
     else:
         _check_kernel(q, name)
-        out, lse = torch.ops.eurocore.flash_attn_fwd(
+        out, lse = _flash_attn_fwd(
             q, k, v, kernel_index(cu_seqlens_q), kernel_index(cu_seqlens_k), max_seqlen_q,
             max_seqlen_k, scale, left, right, float(softcap), name)
     return (out, lse) if return_lse else out
@@ -305,6 +308,7 @@ def _check_kernel(q, name: str) -> None:
 # -------------------------------------------------------------------------------------------
 
 
+@functools.cache  # an import statement per call costs about 1 µs of host time
 def _launchers(backend: str):
     if backend == "triton":
         from eurocore.kernels import flash_attention as launchers
@@ -319,7 +323,7 @@ def _as_4d(t: torch.Tensor, packed: bool) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("eurocore::flash_attn_fwd", mutates_args=())
+@dispatch.custom_op("eurocore::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -356,7 +360,7 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("eurocore::flash_attn_bwd", mutates_args=())
+@dispatch.custom_op("eurocore::flash_attn_bwd", mutates_args=())
 def _flash_attn_bwd(
     dout: torch.Tensor,
     dlse: torch.Tensor | None,
@@ -407,8 +411,7 @@ def _flash_attn_fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:  # only lse reached the loss
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.eurocore.flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k,
-                                                   *ctx.args)
+    dq, dk, dv = _flash_attn_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, *([None] * 9)
 
 

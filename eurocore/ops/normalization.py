@@ -3,13 +3,16 @@
 ``rms_norm_reference`` is the specification (the ``torch`` backend); the other backends
 are registered as the ``torch.library`` custom ops ``eurocore::rms_norm_fwd`` and
 ``eurocore::rms_norm_bwd`` with fake implementations, so ``torch.compile(fullgraph=True)``
-traces through them.
+traces through them; plain eager calls skip the dispatcher (``eurocore.ops.dispatch``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from eurocore.ops import dispatch
 from eurocore.ops.backends import resolve_backend
 from eurocore.utils.checks import check_bool, check_number
 
@@ -54,8 +57,7 @@ def rms_norm(
         if tensor is not None and tensor.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{arg}: the {name} backend takes float16, bfloat16 or float32, "
                             f"got {tensor.dtype}")
-    y, h, _ = torch.ops.eurocore.rms_norm_fwd(x, weight, residual, float(eps),
-                                              zero_centered_weight, name)
+    y, h, _ = _rms_norm_fwd(x, weight, residual, float(eps), zero_centered_weight, name)
     return y if residual is None else (y, h)
 
 
@@ -118,6 +120,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+@functools.cache  # an import statement per call costs about 1 µs of host time
 def _launchers(backend: str):
     if backend == "triton":
         from eurocore.kernels import rms_norm as launchers
@@ -130,7 +133,7 @@ def _launchers(backend: str):
     raise AssertionError(f"rms_norm: no launchers for backend {backend!r}")  # resolve_backend
 
 
-@torch.library.custom_op("eurocore::rms_norm_fwd", mutates_args=())
+@dispatch.custom_op("eurocore::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -158,7 +161,7 @@ def _rms_norm_fwd_fake(x, weight, residual, eps, zero_centered_weight, backend):
     return y, h, rstd
 
 
-@torch.library.custom_op("eurocore::rms_norm_bwd", mutates_args=())
+@dispatch.custom_op("eurocore::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd(
     dy: torch.Tensor,
     dh_in: torch.Tensor | None,
@@ -205,7 +208,7 @@ def _rms_norm_fwd_setup_context(ctx, inputs, output):
 def _rms_norm_fwd_backward(ctx, dy, dh, _drstd):
     h, weight, rstd = ctx.saved_tensors
     has_residual = ctx.residual_dtype is not None
-    dx, dr, dw = torch.ops.eurocore.rms_norm_bwd(
+    dx, dr, dw = _rms_norm_bwd(
         dy, dh if has_residual else None, h, weight, rstd, ctx.zero_centered_weight,
         ctx.x_dtype, ctx.residual_dtype, ctx.backend)
     dresidual = (dr if ctx.residual_dtype != ctx.x_dtype else dx) if has_residual else None

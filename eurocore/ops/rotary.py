@@ -3,7 +3,8 @@
 ``apply_rotary_reference`` is the specification (the ``torch`` backend). The kernel
 backends run through the ``torch.library`` custom ops ``eurocore::rotary`` (out of place,
 also the backward) and ``eurocore::rotary_`` (in place), under one ``autograd.Function``
-that marks in-place outputs dirty, so ``torch.compile(fullgraph=True)`` traces both.
+that marks in-place outputs dirty, so ``torch.compile(fullgraph=True)`` traces both; plain
+eager calls skip the dispatcher (``eurocore.ops.dispatch``).
 
 Rotation of a pair (x1, x2) at position p and frequency i, with c = cos[p, i], s = sin[p, i]:
 
@@ -16,12 +17,14 @@ The backward is the same rotation with s negated.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from eurocore.ops import dispatch
 from eurocore.ops.backends import resolve_backend
 from eurocore.ops.checks import (
     check_cu_seqlens_shape,
@@ -228,7 +231,7 @@ def apply_rotary(
     if not inplace:
         return _ApplyRotary.apply(q, k, *table, name)
     with torch.no_grad():  # autograd learns of the rotation from _RotatedInPlace below
-        torch.ops.eurocore.rotary_(q, k, *table, False, name)
+        _rotary_inplace(q, k, *table, False, name)
     return (_RotatedInPlace.apply(q, *table, name),
             _RotatedInPlace.apply(k, *table, name) if k is not None else None)
 
@@ -444,17 +447,25 @@ def _position_source(position_ids, seqlen_offsets) -> str:
 # -------------------------------------------------------------------------------------------
 
 
+@functools.cache  # an import statement per call costs about 1 µs of host time
+def _launchers(backend: str):
+    if backend == "triton":
+        from eurocore.kernels import rotary as launchers
+
+        return launchers
+    if backend == "cuda":
+        from eurocore.ops import cuda_launchers
+
+        return cuda_launchers
+    raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
+
+
 def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
             interleaved, conjugate, backend, in_place=False) -> None:
     """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
     stride along head_dim, position ids as (batch or 1, seq), contiguous tables, offsets and
     cu_seqlens (the kernels index those two with unit stride)."""
-    if backend == "triton":
-        from eurocore.kernels import rotary as launchers
-    elif backend == "cuda":
-        from eurocore.ops import cuda_launchers as launchers
-    else:
-        raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
+    launchers = _launchers(backend)
 
     def as_4d(t):
         if t is None:
@@ -471,7 +482,7 @@ def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, off
         in_place=in_place)
 
 
-@torch.library.custom_op("eurocore::rotary", mutates_args=())
+@dispatch.custom_op("eurocore::rotary", mutates_args=())
 def _rotary(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -502,7 +513,7 @@ def _rotary_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layo
     return q.new_empty(q.shape), out_k
 
 
-@torch.library.custom_op("eurocore::rotary_", mutates_args=("q", "k"))
+@dispatch.custom_op("eurocore::rotary_", mutates_args=("q", "k"))
 def _rotary_inplace(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -546,9 +557,8 @@ def _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout
 def _rotate_back(ctx, dq_out, dk_out):
     """The backward of a rotation: the same rotation with the sine negated, in one launch."""
     cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
-    return torch.ops.eurocore.rotary(dq_out, dk_out, cos, sin, position_ids, offsets,
-                                     cu_seqlens, ctx.offset, ctx.layout, ctx.interleaved, True,
-                                     ctx.backend)
+    return _rotary(dq_out, dk_out, cos, sin, position_ids, offsets, cu_seqlens, ctx.offset,
+                   ctx.layout, ctx.interleaved, True, ctx.backend)
 
 
 class _ApplyRotary(torch.autograd.Function):
@@ -558,9 +568,8 @@ class _ApplyRotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
                 interleaved, backend):
-        out_q, out_k = torch.ops.eurocore.rotary(q, k, cos, sin, position_ids, offsets,
-                                                 cu_seqlens, offset, layout, interleaved, False,
-                                                 backend)
+        out_q, out_k = _rotary(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset,
+                               layout, interleaved, False, backend)
         _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
                     interleaved, backend)
         ctx.has_k = k is not None

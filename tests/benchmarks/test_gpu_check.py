@@ -34,9 +34,11 @@ DEADLINE = 150
 # 600 s by default, is far more). About 40 s in all on an idle 2-core machine.
 CHECK_ENV = {"GPU_CHECK_DEVICE": "cpu", "DEADLINE": str(DEADLINE), "ATTENTION_CAP": "12",
              "TRAIN_CAP": "60", "KERNELS_CAP": "12", "KERNEL_OPS": "rotary rms_norm",
-             "NCCL_CAP": "30",
+             "NCCL_CAP": "30", "HOST_CAP": "40",
+             "HOST_ARGS": "--ops rms_norm --compile-backend eager --calls 20 --repeats 1",
              "TEST_PATHS": "tests/train/test_distributed.py", "OMP_NUM_THREADS": "1"}
-STEPS = ["environment", "install", "train", "attention", "kernels", "collectives", "tests"]
+STEPS = ["environment", "install", "train", "attention", "kernels", "host", "collectives",
+         "tests"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,7 +67,8 @@ def test_check_ends_in_time_with_at_most_8_files(check):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8, files
     assert set(files) == {"gpu_check.log", "environment.txt", "summary.json",
-                          "attention.json", "train.json", "kernels.json", "tests.xml"}, files
+                          "attention.json", "train.json", "kernels.json", "host.json",
+                          "tests.xml"}, files
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_status"] == 0 and summary["elapsed_s"] <= DEADLINE
     assert "GPU_CHECK_DEVICE=cpu" in summary["cpp_extension"]
@@ -78,7 +81,7 @@ def test_steps_run_in_order_most_valuable_first(check):
     steps = {s["step"]: s for s in summary["steps"]}
     assert [s["step"] for s in summary["steps"]] == STEPS
     assert steps["install"]["status"] == "skipped: cpu"
-    for name in ("train", "attention", "kernels", "collectives", "tests"):
+    for name in ("train", "attention", "kernels", "host", "collectives", "tests"):
         assert steps[name]["status"] == "ok", steps[name]
         assert steps[name]["seconds"] <= steps[name]["limit_s"] + 1, steps[name]
     # the last step's limit is the time left, less the kill grace (5 s) and the summary's 3
@@ -87,7 +90,7 @@ def test_steps_run_in_order_most_valuable_first(check):
                                         log).groups())
     assert DEADLINE - started - 8 <= limit <= DEADLINE - started - 7
     assert log.index("== train") < log.index("== attention") < log.index("== kernels") \
-        < log.index("== collectives") < log.index("== tests")
+        < log.index("== host") < log.index("== collectives") < log.index("== tests")
     assert (out / "train.json").stat().st_mtime <= (out / "attention.json").stat().st_mtime
     assert "gloo" in log and "broadcast, barrier, destroy: ok" in log
     suite = ET.parse(out / "tests.xml").getroot()
