@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from eurocore.utils.files import check_writable_dir, check_writable_file
-
 from . import attention, harness, rms_norm, rotary, swiglu
 
 # op name -> cases(device, quick) -> list[Case]. A new kernel plugs in with one line here.
@@ -139,14 +137,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m eurocore.benc
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot: matplotlib is not installed (pip install eurocore[plot])")
-    if not args.no_json:
-        try:
-            if args.json:
-                check_writable_file("--json", args.json)
-            else:
-                check_writable_dir("--out", args.out)
-        except ValueError as err:
-            parser.error(str(err))
+    harness.check_output(parser, args)
 
     env = harness.environment(device)
     print(harness.format_environment(env))

@@ -19,6 +19,7 @@ harness itself is tested; those figures are labelled CPU figures wherever they a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime as dt
@@ -40,7 +41,7 @@ from typing import Any, TextIO
 
 import torch
 
-from eurocore.utils.files import write_json_atomically
+from eurocore.utils.files import check_writable_dir, check_writable_file, write_json_atomically
 
 # What a case builds: fresh inputs, then the zero-argument callable that is timed.
 Setup = Callable[[], Callable[[], object]]
@@ -335,6 +336,21 @@ def _profiled_device_us(fn: Callable[[], object], device: torch.device, calls: i
         _synchronize(device)
     return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()
                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+
+
+def check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any measuring: ``parser.error`` naming ``--json`` or ``--out`` when the results
+    JSON could not be written there (nothing to check with ``--no-json``). The benchmark
+    commands' ``--json PATH`` / ``--out DIR`` / ``--no-json`` options, checked alike."""
+    if getattr(args, "no_json", False):
+        return
+    try:
+        if args.json:
+            check_writable_file("--json", args.json)
+        else:
+            check_writable_dir("--out", args.out)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def free_port() -> int:

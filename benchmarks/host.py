@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from eurocore.utils.files import check_writable_dir, check_writable_file, write_json_atomically
+from eurocore.utils.files import write_json_atomically
 
 from . import harness
 
@@ -379,14 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in ops if name not in known]
     if unknown:
         parser.error(f"--ops: unknown {', '.join(unknown)}; expected some of {', '.join(known)}")
-    if not args.no_json:
-        try:
-            if args.json:
-                check_writable_file("--json", args.json)
-            else:
-                check_writable_dir("--out", args.out)
-        except ValueError as err:
-            parser.error(str(err))
+    harness.check_output(parser, args)
 
     torch.manual_seed(0)
     env = harness.environment(device)
