@@ -79,7 +79,8 @@ Why eurocore's Llama layer differs (every term below is checked against the meas
   batch-major (at batch > 1 a transposed (seq, batch) view made F.linear save a copy: the
   attention output kept twice; found here and fixed).
 
-Llama-adjusted analytic count (exact, what the tests assert). N = s·b tokens of the full
+Llama-adjusted analytic count (exact, what the tests assert; ``eurocore.model.memory``
+holds it, for ``eurocore train --dry-run`` too). N = s·b tokens of the full
 sequence, n = N/t tokens of the residual stream on this rank with SP (n = N without), a
 heads, g kv heads, d = h/a, f = ffn width; bf16 = 2 bytes, fp32 = 4:
 
@@ -133,6 +134,7 @@ from torch import nn
 
 from eurocore.model.config import PRESETS, ModelConfig, preset
 from eurocore.model.llama import RECOMPUTE, DecoderLayer, PackedBatch
+from eurocore.model.memory import llama_analytic_bytes, output_layer_analytic_bytes
 from eurocore.nn import RotaryEmbedding
 from eurocore.ops import activation as activation_op
 from eurocore.ops import attention as attention_op
@@ -173,6 +175,10 @@ class Setting:
 # The formulas
 # -------------------------------------------------------------------------------------------
 
+# The Llama-adjusted counts, llama_analytic_bytes and output_layer_analytic_bytes, live with
+# the model (eurocore.model.memory: the trainer's --dry-run uses them too) and are imported
+# above under their names; this benchmark measures them. Megatron's formulas stay here.
+
 
 def megatron_formula_bytes(seq: int, batch: int, hidden: int, tp: int,
                            sequence_parallel: bool) -> float:
@@ -180,46 +186,6 @@ def megatron_formula_bytes(seq: int, batch: int, hidden: int, tp: int,
     (Korthikanti et al. 2022, Table 2): s·b·h·34/t with SP, s·b·h·(10 + 24/t) without."""
     sbh = seq * batch * hidden
     return sbh * 34 / tp if sequence_parallel else sbh * (10 + 24 / tp)
-
-
-def llama_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
-                         sequence_parallel: bool, recompute: str = "none") -> dict[str, int]:
-    """The bytes one rank's DecoderLayer keeps for backward on the fused-kernel path, per
-    module (the module docstring derives each term). Sum the values for the layer.
-    ``selective`` keeps no norm outputs (the projections' inputs) nor the SwiGLU product;
-    ``full`` keeps only the layer's input."""
-    h, a, g, d, f = (config.hidden_size, config.num_heads, config.num_kv_heads,
-                     config.head_dim, config.ffn_hidden_size)
-    full = seq * batch                                # N: tokens of the gathered sequence
-    local = full // tp if sequence_parallel else full  # n: tokens of the residual stream
-    bf16, fp32 = 2, 4
-    norm = bf16 * local * h + fp32 * local             # input + rstd
-    core = bf16 * full * (a * d + 2 * g * d + a * d) // tp + fp32 * full * a // tp
-    if recompute == "full":
-        return {"layer": bf16 * local * h}
-    kept = recompute == "none"
-    return {
-        "attention_norm": norm,
-        "attention.qkv": bf16 * local * h if kept else 0,
-        "attention.core": core,
-        "attention.out": 0,  # a view of the core's saved output
-        "mlp_norm": norm,
-        "mlp.gate_up": bf16 * local * h if kept else 0,
-        "mlp": bf16 * full * 2 * f // tp,  # gate and up: SwiGLU's saved views of gate_up
-        "mlp.down": bf16 * full * f // tp if kept else 0,
-    }
-
-
-def output_layer_analytic_bytes(config: ModelConfig, seq: int, batch: int, tp: int,
-                                sequence_parallel: bool) -> dict[str, int]:
-    """The bytes one rank's final norm, head and loss keep for backward with the fused
-    linear cross-entropy: no vocabulary term. The head gathers the sequence (with SP) and
-    the loss keeps that input whole, its int64 labels, an fp32 lse per token and the count
-    of tokens (one int64)."""
-    h, full = config.hidden_size, seq * batch
-    local = full // tp if sequence_parallel else full
-    return {"norm": 2 * local * h + 4 * local,
-            "head": 2 * full * h + 8 * full + 4 * full + 8}
 
 
 def megatron_output_layer_bytes(seq: int, batch: int, hidden: int, vocab: int) -> float:

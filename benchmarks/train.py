@@ -51,10 +51,11 @@ from typing import Any
 import torch
 
 from eurocore.model.config import PRESETS, ModelConfig, preset
+from eurocore.model.memory import llama_analytic_bytes
 from eurocore.train.config import TrainConfig, field_specs
 from eurocore.train.distributed import Process, local_device
 from eurocore.train.trainer import STATE_BYTES_PER_PARAMETER, Trainer
-from eurocore.utils.files import check_writable_dir, check_writable_file, write_json_atomically
+from eurocore.utils.files import write_json_atomically
 
 from . import harness
 
@@ -110,10 +111,8 @@ def recompute_choices() -> tuple[str, ...]:
 
 def activation_bytes_per_layer(config: ModelConfig, seq_len: int, batch_size: int) -> int:
     """Bytes one decoder layer keeps for its backward without recomputation, on the fused
-    kernels' path: :func:`eurocore.benchmarks.parallel_accounting.llama_analytic_bytes`
-    (which its benchmark checks against a measurement), one process."""
-    from .parallel_accounting import llama_analytic_bytes
-
+    kernels' path: :func:`eurocore.model.memory.llama_analytic_bytes` (which the accounting
+    benchmark checks against a measurement), one process."""
     return sum(llama_analytic_bytes(config, seq_len, batch_size, 1, False).values())
 
 
@@ -354,13 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     device, settings, steps, warmup = _options(parser, args)
-    try:
-        if args.json:
-            check_writable_file("--json", args.json)
-        else:
-            check_writable_dir("--out", args.out)
-    except ValueError as err:
-        parser.error(str(err))
+    harness.check_output(parser, args)
     deadline = harness.deadline_after(args.deadline)
     if device.type == "cuda":
         torch.cuda.set_device(device)

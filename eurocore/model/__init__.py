@@ -1,5 +1,5 @@
-"""The Llama-style decoder built from ``eurocore.nn`` and ``eurocore.parallel``, and its
-configurations."""
+"""The Llama-style decoder built from ``eurocore.nn`` and ``eurocore.parallel``, its
+configurations, and its memory arithmetic (``eurocore.model.memory``)."""
 
 from eurocore.model.config import PRESETS, ModelConfig, preset
 from eurocore.model.llama import (
@@ -13,7 +13,14 @@ from eurocore.model.llama import (
     stage_chunks,
     sum_tied_embedding_grads,
 )
+from eurocore.model.memory import (
+    activation_bytes_per_rank,
+    llama_analytic_bytes,
+    output_layer_analytic_bytes,
+    parameters_per_rank,
+)
 
 __all__ = ["MLP", "PRESETS", "Attention", "DecoderLayer", "LlamaModel", "ModelConfig",
-           "PackedBatch", "WeightLayout", "check_token_ids", "preset", "stage_chunks",
-           "sum_tied_embedding_grads"]
+           "PackedBatch", "WeightLayout", "activation_bytes_per_rank", "check_token_ids",
+           "llama_analytic_bytes", "output_layer_analytic_bytes", "parameters_per_rank",
+           "preset", "stage_chunks", "sum_tied_embedding_grads"]

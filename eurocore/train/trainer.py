@@ -23,6 +23,7 @@ from eurocore.data.corpus import DEFAULT_CACHE_DIR, CorpusSource
 from eurocore.data.loader import prefetch
 from eurocore.data.tokenizer import tokenizer_info
 from eurocore.model import ModelConfig, check_token_ids, stage_chunks, sum_tied_embedding_grads
+from eurocore.model.memory import StageActivations, activation_bytes_per_rank, parameters_per_rank
 from eurocore.parallel import ParallelGroups, clip_grad_norm_, local_part
 from eurocore.parallel.data_parallel import set_gradient_sync, shard_data_parallel
 from eurocore.parallel.pipeline import run_schedule, stage_layers
@@ -50,7 +51,8 @@ from eurocore.train.metrics import (
 from eurocore.train.optim import adamw, learning_rate
 from eurocore.train.preemption import Preempted, StopSignals
 
-__all__ = ["RunLayout", "TrainConfig", "Trainer", "build_source", "check_memory", "train"]
+__all__ = ["RankMemory", "RunLayout", "TrainConfig", "Trainer", "build_source", "check_memory",
+           "estimate_memory", "train"]
 
 
 def build_source(config: TrainConfig, model_config: ModelConfig) -> TokenSource:
@@ -587,7 +589,53 @@ def train(config: TrainConfig, process: Process, log: Callable[[str], None] = pr
 
 # Bytes per parameter that a rank keeps for the whole run: fp32 weight and gradient, and
 # AdamW's two fp32 moments. Activations come on top, so this is a floor.
-STATE_BYTES_PER_PARAMETER = 16
+STATE_BYTES = {"weights": 4, "gradients": 4, "optimizer": 8}
+STATE_BYTES_PER_PARAMETER = sum(STATE_BYTES.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMemory:
+    """The estimated memory of one rank of a pipeline stage at its peak (bytes): its
+    parameters' ``weights``, ``gradients`` and ``optimizer`` state (STATE_BYTES each), and
+    the ``activations`` its schedule holds at once (``activation_peak``)."""
+
+    stage: int
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activation_peak: StageActivations
+
+    @property
+    def total(self) -> int:
+        """Every term, summed."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def estimate_memory(config: TrainConfig, world_size: int) -> list[RankMemory]:
+    """The memory per rank of each pipeline stage (index = stage) that ``config`` needs on
+    ``world_size`` processes, from the config alone (no model, group or GPU): the
+    parameters of ``eurocore.model.memory.parameters_per_rank`` (the data-parallel rank
+    holding the most) at STATE_BYTES each, and the activation peak of
+    ``activation_bytes_per_rank`` for the run's microbatches, schedule, recomputation and
+    loss; bf16 activations when autocast is on (``bf16``, default: unless ``device`` is
+    cpu), else counted twice (fp32: an upper bound). Raises ValueError as
+    ``config.layout`` does."""
+    layout = config.layout(world_size)
+    model = config.model_config()
+    shape = {"tp": config.tp, "pp": config.pp, "vpp": config.vpp,
+             "layers_per_stage": config.layers_per_stage}
+    parameters = parameters_per_rank(model, dp=layout.dp, **shape)
+    peaks = activation_bytes_per_rank(
+        model, seq=config.seq_len, micro_batch=layout.micro_batch_size,
+        num_microbatches=layout.num_microbatches, sequence_parallel=config.sequence_parallel,
+        recompute=config.recompute, recompute_layers=config.recomputed_layers(),
+        fused_loss=config.fused_loss, schedule_name=layout.schedule, **shape)
+    bf16 = config.device != "cpu" if config.bf16 is None else config.bf16
+    return [RankMemory(stage, count, **{kind: count * size for kind, size in STATE_BYTES.items()},
+                       activations=peak.bytes * (1 if bf16 else 2), activation_peak=peak)
+            for stage, (count, peak) in enumerate(zip(parameters, peaks, strict=True))]
 
 
 def check_memory(model_config: ModelConfig, device: torch.device, world_size: int) -> None:

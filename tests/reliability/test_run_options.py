@@ -197,6 +197,7 @@ def test_each_rank_says_what_its_device_lacks(monkeypatch, no_run, capsys):
     than 0 used to exit 2 in silence); what every rank finds alike, rank 0 alone says."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun sets all three
     assert train_main(["--device", "cuda"]) == 2
     err = capsys.readouterr().err
     _assert_one_error_line(err, TRAIN_PROG, "--device")
