@@ -348,13 +348,12 @@ def _rms_norm_fwd_stand_in(x, weight, residual, eps, zero_centered_weight, y, h,
         h.copy_(hx)
 
 
-def _rotary_stand_in(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset,
-                     layout, interleaved, conjugate, backend) -> None:
-    """``eurocore.ops.rotary._launch`` on the CPU: the same rotation into out_q, out_k."""
-    rotated_q, rotated_k = rotary_op.apply_rotary_reference(
-        q, k, cos, -sin if conjugate else sin, position_ids=position_ids,
-        cu_seqlens=cu_seqlens, seqlen_offsets=offsets if offsets is not None else offset,
-        interleaved=interleaved, layout=layout)
+def _rotary_stand_in(q, k, out_q, out_k, cos, sin, positions, layout, interleaved, conjugate,
+                     backend, in_place=False) -> None:
+    """``eurocore.ops.rotary._launch`` on the CPU: the same rotation into out_q, out_k (which
+    are q and k when ``in_place``), at the op's normalised positions."""
+    rotated_q, rotated_k = rotary_op.rotate_reference(
+        q, k, cos, -sin if conjugate else sin, positions, layout, interleaved)
     out_q.copy_(rotated_q)
     if k is not None:
         out_k.copy_(rotated_k)

@@ -7,9 +7,10 @@ rotary dims), with c = cos[p, i] and s = sin[p, i] read in fp32:
     y1 = x1·c − x2·s,    y2 = x2·c + x1·s            (backward: s → −s)
     y[d] = x[d] for d >= r                          (copied only when out of place)
 
-The position is ``position_ids[b, s]``, or ``s + offset`` (one offset, or one per sequence).
-Packed (thd) batches find each token's sequence b by binary search over ``cu_seqlens``,
-so the grid is linear in tokens, whatever the sequence lengths.
+The position of token (outer, inner) is ``positions[outer, inner]``, read by stride (the op
+has normalised position ids, offsets and packed-sequence bounds into that one form, see
+``eurocore.ops.rotary.normalize_positions``), or without a positions tensor the token's
+index along the sequence axis. The grid is linear in tokens, whatever the sequence lengths.
 
 A program takes BLOCK_T tokens, loads their cos/sin once and walks a group of heads of q or
 of k. x1 and x2 are loaded as two tiles of one shape, so the thread that reads a pair is
@@ -35,7 +36,7 @@ NUM_WARPS = 2
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, OUT_Q, OUT_K, COS, SIN, POSITION_IDS, OFFSETS, CU_SEQLENS,
+    Q, K, OUT_Q, OUT_K, COS, SIN, POSITIONS,
     n_tokens, n_inner,
     stride_q_outer, stride_q_inner, stride_q_head,
     stride_k_outer, stride_k_inner, stride_k_head,
@@ -43,8 +44,8 @@ def _rotary_kernel(
     stride_ok_outer, stride_ok_inner, stride_ok_head,
     n_q_heads, n_k_heads, q_groups, heads_per_program,
     head_dim, stride_cos, n_positions,
-    offset, stride_pos_batch, stride_pos_seq, n_seqs, search_steps,
-    POSITIONS: tl.constexpr, VARLEN: tl.constexpr, BATCH_FIRST: tl.constexpr,
+    stride_pos_outer, stride_pos_inner,
+    HAS_POSITIONS: tl.constexpr,
     INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, COPY_TAIL: tl.constexpr,
     HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
@@ -54,22 +55,11 @@ def _rotary_kernel(
     live = tokens < n_tokens
     outer = tokens // n_inner
     inner = tokens % n_inner
-    if VARLEN:
-        batch = _sequence_of(CU_SEQLENS, tokens, n_seqs, search_steps)
-        seq = tokens - tl.load(CU_SEQLENS + batch).to(tl.int64)
-    elif BATCH_FIRST:
-        batch = outer
-        seq = inner
-    else:
-        batch = inner
-        seq = outer
-    if POSITIONS == 2:  # position_ids
-        pos = tl.load(POSITION_IDS + batch * stride_pos_batch + seq * stride_pos_seq,
-                      mask=live, other=0).to(tl.int64)
-    elif POSITIONS == 1:  # one offset per sequence
-        pos = seq + tl.load(OFFSETS + batch, mask=live, other=0).to(tl.int64)
-    else:
-        pos = seq + offset
+    # With a positions tensor this is the token's element of it; without, the launcher's
+    # strides (0, 1) or (1, 0) make it the token's index along the sequence axis.
+    pos = outer * stride_pos_outer + inner * stride_pos_inner
+    if HAS_POSITIONS:
+        pos = tl.load(POSITIONS + pos, mask=live, other=0).to(tl.int64)
 
     i = tl.arange(0, BLOCK_HALF)
     pair_mask = live[:, None] & (i < HALF)[None, :]
@@ -102,20 +92,6 @@ def _rotary_kernel(
                       (group - q_groups).to(tl.int64) * heads_per_program, n_k_heads,
                       heads_per_program, outer, inner, cos, sin, d1, d2, pair_mask, tail,
                       tail_mask, COPY_TAIL)
-
-
-@triton.jit
-def _sequence_of(CU_SEQLENS, tokens, n_seqs, search_steps):
-    """The packed sequence b of each token: cu[b] <= token < cu[b + 1], by bisection.
-    Tokens past the end land on the last sequence (their lanes are masked)."""
-    lo = tl.zeros_like(tokens)
-    hi = lo + n_seqs
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        right = tl.load(CU_SEQLENS + mid).to(tl.int64) <= tokens
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
 
 
 @triton.jit
@@ -199,10 +175,7 @@ def rotary(
     out_k: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    offset: int,
+    positions: torch.Tensor | None,
     *,
     batch_first: bool,
     interleaved: bool,
@@ -216,9 +189,9 @@ def rotary(
     unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
     ``batch_first``, else (seq, batch); packed batches have outer = 1.
     cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
-    position_ids: integer (batch or 1, seq), or None; offsets: integer (batch,), or None
-    (then ``offset`` applies to every sequence); cu_seqlens: integer (sequences + 1,) for
-    packed batches, or None.
+    positions: int32 or int64 (outer, inner), any strides (an expanded view is read with
+    stride 0), each token's row of cos/sin; or None: the token's index along the sequence
+    axis (inner when ``batch_first``, else outer).
     """
     n_outer, n_inner, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[2] if k is not None else 0
@@ -230,20 +203,16 @@ def rotary(
         _patchables())
     if n_tokens == 0 or groups == 0:
         return
-    if position_ids is not None:
-        positions = 2
-        stride_pos_batch = position_ids.stride(0) if position_ids.shape[0] > 1 else 0
-        stride_pos_seq = position_ids.stride(1)
+    if positions is not None:
+        # 0 along a dimension of size 1: its index is always 0, and an odd stride there
+        # would only cost a divisibility specialisation.
+        stride_pos = tuple(positions.stride(d) if positions.shape[d] > 1 else 0 for d in (0, 1))
     else:
-        positions = 1 if offsets is not None else 0
-        stride_pos_batch = stride_pos_seq = 0
-    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
+        stride_pos = (0, 1) if batch_first else (1, 0)
     k_or_q, out_k_or_q = (k, out_k) if k is not None else (q, out_q)  # never read without k
     _rotary_kernel[(token_blocks, groups)](
         q, k_or_q, out_q, out_k_or_q, cos, sin,
-        position_ids if position_ids is not None else cos,
-        offsets if offsets is not None else cos,
-        cu_seqlens if cu_seqlens is not None else cos,
+        positions if positions is not None else cos,  # never read without positions
         n_tokens, n_inner,
         q.stride(0), q.stride(1), q.stride(2),
         k_or_q.stride(0), k_or_q.stride(1), k_or_q.stride(2),
@@ -251,8 +220,8 @@ def rotary(
         out_k_or_q.stride(0), out_k_or_q.stride(1), out_k_or_q.stride(2),
         n_q_heads, n_k_heads, q_groups, heads,
         head_dim, cos.stride(0), cos.shape[0],
-        offset, stride_pos_batch, stride_pos_seq, n_seqs, (n_seqs - 1).bit_length(),
-        POSITIONS=positions, VARLEN=cu_seqlens is not None, BATCH_FIRST=batch_first,
+        *stride_pos,
+        HAS_POSITIONS=positions is not None,
         INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
         HALF=half, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
         BLOCK_TAIL=cfg["BLOCK_TAIL"], num_warps=cfg["num_warps"],

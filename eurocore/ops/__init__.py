@@ -26,7 +26,8 @@ from eurocore.ops.backends import (
 from eurocore.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from eurocore.ops.dispatch import eager_fast_path
 from eurocore.ops.normalization import rms_norm, rms_norm_reference
-from eurocore.ops.rotary import apply_rotary, apply_rotary_reference, rope_cos_sin
+from eurocore.ops.rope_scaling import rope_cos_sin
+from eurocore.ops.rotary import apply_rotary, apply_rotary_reference
 
 __all__ = [
     "BACKENDS",

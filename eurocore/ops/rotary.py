@@ -13,14 +13,20 @@ Rotation of a pair (x1, x2) at position p and frequency i, with c = cos[p, i], s
     y1 = x1·c − x2·s,   y2 = x2·c + x1·s;   dims from rotary_dim on pass through unchanged.
 
 The backward is the same rotation with s negated.
+
+Positions come in four forms (position_ids; an int or one-per-sequence ``seqlen_offsets``;
+``cu_seqlens``). ``apply_rotary`` turns them once into one (``normalize_positions``): None,
+each token at its index in its sequence, or an int64 row of cos/sin per token. The torch
+backend, the custom ops, the launchers and the kernels take only that.
+
+The cos/sin tables and HF's rope types live in ``eurocore.ops.rope_scaling``
+(``rope_cos_sin`` is re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -32,124 +38,21 @@ from eurocore.ops.checks import (
     check_index_tensor,
     check_no_self_overlap,
     cu_seqlens_lengths,
-    kernel_index,
     reads_allowed,
 )
-from eurocore.utils.checks import check_int, check_number
+
+# The tables and HF's rope types live in eurocore.ops.rope_scaling; these names stay
+# importable from here, where eurocore.model, eurocore.nn and the tests take them.
+from eurocore.ops.rope_scaling import ROPE_TYPES as ROPE_TYPES
+from eurocore.ops.rope_scaling import rope_cos_sin as rope_cos_sin
+from eurocore.ops.rope_scaling import rope_inv_freq as _inv_freq  # noqa: F401
+from eurocore.utils.checks import check_int
 
 IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYOUTS = ("bshd", "sbhd", "thd")
 # The kernel keeps half a head's rotary dims per token in registers; far beyond any model.
 MAX_KERNEL_HEAD_DIM = 1024
-
-# rope_type -> the fields it needs, as in HF transformers' rope_parameters.
-ROPE_TYPES: dict[str, tuple[str, ...]] = {
-    "default": (),
-    "linear": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-               "original_max_position_embeddings"),
-}
-# Keys every rope_parameters dict may carry: the type (HF's legacy name for it is "type"),
-# theta, and partial_rotary_factor, which rotary_dim already accounts for.
-_COMMON_SCALING_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
-
-
-def rope_cos_sin(
-    seqlen: int,
-    rotary_dim: int,
-    *,
-    theta: float = 10000.0,
-    scaling: Mapping[str, Any] | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cos and sin tables for positions ``0 .. seqlen - 1``.
-
-    ``inv_freq[i] = theta ** (-2i / rotary_dim)``, rescaled by ``scaling``, and
-    ``angle[p, i] = p · inv_freq[i]``: HF transformers' formulas, evaluated in float64 and
-    rounded once to fp32 (HF evaluates in fp32, which at position 65536 is off by up to
-    ~4e-3 radians).
-
-    Args:
-        seqlen: number of positions, >= 0.
-        rotary_dim: number of dims rotated per head; even, > 0.
-        theta: the RoPE base (``rope_theta``).
-        scaling: a dict as HF's ``rope_parameters`` / ``rope_scaling``: ``rope_type`` (or
-            ``type``) one of ``default``, ``linear`` (``factor``) or ``llama3`` (``factor``,
-            ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
-            A ``rope_theta`` key overrides ``theta``; ``partial_rotary_factor`` is ignored
-            (``rotary_dim`` says how many dims rotate).
-        device: where the tables are made.
-
-    Returns:
-        ``(cos, sin)``, each float32 of shape (seqlen, rotary_dim // 2).
-    """
-    check_int("seqlen", seqlen, minimum=0)
-    if check_int("rotary_dim", rotary_dim) <= 0 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim: rotates pairs of dims, so it must be even and > 0, "
-                         f"got {rotary_dim}")
-    inv_freq = _inv_freq(rotary_dim, theta, scaling)
-    positions = torch.arange(seqlen, dtype=torch.float64, device=device)
-    angles = torch.outer(positions, inv_freq.to(positions.device))
-    return angles.cos().float(), angles.sin().float()
-
-
-def _inv_freq(rotary_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
-    """The (rotary_dim // 2,) float64 inverse frequencies of HF's rope types."""
-    params = _scaling_params(scaling)
-    theta = params.pop("rope_theta", theta)
-    check_number("theta", theta, minimum=1.0, inclusive=False)
-    # On the CPU whatever the default device: a few dozen numbers.
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim
-    inv_freq = 1.0 / (float(theta) ** exponents)
-    rope_type = params.pop("rope_type")
-    if rope_type == "linear":
-        inv_freq = inv_freq / params["factor"]
-    elif rope_type == "llama3":
-        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp
-        # between the two cut-offs set by the original context length.
-        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-        context = params["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (context / wavelen - low) / (high - low)
-        ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > context / low, inv_freq / factor,
-                               torch.where(wavelen < context / high, inv_freq, ramp))
-    return inv_freq
-
-
-def _scaling_params(scaling: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validates a rope_parameters dict; returns its rope_type, fields and any rope_theta."""
-    if scaling is None:
-        return {"rope_type": "default"}
-    if not isinstance(scaling, Mapping):
-        raise TypeError(f"scaling: expected a dict like HF's rope_parameters, "
-                        f"got {type(scaling).__name__}")
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"scaling: rope_type {rope_type!r} is not supported; "
-                         f"expected one of {', '.join(ROPE_TYPES)}")
-    needed = ROPE_TYPES[rope_type]
-    missing = [key for key in needed if key not in scaling]
-    if missing:
-        raise ValueError(f"scaling: rope_type {rope_type!r} needs {', '.join(missing)}")
-    unknown = sorted(set(scaling) - set(needed) - set(_COMMON_SCALING_KEYS))
-    if unknown:
-        raise ValueError(f"scaling: {', '.join(map(repr, unknown))} not used by rope_type "
-                         f"{rope_type!r}, which takes {', '.join(needed) or 'no fields'}")
-    params: dict[str, Any] = {"rope_type": rope_type}
-    for key in needed:
-        value = scaling[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"scaling: {key} must be a finite number > 0, got {value!r}")
-        params[key] = float(value)
-    if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
-        raise ValueError(f"scaling: high_freq_factor ({params['high_freq_factor']}) must "
-                         f"exceed low_freq_factor ({params['low_freq_factor']})")
-    if "rope_theta" in scaling:
-        params["rope_theta"] = scaling["rope_theta"]
-    return params
 
 
 def apply_rotary(
@@ -206,12 +109,12 @@ def apply_rotary(
     _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
                 inplace)
     name = resolve_backend("apply_rotary", q.device, backend, IMPLEMENTED)
+    # The one form every backend, custom op and launcher takes from here on.
+    positions = normalize_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
     if reads_allowed():
-        _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout)
+        _check_positions(q, cos, positions, position_ids, cu_seqlens, seqlen_offsets, layout)
     if name == "torch":
-        out_q, out_k = apply_rotary_reference(
-            q, k, cos, sin, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            seqlen_offsets=seqlen_offsets, interleaved=interleaved, layout=layout)
+        out_q, out_k = rotate_reference(q, k, cos, sin, positions, layout, interleaved)
         if not inplace:
             return out_q, out_k
         q.copy_(out_q)
@@ -225,15 +128,13 @@ def apply_rotary(
     if q.shape[-1] > MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"q: the {name} backend takes head_dim up to {MAX_KERNEL_HEAD_DIM}, "
                          f"got {q.shape[-1]}")
-    offsets = seqlen_offsets if isinstance(seqlen_offsets, torch.Tensor) else None
-    offset = 0 if offsets is not None else int(seqlen_offsets)
-    table = (cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved)
+    rotation = (cos, sin, positions, layout, interleaved)
     if not inplace:
-        return _ApplyRotary.apply(q, k, *table, name)
+        return _ApplyRotary.apply(q, k, *rotation, name)
     with torch.no_grad():  # autograd learns of the rotation from _RotatedInPlace below
-        _rotary_inplace(q, k, *table, False, name)
-    return (_RotatedInPlace.apply(q, *table, name),
-            _RotatedInPlace.apply(k, *table, name) if k is not None else None)
+        _rotary_inplace(q, k, *rotation, False, name)
+    return (_RotatedInPlace.apply(q, *rotation, name),
+            _RotatedInPlace.apply(k, *rotation, name) if k is not None else None)
 
 
 def apply_rotary_reference(
@@ -254,6 +155,26 @@ def apply_rotary_reference(
     and rounds once to the input dtype. Out of place; gradients are autograd's.
     """
     positions = token_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
+    return rotate_reference(q, k, cos, sin, positions, layout, interleaved)
+
+
+def rotate_reference(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    layout: str,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`apply_rotary_reference` at normalised positions (:func:`normalize_positions`:
+    an integer tensor of q's token shape, or None for each token's index in its sequence).
+
+    q, k, cos, sin as :func:`apply_rotary` takes them (k may be None); the result is new
+    tensors of their shapes and dtypes.
+    """
+    if positions is None:
+        positions = token_positions(q, layout)
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
@@ -272,6 +193,28 @@ def apply_rotary_reference(
     return rotate(q), rotate(k) if k is not None else None
 
 
+def normalize_positions(
+    q: torch.Tensor,
+    layout: str,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    seqlen_offsets: int | torch.Tensor = 0,
+) -> torch.Tensor | None:
+    """The one form of positions that the custom ops, launchers and kernels take.
+
+    None when every token sits at its index in its sequence (no position_ids, no cu_seqlens,
+    seqlen_offsets 0: the common case, which the kernels compute instead of reading). Else
+    :func:`token_positions`: int64 of q's token shape, each token's row of cos/sin.
+
+    Arguments as :func:`apply_rotary` takes them, already checked by its argument checks.
+    Reads no device data: fine inside torch.compile and CUDA graph capture.
+    """
+    if (position_ids is None and cu_seqlens is None
+            and not isinstance(seqlen_offsets, torch.Tensor) and seqlen_offsets == 0):
+        return None
+    return token_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
+
+
 def token_positions(
     q: torch.Tensor,
     layout: str,
@@ -280,35 +223,43 @@ def token_positions(
     seqlen_offsets: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """The row of cos/sin each token takes, int64 of q's token shape: (batch, seq) in
-    ``bshd``, (seq, batch) in ``sbhd``, (total_tokens,) in ``thd``."""
+    ``bshd``, (seq, batch) in ``sbhd``, (total_tokens,) in ``thd``. A row shared by every
+    sequence stays one row, expanded (stride 0), not a copy per sequence; int64 position_ids
+    come back as a view of themselves."""
     device = q.device
     if layout == "thd":
         total = q.shape[0]
         if position_ids is not None:
             return position_ids.reshape(total).long()
-        tokens = torch.arange(total, device=device)
         if cu_seqlens is None:
-            return tokens + _as_offsets(seqlen_offsets, device)
+            return _offset_arange(total, seqlen_offsets, device)
+        tokens = torch.arange(total, device=device)
         cu = cu_seqlens.long().contiguous()  # searchsorted warns on strided boundaries
-        sequence = torch.searchsorted(cu[1:], tokens, right=True)
-        return tokens - cu[sequence] + _as_offsets(seqlen_offsets, device, sequence)
+        # Clamped so that tokens past cu_seqlens[-1] (bounds unchecked inside a graph) count
+        # in the last sequence rather than index past the per-sequence offsets.
+        sequence = torch.searchsorted(cu[1:], tokens, right=True).clamp_(max=cu.shape[0] - 2)
+        positions = tokens - cu[sequence]
+        if isinstance(seqlen_offsets, torch.Tensor):
+            return positions + seqlen_offsets.long()[sequence]
+        return positions + int(seqlen_offsets)
     batch, seq = (q.shape[0], q.shape[1]) if layout == "bshd" else (q.shape[1], q.shape[0])
     if position_ids is not None:
         positions = position_ids.long().expand(batch, seq)
+    elif isinstance(seqlen_offsets, torch.Tensor):
+        positions = torch.arange(seq, device=device) + seqlen_offsets.long().reshape(-1, 1)
     else:
-        offsets = _as_offsets(seqlen_offsets, device)
-        offsets = offsets.reshape(-1, 1) if offsets.dim() else offsets
-        positions = torch.arange(seq, device=device) + offsets  # (batch, seq) or (seq,)
-        positions = positions.expand(batch, seq)
+        positions = _offset_arange(seq, seqlen_offsets, device).expand(batch, seq)
     return positions if layout == "bshd" else positions.t()
 
 
-def _as_offsets(seqlen_offsets: int | torch.Tensor, device: torch.device,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(seqlen_offsets, torch.Tensor):
-        return torch.tensor(int(seqlen_offsets), device=device)
-    offsets = seqlen_offsets.long()
-    return offsets[index] if index is not None else offsets
+def _offset_arange(n: int, seqlen_offsets: int | torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """``offset .. offset + n - 1`` (int64, (n,)) for an int or a one-element tensor offset;
+    an int one is folded into the arange (no host-to-device copy of it)."""
+    if isinstance(seqlen_offsets, torch.Tensor):
+        return torch.arange(n, device=device) + seqlen_offsets.long()
+    start = int(seqlen_offsets)
+    return torch.arange(start, start + n, device=device)
 
 
 def _check_args(q, k, cos, sin, position_ids, cu_seqlens, seqlen_offsets, interleaved, layout,
@@ -413,8 +364,10 @@ def _leaf_or_view_of_leaf(tensor: torch.Tensor) -> bool:
     return base.is_leaf and base.requires_grad
 
 
-def _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout) -> None:
-    """The checks that read device data: cu_seqlens well formed, positions inside cos."""
+def _check_positions(q, cos, positions, position_ids, cu_seqlens, seqlen_offsets,
+                     layout) -> None:
+    """The checks that read device data: cu_seqlens well formed, positions inside cos.
+    ``positions`` is the normalised form of the other three (:func:`normalize_positions`)."""
     n_positions = cos.shape[0]
     if cu_seqlens is not None:
         cu_seqlens_lengths("cu_seqlens", cu_seqlens, q.shape[0])
@@ -424,7 +377,6 @@ def _check_positions(q, cos, position_ids, cu_seqlens, seqlen_offsets, layout) -
         seq = q.shape[1] if layout == "bshd" else q.shape[0]
         first, last = seqlen_offsets, seqlen_offsets + seq - 1  # no device data to read
     else:
-        positions = token_positions(q, layout, position_ids, cu_seqlens, seqlen_offsets)
         first, last = torch.stack((positions.min(), positions.max())).tolist()
     if first < 0:
         raise ValueError(f"{'position_ids' if position_ids is not None else 'seqlen_offsets'}: "
@@ -456,15 +408,32 @@ def _launchers(backend: str):
     if backend == "cuda":
         from eurocore.ops import cuda_launchers
 
-        return cuda_launchers
+        return _CudaLaunchers(cuda_launchers)
     raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
 
 
-def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-            interleaved, conjugate, backend, in_place=False) -> None:
-    """Brings every tensor to the launcher's form: (outer, inner, heads, head_dim) with unit
-    stride along head_dim, position ids as (batch or 1, seq), contiguous tables, offsets and
-    cu_seqlens (the kernels index those two with unit stride)."""
+class _CudaLaunchers:
+    """``eurocore.ops.cuda_launchers`` behind the Triton launcher's signature. Its ``rotary``
+    still takes the former (position_ids, offsets, cu_seqlens, offset) run; normalised
+    positions are exactly its position_ids, which it indexes [batch, seq]."""
+
+    def __init__(self, module) -> None:
+        self._module = module  # looked up per call: tests patch module.rotary
+
+    def rotary(self, q, k, out_q, out_k, cos, sin, positions, *, batch_first, interleaved,
+               conjugate, in_place) -> None:
+        if positions is not None and not batch_first:
+            positions = positions.t()  # (seq, batch) -> (batch, seq)
+        self._module.rotary(q, k, out_q, out_k, cos, sin, positions, None, None, 0,
+                            batch_first=batch_first, interleaved=interleaved,
+                            conjugate=conjugate, in_place=in_place)
+
+
+def _launch(q, k, out_q, out_k, cos, sin, positions, layout, interleaved, conjugate, backend,
+            in_place=False) -> None:
+    """Brings every tensor to the launchers' form: (outer, inner, heads, head_dim) with unit
+    stride along head_dim (thd: outer 1), positions as (outer, inner) (any strides: the
+    kernels read them by stride), contiguous tables."""
     launchers = _launchers(backend)
 
     def as_4d(t):
@@ -473,13 +442,17 @@ def _launch(q, k, out_q, out_k, cos, sin, position_ids, offsets, cu_seqlens, off
         t = t.unsqueeze(0) if layout == "thd" else t
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    if position_ids is not None and position_ids.dim() == 1:
-        position_ids = position_ids.unsqueeze(0)
+    if positions is not None and layout == "thd":
+        positions = positions.unsqueeze(0)
     launchers.rotary(
         as_4d(q), as_4d(k), as_4d(out_q), as_4d(out_k), cos.contiguous(), sin.contiguous(),
-        position_ids, kernel_index(offsets), kernel_index(cu_seqlens), offset,
-        batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate,
+        positions, batch_first=layout != "sbhd", interleaved=interleaved, conjugate=conjugate,
         in_place=in_place)
+
+
+# The custom ops take the rotation as (cos, sin, positions, layout, interleaved): positions
+# normalised by apply_rotary (normalize_positions), then conjugate (the backward negates sin)
+# and the backend.
 
 
 @dispatch.custom_op("eurocore::rotary", mutates_args=())
@@ -488,10 +461,7 @@ def _rotary(
     k: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    offset: int,
+    positions: torch.Tensor | None,
     layout: str,
     interleaved: bool,
     conjugate: bool,
@@ -499,16 +469,15 @@ def _rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Out of place; returns (q_out, k_out), k_out empty when k is None (an output may not
     be None). ``conjugate`` negates sin: the backward."""
-    out_q, out_k = _rotary_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset,
-                                layout, interleaved, conjugate, backend)
-    _launch(q, k, out_q, out_k if k is not None else None, cos, sin, position_ids, offsets,
-            cu_seqlens, offset, layout, interleaved, conjugate, backend)
+    out_q, out_k = _rotary_fake(q, k, cos, sin, positions, layout, interleaved, conjugate,
+                                backend)
+    _launch(q, k, out_q, out_k if k is not None else None, cos, sin, positions, layout,
+            interleaved, conjugate, backend)
     return out_q, out_k
 
 
 @_rotary.register_fake
-def _rotary_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                 interleaved, conjugate, backend):
+def _rotary_fake(q, k, cos, sin, positions, layout, interleaved, conjugate, backend):
     out_k = q.new_empty(k.shape) if k is not None else q.new_empty(0)
     return q.new_empty(q.shape), out_k
 
@@ -519,10 +488,7 @@ def _rotary_inplace(
     k: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    offset: int,
+    positions: torch.Tensor | None,
     layout: str,
     interleaved: bool,
     conjugate: bool,
@@ -530,35 +496,32 @@ def _rotary_inplace(
 ) -> None:
     """In place: overwrites the rotary dims of q and k, leaves the rest untouched."""
     if q.stride(-1) == 1 and (k is None or k.stride(-1) == 1):
-        _launch(q, k, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                interleaved, conjugate, backend, in_place=True)
+        _launch(q, k, q, k, cos, sin, positions, layout, interleaved, conjugate, backend,
+                in_place=True)
         return
     # The kernel needs unit stride along head_dim: rotate a copy, then write it back.
-    out_q, out_k = _rotary(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                           interleaved, conjugate, backend)
+    out_q, out_k = _rotary(q, k, cos, sin, positions, layout, interleaved, conjugate, backend)
     q.copy_(out_q)
     if k is not None:
         k.copy_(out_k)
 
 
 @_rotary_inplace.register_fake
-def _rotary_inplace_fake(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                         interleaved, conjugate, backend):
+def _rotary_inplace_fake(q, k, cos, sin, positions, layout, interleaved, conjugate, backend):
     return None
 
 
-def _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout, interleaved,
-                backend) -> None:
+def _save_rotation(ctx, cos, sin, positions, layout, interleaved, backend) -> None:
     """Keeps what the backward rotation needs: the table and the positions."""
-    ctx.save_for_backward(cos, sin, position_ids, offsets, cu_seqlens)
-    ctx.offset, ctx.layout, ctx.interleaved, ctx.backend = offset, layout, interleaved, backend
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.layout, ctx.interleaved, ctx.backend = layout, interleaved, backend
 
 
 def _rotate_back(ctx, dq_out, dk_out):
     """The backward of a rotation: the same rotation with the sine negated, in one launch."""
-    cos, sin, position_ids, offsets, cu_seqlens = ctx.saved_tensors
-    return _rotary(dq_out, dk_out, cos, sin, position_ids, offsets, cu_seqlens, ctx.offset,
-                   ctx.layout, ctx.interleaved, True, ctx.backend)
+    cos, sin, positions = ctx.saved_tensors
+    return _rotary(dq_out, dk_out, cos, sin, positions, ctx.layout, ctx.interleaved, True,
+                   ctx.backend)
 
 
 class _ApplyRotary(torch.autograd.Function):
@@ -566,19 +529,16 @@ class _ApplyRotary(torch.autograd.Function):
     and k by the negated angle, in one launch."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                interleaved, backend):
-        out_q, out_k = _rotary(q, k, cos, sin, position_ids, offsets, cu_seqlens, offset,
-                               layout, interleaved, False, backend)
-        _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                    interleaved, backend)
+    def forward(ctx, q, k, cos, sin, positions, layout, interleaved, backend):
+        out_q, out_k = _rotary(q, k, cos, sin, positions, layout, interleaved, False, backend)
+        _save_rotation(ctx, cos, sin, positions, layout, interleaved, backend)
         ctx.has_k = k is not None
         return out_q, out_k if k is not None else None
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         dq, dk = _rotate_back(ctx, dq_out, dk_out if ctx.has_k else None)
-        return (dq, dk if ctx.has_k else None, *([None] * 9))
+        return (dq, dk if ctx.has_k else None, *([None] * 6))
 
 
 class _RotatedInPlace(torch.autograd.Function):
@@ -590,14 +550,12 @@ class _RotatedInPlace(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                interleaved, backend):
+    def forward(ctx, x, cos, sin, positions, layout, interleaved, backend):
         ctx.mark_dirty(x)
-        _save_table(ctx, cos, sin, position_ids, offsets, cu_seqlens, offset, layout,
-                    interleaved, backend)
+        _save_rotation(ctx, cos, sin, positions, layout, interleaved, backend)
         return x
 
     @staticmethod
     def backward(ctx, dx_out):
         dx, _ = _rotate_back(ctx, dx_out, None)
-        return (dx, *([None] * 9))
+        return (dx, *([None] * 6))

@@ -151,6 +151,86 @@ def test_token_positions():
     assert got.tolist() == [[4, 0], [5, 1], [6, 2]]
 
 
+def _position_forms(layout):
+    """(q, {form: kwargs}): every way apply_rotary takes positions, all asking the same rows:
+    batch row b from 3b + 1 on, and in thd the packed sequences of CU from 2 + 3b."""
+    if layout == "thd":
+        q = torch.empty(13, 2, 16, device=DEVICE)
+        starts = [2 + 3 * b for b in range(len(CU) - 1)]
+        ids = [start + t for b, start in enumerate(starts) for t in range(CU[b + 1] - CU[b])]
+        return q, {
+            "position_ids": dict(position_ids=_cu(ids, torch.int64)),
+            "position_ids (1, tokens) int32": dict(position_ids=_cu([ids])),
+            "cu_seqlens + offsets": dict(cu_seqlens=_cu(CU), seqlen_offsets=_cu(starts)),
+        }
+    batch, seq = 2, 7
+    q = torch.empty((batch, seq, 2, 16) if layout == "bshd" else (seq, batch, 2, 16),
+                    device=DEVICE)
+    ids = [[3 * b + 1 + s for s in range(seq)] for b in range(batch)]
+    return q, {
+        "position_ids": dict(position_ids=_cu(ids, torch.int64)),
+        "position_ids int32 strided": dict(
+            position_ids=_cu([[i, 0] for row in ids for i in row])[:, 0].view(batch, seq)),
+        "seqlen_offsets tensor": dict(seqlen_offsets=_cu([3 * b + 1 for b in range(batch)])),
+    }
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sbhd", "thd"])
+def test_every_position_form_normalises_to_the_same_positions(layout):
+    """position_ids (any int dtype, shape or strides), per-sequence offsets and cu_seqlens
+    asking the same rows become the same tensor: int64 of q's token shape, the rows that
+    token_positions gives; only the plain case (each token at its index) becomes None."""
+    q, forms = _position_forms(layout)
+    normalised = {name: rotary.normalize_positions(q, layout, **kw) for name, kw in forms.items()}
+    expected = normalised.pop("position_ids")
+    assert expected.dtype == torch.int64 and expected.shape == q.shape[:-2]
+    for name, positions in normalised.items():
+        assert positions.dtype == torch.int64 and positions.shape == q.shape[:-2], name
+        assert torch.equal(positions, expected), name
+        assert torch.equal(positions, rotary.token_positions(q, layout, **forms[name])), name
+    assert rotary.normalize_positions(q, layout) is None
+    assert rotary.normalize_positions(q, layout, seqlen_offsets=0) is None
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sbhd", "thd"])
+def test_scalar_offset_normalises_to_one_shared_row(layout):
+    """An int offset becomes offset + the token's index, without copying a row per sequence
+    (an expanded view: stride 0 along batch) nor moving the int to the device."""
+    q, _ = _position_forms(layout)
+    positions = rotary.normalize_positions(q, layout, seqlen_offsets=5)
+    assert positions.dtype == torch.int64 and positions.shape == q.shape[:-2]
+    assert torch.equal(positions, rotary.token_positions(q, layout) + 5)
+    if layout != "thd":
+        assert positions.stride(0 if layout == "bshd" else 1) == 0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["bshd", "sbhd", "thd"])
+def test_every_position_form_rotates_the_same(backend, layout):
+    """The kernels read the normalised positions by stride: every form asking the same rows
+    gives bitwise the same outputs and gradients (the backward reuses them)."""
+    q, forms = _position_forms(layout)
+    gen = torch.Generator().manual_seed(30)
+    q = _randn(gen, *q.shape)
+    k = _randn(gen, *_k_shape(q.shape, 1))
+    grads = (_randn(gen, *q.shape), _randn(gen, *k.shape))
+    cos, sin = _tables(rotary_dim=12)
+    results = {name: _run(backend, q, k, cos, sin, grads, layout=layout, **kw)
+               for name, kw in forms.items()}
+    expected = results.pop("position_ids")
+    for name, result in results.items():
+        _assert_equal(result, expected, f"{backend} {layout} {name}")
+
+
+def test_positions_of_unchecked_bad_cu_seqlens_stay_inside_the_offsets():
+    """Inside a graph cu_seqlens is not checked: tokens past its last bound count in the last
+    sequence, so the per-sequence offsets are never indexed past their end."""
+    q = torch.empty(13, 2, 16, device=DEVICE)
+    positions = rotary.normalize_positions(q, "thd", cu_seqlens=_cu([0, 5, 9]),
+                                           seqlen_offsets=_cu([0, 100]))
+    assert positions.tolist() == [*range(5), *range(100, 108)]
+
+
 def _run(backend, q, k, cos, sin, grads, **kwargs):
     """apply_rotary on fresh leaves holding q's and k's values: outputs, then dq, dk."""
     q = q.detach().clone().requires_grad_()
@@ -641,8 +721,9 @@ def test_out_of_table_positions_give_nan_when_unchecked(backend):
     position_ids = torch.randint(0, 16, (2, 7), generator=gen).to(DEVICE)
     position_ids[1, 3] = 16
     position_ids[0, 5] = -1
-    out_q, out_k = torch.ops.eurocore.rotary(q, k, cos, sin, position_ids, None, None, 0, "bshd",
-                                             False, False, backend)
+    # position_ids of q's token shape are already the op's normalised positions
+    out_q, out_k = torch.ops.eurocore.rotary(q, k, cos, sin, position_ids, "bshd", False, False,
+                                             backend)
     bad = torch.zeros(2, 7, dtype=torch.bool, device=DEVICE)
     bad[1, 3] = bad[0, 5] = True
     for out, x in ((out_q, q), (out_k, k)):
