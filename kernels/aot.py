@@ -1,364 +1,146 @@
-"""Ahead-of-time compilation of every kernel configuration for named GPU targets, no GPU needed.
+"""The ahead-of-time compile check's cases: every kernel configuration the launchers emit in
+production, compiled for sm_90, sm_80, gfx90a and gfx942 with no GPU.
 
-``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(...))`` runs
-the whole compiler (TTIR → TTGIR → LLVM → PTX/cubin or AMDGCN/hsaco) for a target that is
-not present, so CI on a CPU machine catches what the first real GPU would otherwise meet: a
-compile error, a launch too large for the hardware, spills, loads left unvectorised.
+Each kernel family contributes one generator of :class:`AotCase` s; :data:`GENERATORS` and
+:func:`cases` are the registry. A kernel module with launch plans (``eurocore.kernels.launch``)
+is compiled over op-level cases: its launchers' arguments as :class:`TensorSpec` s of given
+shapes, dtypes, strides and alignments, and its flags, run through the module's own plans,
+forward and backward; :func:`aot_case` turns each plan's Launch into the compilation Triton's
+JIT would make of it. So no launcher's argument list is written here, and nothing here can
+drift from the launchers. (Rotary and attention still build their cases by hand, checked
+against their launchers by tests, until they have plans.)
 
-Each kernel module contributes one generator of :class:`AotCase` s, the configurations its
-launchers can emit in production, specialised as Triton's JIT would specialise a real
-launch (see :func:`specialise`); :func:`cases` is the registry. :func:`compile_case`
-compiles one case for one target and returns an :class:`AotReport`; :func:`compile_all`
-compiles many, in worker processes when asked to or when it has to (below).
-
-Kernels defined under the interpreter. ``TRITON_INTERPRET=1`` (set by tests/conftest.py on
-CPU machines before any eurocore import) makes ``@triton.jit`` return an
-``InterpretedFunction``, which ``ASTSource`` cannot compile: its helpers (``_load_h`` ...)
-are interpreted functions too, not ``JITFunction`` s the code generator can call, and the
-interpreter patches ``triton.language`` while it runs kernels (Triton 3.9 restores the
-patches afterwards; older releases are not guaranteed to). So whenever a case's kernel is
-not a ``JITFunction``, compilation goes to fresh worker processes started with
-``TRITON_INTERPRET`` removed from their environment: there the kernel module is imported
-anew (cases pickle their kernel by module and name, not by value) and defines real
-``JITFunction`` s, and no interpreted kernel has ever run. This needs no cooperation from the
-kernel modules and works the same on every Triton version.
-
-Imports only the standard library and Triton; a case's kernel module (and so torch) is
-imported when the case is built or compiled.
+The compile engine and the compiler-output parsers live in ``eurocore.kernels.compile_engine``;
+this module re-exports them (``__all__``) for the generators, the tests and
+``python -m eurocore.benchmarks compile``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
-import io
 import itertools
-import multiprocessing
-import os
-import re
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
-# The targets CI compiles for: Hopper, Ampere, MI250X (CDNA2) and MI300X (CDNA3).
-TARGETS: dict[str, GPUTarget] = {
-    "sm_90": GPUTarget("cuda", 90, 32),
-    "sm_80": GPUTarget("cuda", 80, 32),
-    "gfx90a": GPUTarget("hip", "gfx90a", 64),
-    "gfx942": GPUTarget("hip", "gfx942", 64),
-}
+from .compile_engine import (
+    MAX_SHARED,
+    MAX_THREADS_PER_BLOCK,
+    NVIDIA_REGISTER_FILE,
+    TARGETS,
+    VENDORS,
+    AotCase,
+    AotCompileError,
+    AotFailure,
+    AotReport,
+    LaunchResourceError,
+    LaunchSizeError,
+    Ptr,
+    amdgcn_global_loads,
+    amdgcn_metadata,
+    aot_case,
+    check_launch,
+    check_resources,
+    compile_all,
+    compile_case,
+    config_key,
+    dedupe,
+    distinct_launch_configs,
+    has_backend,
+    kernel_params,
+    parse_ptxas_log,
+    ptx_global_loads,
+    specialise,
+    target_name,
+)
+from .launch import DTYPES, TensorSpec
 
-# Triton backend name -> the vendor name kernel launchers use for their configuration tables.
-VENDORS: dict[str, str] = {"cuda": "nvidia", "hip": "amd"}
+__all__ = [
+    "GENERATORS", "MAX_SHARED", "MAX_THREADS_PER_BLOCK", "NVIDIA_REGISTER_FILE", "TARGETS",
+    "VENDORS", "AotCase", "AotCompileError", "AotFailure", "AotReport", "LaunchResourceError",
+    "LaunchSizeError", "Ptr", "TensorSpec", "amdgcn_global_loads", "amdgcn_metadata",
+    "aot_case", "cases", "check_launch", "check_resources", "compile_all", "compile_case",
+    "config_key", "dedupe", "distinct_launch_configs", "has_backend", "kernel_params",
+    "parse_ptxas_log", "ptx_global_loads", "specialise", "target_name",
+]
 
-# Threads per block (CUDA) or workgroup (HIP): the hardware limit on both vendors.
-MAX_THREADS_PER_BLOCK = 1024
-# Shared memory (LDS) one program may use: the opt-in maximum per block on H100 (227 KiB) and
-# A100 (163 KiB), the 64 KiB LDS of CDNA2/CDNA3. Triton checks this only when it loads the
-# binary on a GPU; here a compiled case over it fails.
-MAX_SHARED: dict[str, int] = {"sm_90": 232448, "sm_80": 166912, "gfx90a": 65536,
-                              "gfx942": 65536}
-# 32-bit registers in an NVIDIA SM's register file, allocated per warp in units of 256.
-NVIDIA_REGISTER_FILE = 65536
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+# ---------------------------------------------------------------------------------------------
 
-
-class LaunchResourceError(ValueError):
-    """A case would not launch on the target: too many threads, or (once compiled) more
-    shared memory or registers per program than the hardware has."""
-
-
-class LaunchSizeError(LaunchResourceError):
-    """A configuration launches more threads per program than the target allows."""
+# The largest hidden size the launch-configuration sweep goes to (loops over blocks beyond).
+RMS_NORM_SWEEP_N = 131072
+# The backward's programs on an H100 (backward_programs: 4 per SM, 132 SMs), at most a row each.
+RMS_NORM_PROGRAMS = 528
 
 
-class AotCompileError(RuntimeError):
-    """Triton failed to compile a case for a target."""
+def _rms_norm(n: int, x: str, r: str | None = None, w: str | None = None, zc: bool = False,
+              rows: int = 8192, x_offset: int = 0, note: str = "") -> list[AotCase]:
+    """The forward and backward launches of one ``rms_norm`` over ``rows`` rows of ``n``, from
+    the launchers' plans over the arguments the op hands them.
 
-
-@dataclass
-class AotCase:
-    """One compilation: a kernel, its specialised signature, and launch options.
-
-    ``signature`` maps every parameter of the kernel, in order, to a Triton type ("*bf16",
-    "i32", "fp32") or "constexpr"; ``constexprs`` gives the value of each "constexpr" one
-    (the ``tl.constexpr`` flags, and integers the JIT specialises to 1). ``divisible`` names
-    the arguments known to be multiples of 16 (pointers: 16-byte aligned), as the JIT marks
-    them. ``num_stages`` None leaves the backend's default, as a launch without it gets.
-    ``options`` are further launch options passed to the compiler as the launch passes them
-    (e.g. AMD's ``waves_per_eu``). ``vendors`` names the GPU vendors ("nvidia", "amd") whose
-    launchers emit this configuration, when the launch configuration depends on the vendor:
-    the case is compiled only for their targets (see :meth:`applies_to`); empty means every
-    target.
+    x (dtype ``x``) and the residual (dtype ``r``; None: none) contiguous (rows, n), x viewed
+    ``x_offset`` elements into its allocation; the weight (n,) of dtype ``w`` (None: none),
+    zero-centred with ``zc``; y and h in h's dtype (x's promoted with the residual's), rstd
+    fp32. Backward: dy (and with a residual dh_in) fresh in h's dtype, the saved h (x itself
+    without a residual), dx in x's dtype, dr only for a residual of another dtype than x's.
     """
+    from eurocore.kernels import rms_norm as m
 
-    kernel: str
-    fn: Any  # the kernel object as its module defines it (a JITFunction unless interpreted)
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int
-    num_stages: int | None = None
-    divisible: tuple[str, ...] = ()
-    label: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    vendors: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return f"{self.kernel}[{self.label}, num_warps={self.num_warps}]"
-
-    def applies_to(self, target: GPUTarget) -> bool:
-        """Whether this configuration is launched on ``target``'s vendor (always, when the
-        case names no vendor)."""
-        return not self.vendors or VENDORS.get(target.backend) in self.vendors
-
-    def __reduce__(self):
-        # Pickled by reference: the worker imports the kernel module itself, so it gets a
-        # JITFunction even when this process defined the kernel under the interpreter.
-        raw = getattr(self.fn, "fn", self.fn)  # InterpretedFunction.fn is the Python function
-        return (_rebuild_case, (raw.__module__, raw.__qualname__, self.kernel, self.signature,
-                                self.constexprs, self.num_warps, self.num_stages,
-                                self.divisible, self.label, self.options, self.vendors))
-
-
-def _rebuild_case(module, qualname, *fields) -> AotCase:
-    fn = importlib.import_module(module)
-    for part in qualname.split("."):
-        fn = getattr(fn, part)
-    kernel, *rest = fields
-    return AotCase(kernel, fn, *rest)
-
-
-@dataclass
-class AotReport:
-    """What one compilation produced; register fields are None where the target lacks them."""
-
-    kernel: str
-    label: str
-    target: str
-    num_warps: int
-    shared: int  # bytes of shared memory (LDS on AMD) per program
-    widest_load: int  # bytes moved by the widest global load instruction
-    loads: tuple[str, ...] = ()  # the distinct global load instructions, e.g. "ld.global.v4.b32"
-    regs: int | None = None  # NVIDIA, from ptxas -v (None where no log was produced)
-    spill_bytes: int | None = None  # NVIDIA: spill stores + spill loads
-    vgpr: int | None = None  # AMD, from the AMDGCN metadata
-    sgpr: int | None = None
-    agpr: int | None = None
-    vgpr_spill: int | None = None
-    sgpr_spill: int | None = None
-
-    @property
-    def spills(self) -> int:
-        """Spilled bytes (NVIDIA) or registers (AMD); 0 when unknown."""
-        return (self.spill_bytes or 0) + (self.vgpr_spill or 0) + (self.sgpr_spill or 0)
-
-
-@dataclass
-class AotFailure:
-    """A case that did not compile for a target, with the reason."""
-
-    kernel: str
-    label: str
-    target: str
-    num_warps: int
-    error: str
-
-    def __str__(self) -> str:
-        return f"{self.kernel}[{self.label}, num_warps={self.num_warps}] on {self.target}: " \
-               f"{self.error}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Specialisation: the signature Triton's JIT derives from a launch's actual arguments
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ptr:
-    """A tensor argument: its element type ("bf16", "fp16", "fp32") and whether its data
-    pointer is 16-byte aligned (fresh torch allocations are; odd-offset views may not be)."""
-
-    dtype: str
-    aligned: bool = True
-
-
-def specialise(fn_params: Sequence[str], args: dict[str, Any], flags: dict[str, Any]
-               ) -> tuple[dict[str, str], dict[str, Any], tuple[str, ...]]:
-    """(signature, constexprs, divisible) for a launch with these argument values.
-
-    Mirrors the JIT's specialisation of a launch: an int equal to 1 becomes the constexpr 1;
-    other ints are "i32" (or "i64" outside int32) and divisible when a multiple of 16 (0
-    included); floats are "fp32"; a pointer is divisible when 16-byte aligned. ``flags`` are
-    the ``tl.constexpr`` parameters. Every parameter must be given exactly once.
-    """
-    missing = set(fn_params) - set(args) - set(flags)
-    extra = (set(args) | set(flags)) - set(fn_params)
-    if missing or extra:
-        raise ValueError(f"specialise: missing {sorted(missing)}, unknown {sorted(extra)}")
-    signature: dict[str, str] = {}
-    constexprs: dict[str, Any] = {}
-    divisible: list[str] = []
-    for name in fn_params:
-        if name in flags:
-            signature[name], constexprs[name] = "constexpr", flags[name]
-            continue
-        value = args[name]
-        if isinstance(value, Ptr):
-            signature[name] = "*" + value.dtype
-            if value.aligned:
-                divisible.append(name)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"specialise: {name}={value!r}: expected a Ptr, an int or a float")
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                divisible.append(name)
-    return signature, constexprs, tuple(divisible)
-
-
-def kernel_params(fn: Any) -> list[str]:
-    """The parameter names of a @triton.jit kernel, interpreted or not."""
-    names = getattr(fn, "arg_names", None)
-    return list(names) if names else list(inspect.signature(getattr(fn, "fn", fn)).parameters)
-
-
-def promote(a: str, b: str) -> str:
-    """torch.promote_types for the kernels' float types: fp16 with bf16 gives fp32."""
-    return a if a == b else "fp32"
-
-
-def dedupe(items: Iterable[AotCase]) -> list[AotCase]:
-    """Drops cases that compile to the same binary as an earlier one (first label kept)."""
-    seen: set[tuple] = set()
-    out = []
-    for case in items:
-        key = (case.kernel, tuple(case.signature.items()), tuple(sorted(case.constexprs.items())),
-               case.num_warps, case.num_stages, case.divisible,
-               tuple(sorted(case.options.items())), case.vendors)
-        if key not in seen:
-            seen.add(key)
-            out.append(case)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The registry: one generator per kernel module
-# ---------------------------------------------------------------------------------------------
-
-
-def distinct_launch_configs(launch_config: Callable[[int], dict], max_n: int
-                            ) -> dict[tuple, list[int]]:
-    """Each distinct ``launch_config(n)`` for n in 1..max_n, with the sizes tried that give it.
-
-    Launch configurations change only where ``triton.next_power_of_2`` does, so powers of two
-    and their neighbours find every one; the test sweeps every n to prove it.
-    """
-    sizes = {1, max_n}
-    k = 1
-    while k <= max_n:
-        sizes.update(n for n in (k - 1, k, k + 1) if 1 <= n <= max_n)
-        k *= 2
-    configs: dict[tuple, list[int]] = {}
-    for n in sorted(sizes):
-        configs.setdefault(config_key(launch_config(n)), []).append(n)
-    return configs
-
-
-def config_key(cfg: dict) -> tuple:
-    return tuple(sorted(cfg.items()))
+    shape = (rows, n)
+    h_dtype = DTYPES[x] if r is None else torch.promote_types(DTYPES[x], DTYPES[r])
+    x_spec = TensorSpec(shape, x, offset=x_offset)
+    residual = TensorSpec(shape, r) if r else None
+    weight = TensorSpec((n,), w) if w else None
+    h = TensorSpec(shape, h_dtype) if r else None
+    rstd = TensorSpec((rows,), "fp32")
+    forward = m.rms_norm_fwd_plan(x_spec, weight, residual, 1e-6, zc,
+                                  TensorSpec(shape, h_dtype), h, rstd)
+    programs = min(rows, RMS_NORM_PROGRAMS)
+    backward = m.rms_norm_bwd_plan(
+        TensorSpec(shape, h_dtype), TensorSpec(shape, h_dtype) if r else None,
+        h if r else x_spec, weight, rstd, zc, TensorSpec(shape, x),
+        TensorSpec(shape, r) if r and r != x else None, TensorSpec((programs, n), "fp32"),
+        programs)
+    label = _label(n, x, r, w, zc, note)
+    return [aot_case(forward, label), aot_case(backward, label)]
 
 
 def _rms_norm_cases() -> list[AotCase]:
     from eurocore.kernels import rms_norm as m
-
-    fwd, bwd = m._rms_norm_fwd_kernel, m._rms_norm_bwd_kernel
-    fwd_params, bwd_params = kernel_params(fwd), kernel_params(bwd)
-    eps = 1e-6
-
-    def fwd_case(n, x, r=None, w=None, zc=False, x_aligned=True, note=""):
-        """The forward as rms_norm_fwd launches it: contiguous rows of n, h/y in h's dtype;
-        an absent residual/weight/h is passed as x/x/y with stride 0."""
-        cfg = m.launch_config(n)
-        h = x if r is None else promote(x, r)
-        args = dict(
-            X=Ptr(x, x_aligned), R=Ptr(r or x, x_aligned if r is None else True),
-            W=Ptr(w or x, x_aligned if w is None else True), Y=Ptr(h), H=Ptr(h), RSTD=Ptr("fp32"),
-            stride_x=n, stride_r=n if r else 0, stride_y=n, stride_h=n if r else 0,
-            n_cols=n, eps=eps)
-        flags = dict(HAS_RESIDUAL=r is not None, HAS_WEIGHT=w is not None, ZERO_CENTERED=zc,
-                     BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"])
-        sig, const, div = specialise(fwd_params, args, flags)
-        label = _label(n, x, r, w, zc, note)
-        return AotCase("_rms_norm_fwd_kernel", fwd, sig, const, cfg["num_warps"], None, div,
-                       label)
-
-    def bwd_case(n, x, r=None, w=None, zc=False, n_rows=8192, programs=528, note=""):
-        """The backward as the op calls rms_norm_bwd: dy/dh_in/h in h's dtype (h is x without
-        a residual), dx in x's dtype, dr only for a residual of another dtype than x; absent
-        tensors are passed as dy/h/dx with stride 0. programs: 4 per SM (528 on an H100)."""
-        cfg = m.launch_config(n)
-        h = x if r is None else promote(x, r)
-        has_dr = r is not None and r != x
-        args = dict(
-            DY=Ptr(h), DH_IN=Ptr(h), H=Ptr(h), W=Ptr(w or h), RSTD=Ptr("fp32"), DX=Ptr(x),
-            DR=Ptr(r if has_dr else x), DW_PARTIAL=Ptr("fp32"),
-            stride_dy=n, stride_dh_in=n if r else 0, stride_h=n, stride_dx=n,
-            stride_dr=n if has_dr else 0,
-            n_rows=n_rows, n_cols=n, rows_per_program=triton.cdiv(n_rows, programs))
-        flags = dict(HAS_DH_IN=r is not None, HAS_DR=has_dr, HAS_WEIGHT=w is not None,
-                     ZERO_CENTERED=zc, BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"])
-        sig, const, div = specialise(bwd_params, args, flags)
-        label = _label(n, x, r, w, zc, note)
-        return AotCase("_rms_norm_bwd_kernel", bwd, sig, const, cfg["num_warps"], None, div,
-                       label)
 
     out: list[AotCase] = []
     # 1. Every launch configuration (block, loop flag, warps) the launchers can pick for a
     #    hidden size up to 128K, in bf16 with the Llama pre-norm flags (residual, weight), in
     #    both specialisations real shapes get: n (so the row strides) a multiple of 16, as for
     #    4096, and not, as for 4097. Fresh tensors are 16-byte aligned in both.
-    for sizes in distinct_launch_configs(m.launch_config, 131072).values():
+    for sizes in distinct_launch_configs(m.launch_config, RMS_NORM_SWEEP_N).values():
         for n in (max((s for s in sizes if s % 16 == 0), default=None),
                   max((s for s in sizes if s % 16 and s > 1), default=None)):
             if n is not None:
-                out.append(fwd_case(n, "bf16", r="bf16", w="bf16"))
-                out.append(bwd_case(n, "bf16", r="bf16", w="bf16"))
+                out += _rms_norm(n, "bf16", r="bf16", w="bf16")
     # 2. Every combination of the flags, in each dtype, at one size per code path: 4096 (one
     #    block) for all three dtypes, 32768 (looping over blocks) in bf16.
     weights = [(None, False), ("w", False), ("w", True)]  # zero-centred needs a weight
     for n, dtypes in ((4096, ("fp32", "fp16", "bf16")), (32768, ("bf16",))):
-        for dt in dtypes:
-            for residual in (None, dt):
-                for w, zc in weights:
-                    out.append(fwd_case(n, dt, r=residual, w=w and dt, zc=zc))
-                    out.append(bwd_case(n, dt, r=residual, w=w and dt, zc=zc))
+        for dt, residual, (w, zc) in itertools.product(dtypes, (False, True), weights):
+            out += _rms_norm(n, dt, r=dt if residual else None, w=w and dt, zc=zc)
     # 3. Mixed dtypes the op allows: fp32 weights with bf16 activations; a residual stream of
     #    another dtype (h, y promoted; dr written separately: HAS_DR); fp16 with bf16 → fp32.
     for x, r, w in (("bf16", None, "fp32"), ("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16"),
                     ("fp16", "bf16", "fp32")):
         for n in (4096, 32768):
-            out.append(fwd_case(n, x, r=r, w=w))
-            out.append(bwd_case(n, x, r=r, w=w))
-    out.append(bwd_case(4096, "bf16", r="fp32", w="bf16", zc=True))
+            out += _rms_norm(n, x, r=r, w=w)
+    out += _rms_norm(4096, "bf16", r="fp32", w="bf16", zc=True)
     # 4. Specialisations of small or odd launches: a hidden size of 1 (n_cols and the strides
     #    become the constexpr 1), one row per backward program (rows_per_program = 1: up to
-    #    4 rows per SM), a single row, and an x viewed at an odd offset (pointer not aligned).
-    out.append(fwd_case(1, "bf16", r="bf16", w="bf16"))
-    out.append(bwd_case(1, "bf16", r="bf16", w="bf16"))
-    out.append(bwd_case(4096, "bf16", r="bf16", w="bf16", n_rows=300, note="300 rows"))
-    out.append(bwd_case(4097, "bf16", w="bf16", n_rows=1, programs=1, note="1 row"))
-    out.append(fwd_case(4097, "bf16", w="bf16", x_aligned=False, note="x misaligned"))
+    #    4 rows per SM), a single row, and an x viewed at an odd offset (pointer not aligned:
+    #    x, and without a residual the h its backward reads).
+    out += _rms_norm(1, "bf16", r="bf16", w="bf16")
+    out += _rms_norm(4096, "bf16", r="bf16", w="bf16", rows=300, note="300 rows")
+    out += _rms_norm(4097, "bf16", w="bf16", rows=1, note="1 row")
+    out += _rms_norm(4097, "bf16", w="bf16", x_offset=1, note="x misaligned")
     return dedupe(out)
 
 
@@ -397,7 +179,9 @@ def _rotary_case(*, head_dim: int = 128, rotary_dim: int | None = None, dtype: s
     and ``offsets``: None, or the index dtype ("i64", "i32") of positions (batch, seq) (or
     (1, seq) when ``shared_positions``; (tokens,) in thd) / of one offset per sequence;
     ``cu_seqlens``: None or (index dtype, sequences), thd only. ``offset``: the scalar
-    seqlen_offsets. ``q_aligned`` False: q is a view at an odd element offset.
+    seqlen_offsets. ``q_aligned`` False: q is a view at an odd element offset. The op
+    normalises these four into one int64 position per token, or none
+    (``eurocore.ops.rotary.normalize_positions``); the kernel sees only that.
     """
     from eurocore.kernels import rotary as m
 
@@ -416,7 +200,6 @@ def _rotary_case(*, head_dim: int = 128, rotary_dim: int | None = None, dtype: s
     copy_tail = not inplace and head_dim > 2 * half
     cfg = m.launch_config(half, head_dim - 2 * half if copy_tail else 0)
     heads = m.heads_per_program(triton.cdiv(n_tokens, cfg["BLOCK_T"]), q_heads, k_heads)
-    n_seqs = cu_seqlens[1] if cu_seqlens else 1
     # Without k the launcher passes q (and out_q) in k's place, with q's strides.
     q = Ptr(dtype, q_aligned)
     out_q = q if inplace else Ptr(dtype)
@@ -427,30 +210,34 @@ def _rotary_case(*, head_dim: int = 128, rotary_dim: int | None = None, dtype: s
         k, out_k = q, out_q
     q_strides = strides(q_heads)
     k_strides = strides(k_heads) if k_heads else q_strides
-    if position_ids:  # (batch, seq) contiguous; a leading 1 (shared, or thd) gives stride 0
-        mode = 2
-        pos_strides = (seq if batch > 1 and not shared_positions and layout != "thd" else 0, 1)
+    # Normalised positions, (outer, inner) to the kernel: without any, strides that make the
+    # token's index along the sequence its position; in thd one row (stride 0 for outer 1);
+    # else (batch, seq) int64, a row per sequence for per-sequence ids or offsets, or one
+    # shared row expanded (stride 0), transposed in sbhd. A dimension of size 1 gets 0.
+    has_positions = bool(position_ids or offsets or cu_seqlens or offset)
+    if not has_positions:
+        pos_strides = (1, 0) if layout == "sbhd" else (0, 1)
+    elif layout == "thd":
+        pos_strides = (0, 1 if n_tokens > 1 else 0)
     else:
-        mode, pos_strides = (1 if offsets else 0), (0, 0)
+        per_row = batch > 1 and bool(offsets or (position_ids and not shared_positions))
+        by_batch, by_seq = (seq if per_row else 0), (1 if seq > 1 else 0)
+        pos_strides = (by_batch, by_seq) if layout == "bshd" else (by_seq, by_batch)
     args: dict[str, Any] = dict(
         Q=q, K=k, OUT_Q=out_q, OUT_K=out_k,
-        COS=Ptr(table), SIN=Ptr(table),
-        POSITION_IDS=Ptr(position_ids or table), OFFSETS=Ptr(offsets or table),
-        CU_SEQLENS=Ptr(cu_seqlens[0] if cu_seqlens else table),
+        COS=Ptr(table), SIN=Ptr(table), POSITIONS=Ptr("i64" if has_positions else table),
         n_tokens=n_tokens, n_inner=n_inner,
         n_q_heads=q_heads, n_k_heads=k_heads, q_groups=triton.cdiv(q_heads, heads),
         heads_per_program=heads, head_dim=head_dim, stride_cos=half,
-        n_positions=n_positions, offset=offset,
-        stride_pos_batch=pos_strides[0], stride_pos_seq=pos_strides[1],
-        n_seqs=n_seqs, search_steps=(n_seqs - 1).bit_length())
+        n_positions=n_positions,
+        stride_pos_outer=pos_strides[0], stride_pos_inner=pos_strides[1])
     for prefix, values in (("q", q_strides), ("k", k_strides), ("oq", q_strides),
                            ("ok", k_strides)):
         args.update({f"stride_{prefix}_{axis}": v
                      for axis, v in zip(("outer", "inner", "head"), values, strict=True)})
-    flags = dict(POSITIONS=mode, VARLEN=cu_seqlens is not None, BATCH_FIRST=layout != "sbhd",
-                 INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
-                 HALF=cfg["HALF"], BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
-                 BLOCK_TAIL=cfg["BLOCK_TAIL"])
+    flags = dict(HAS_POSITIONS=has_positions, INTERLEAVED=interleaved, CONJUGATE=conjugate,
+                 COPY_TAIL=copy_tail, HALF=cfg["HALF"], BLOCK_T=cfg["BLOCK_T"],
+                 BLOCK_HALF=cfg["BLOCK_HALF"], BLOCK_TAIL=cfg["BLOCK_TAIL"])
     kernel = m._rotary_kernel
     sig, const, div = specialise(kernel_params(kernel), args, flags)
     parts = [f"hd={head_dim}" + (f"/rot={rotary_dim}" if rotary_dim != head_dim else ""),
@@ -530,8 +317,9 @@ def _rotary_cases() -> list[AotCase]:
     for config in (
         dict(inplace=True),  # the forward is out of place's binary; the backward is not
         dict(batch=2),
-        # positions: explicit ids (per sequence, shared, int32), offsets per sequence, a
-        # scalar offset (KV cache) not divisible by 16
+        # positions (normalised by the op to int64 per token: a row per sequence, or one
+        # shared row): explicit ids (per sequence, shared, int32), offsets per sequence, a
+        # scalar offset (KV cache)
         dict(batch=2, position_ids="i64"),
         dict(batch=2, position_ids="i64", shared_positions=True),
         dict(batch=2, position_ids="i32"),
@@ -539,11 +327,13 @@ def _rotary_cases() -> list[AotCase]:
         dict(batch=2, offsets="i32"),
         dict(offset=17),
         dict(offset=4096),
-        # sbhd (Megatron): micro-batch 1 makes n_inner the constexpr 1
+        # sbhd (Megatron): micro-batch 1 makes n_inner the constexpr 1; positions transposed
         dict(layout="sbhd"),
         dict(layout="sbhd", batch=2),
-        # packed sequences: cu_seqlens int32 (flash-attn's) and int64, one sequence (no
-        # bisection step), offsets per sequence; thd without cu_seqlens, with position ids
+        dict(layout="sbhd", batch=2, position_ids="i64"),
+        dict(layout="sbhd", batch=2, offset=17),
+        # packed sequences: cu_seqlens int32 (flash-attn's) and int64, one sequence, offsets
+        # per sequence; thd without cu_seqlens, with position ids
         dict(layout="thd", seq=16384, cu_seqlens=("i32", 8)),
         dict(layout="thd", seq=16384, cu_seqlens=("i64", 8)),
         dict(layout="thd", seq=16384, cu_seqlens=("i32", 1)),
@@ -618,12 +408,12 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
         return (0 if varlen else seq * n_heads * head_dim), n_heads * head_dim, head_dim
 
     q_strides, kv_strides = strides(seqlen_q, heads), strides(seqlen_k, kv_heads)
-    lse_strides = (0, seqlen_q) if varlen else (heads * seqlen_q, seqlen_q)
     cu = Ptr(cu_seqlens[0]) if varlen else Ptr(dtype)  # not varlen: q stands in
     tensors = {name: Ptr(dtype) for name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}
     tensors.update(LSE=Ptr("fp32"), DELTA=Ptr("fp32"), CU_Q=cu, CU_K=cu)
+    # lse and δ strides are not arguments (the kernels derive them); dk and dv share "dkv"
     stride_of = {"q": q_strides, "o": q_strides, "do": q_strides, "dq": q_strides,
-                 "k": kv_strides, "v": kv_strides, "dk": kv_strides, "dv": kv_strides}
+                 "k": kv_strides, "v": kv_strides, "dkv": kv_strides}
     scalars = dict(fixed_seqlen_q=seqlen_q, fixed_seqlen_k=seqlen_k, group=heads // kv_heads,
                    head_dim=head_dim, qk_scale=scale, sm_scale=head_dim ** -0.5, softcap=cap,
                    window_left=left, window_right=right)
@@ -656,8 +446,6 @@ def _attention_launch(*, vendor: str, backward: bool, head_dim: int = 128,
                 continue
             if name in tensors:
                 args[name] = tensors[name]
-            elif name in ("stride_lb", "stride_lh"):
-                args[name] = lse_strides[name == "stride_lh"]
             elif name.startswith("stride_"):
                 prefix, axis = name[len("stride_"):-1], "bsh".index(name[-1])
                 args[name] = stride_of[prefix][axis]
@@ -738,47 +526,6 @@ def _attention_cases() -> list[AotCase]:
 # SwiGLU
 # ---------------------------------------------------------------------------------------------
 
-
-def _swiglu_case(*, backward: bool, n: int, dtype: str = "bf16", fused: bool = False,
-                 gate_aligned: bool = True, dy_stride: int | None = None,
-                 note: str = "") -> AotCase:
-    """One kernel of ``eurocore.kernels.swiglu`` as the op launches it on rows of ``n``
-    (a test compares it with the real launchers' launches).
-
-    gate and up: contiguous (rows, n), or with ``fused`` the two halves of a contiguous
-    (rows, 2n) gate/up projection (row stride 2n; up starts n elements in, so it is aligned
-    only when n elements are a multiple of 16 bytes). ``gate_aligned`` False: gate is a view
-    at an odd element offset. The output and the gradients are fresh contiguous tensors;
-    the backward's dy is autograd's (contiguous), or expanded rows with ``dy_stride`` 0.
-    """
-    from eurocore.kernels import swiglu as m
-
-    cfg = m.launch_config(n)
-    size = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    stride_in = 2 * n if fused else n
-    gate = Ptr(dtype, gate_aligned)
-    up = Ptr(dtype, not fused or (n * size) % 16 == 0)
-    if backward:
-        kernel = m._swiglu_bwd_kernel
-        args: dict[str, Any] = dict(
-            DY=Ptr(dtype), G=gate, U=up, DG=Ptr(dtype), DU=Ptr(dtype),
-            stride_dy=n if dy_stride is None else dy_stride, stride_g=stride_in,
-            stride_u=stride_in, stride_dg=n, stride_du=n, n_cols=n)
-    else:
-        kernel = m._swiglu_fwd_kernel
-        args = dict(G=gate, U=up, Y=Ptr(dtype), stride_g=stride_in, stride_u=stride_in,
-                    stride_y=n, n_cols=n)
-    sig, const, div = specialise(kernel_params(kernel), args, {"BLOCK_N": cfg["BLOCK_N"]})
-    parts = [f"n={n}", dtype]
-    parts += [name for name, on in (("bwd", backward), ("fused gate/up", fused),
-                                    ("gate misaligned", not gate_aligned),
-                                    ("dy expanded", dy_stride == 0)) if on]
-    if note:
-        parts.append(note)
-    name = "_swiglu_bwd_kernel" if backward else "_swiglu_fwd_kernel"
-    return AotCase(name, kernel, sig, const, cfg["num_warps"], None, div, " ".join(parts))
-
-
 # Intermediate sizes of real models: Llama-3-8B 14336, EuroLLM-9B 12288, Llama-2-7B 11008,
 # Llama-3-70B 28672; 14336 first: its labels survive dedupe.
 SWIGLU_SIZES = (14336, 12288, 11008, 28672)
@@ -787,11 +534,35 @@ SWIGLU_SIZES = (14336, 12288, 11008, 28672)
 SWIGLU_SWEEP_N = 65536
 
 
-def _swiglu_cases() -> list[AotCase]:
+def _swiglu(n: int, dtype: str = "bf16", *, fused: bool = False, gate_offset: int = 0,
+            dy_expanded: bool = False, rows: int = 4096, note: str = "") -> list[AotCase]:
+    """The forward and backward launches of one ``swiglu`` on ``rows`` rows of ``n``, from
+    the launchers' plans over the arguments the op hands them.
+
+    gate and up: contiguous (rows, n), or with ``fused`` the two halves of a contiguous
+    (rows, 2n) gate/up projection (row stride 2n; up starts n elements after gate); gate
+    viewed ``gate_offset`` elements into its allocation. y, dgate and dup fresh and
+    contiguous; dy autograd's, contiguous, or one row expanded (stride 0) with ``dy_expanded``.
+    """
     from eurocore.kernels import swiglu as m
 
-    def both(**config: Any) -> list[AotCase]:
-        return [_swiglu_case(backward=False, **config), _swiglu_case(backward=True, **config)]
+    shape = (rows, n)
+    strides = (2 * n, 1) if fused else None
+    gate = TensorSpec(shape, dtype, strides, offset=gate_offset)
+    up = TensorSpec(shape, dtype, strides, offset=gate_offset + n if fused else 0)
+    dy = TensorSpec(shape, dtype, (0, 1) if dy_expanded else None)
+    forward = m.swiglu_fwd_plan(gate, up, TensorSpec(shape, dtype))
+    backward = m.swiglu_bwd_plan(dy, gate, up, TensorSpec(shape, dtype),
+                                 TensorSpec(shape, dtype))
+    parts = [f"n={n}", dtype]
+    parts += [name for name, on in (("fused gate/up", fused), ("gate misaligned", gate_offset),
+                                    ("dy expanded", dy_expanded), (note, note)) if on]
+    label = " ".join(parts)
+    return [aot_case(forward, label), aot_case(backward, label)]
+
+
+def _swiglu_cases() -> list[AotCase]:
+    from eurocore.kernels import swiglu as m
 
     out: list[AotCase] = []
     # 1. Every launch configuration (block, warps), in bf16 on contiguous rows, with n (so
@@ -801,20 +572,20 @@ def _swiglu_cases() -> list[AotCase]:
         for n in (max((s for s in sizes if s % 16 == 0), default=None),
                   max((s for s in sizes if s % 16), default=None)):
             if n is not None:
-                out += both(n=n)
+                out += _swiglu(n)
     # 2. The real models' sizes in every dtype, contiguous and as the halves of a fused
     #    gate/up projection.
     for n, dtype, fused in itertools.product(SWIGLU_SIZES, ("bf16", "fp16", "fp32"),
                                              (False, True)):
-        out += both(n=n, dtype=dtype, fused=fused)
+        out += _swiglu(n, dtype, fused=fused)
     # 3. Specialisations of odd launches: fused halves of an odd size (up misaligned, row
     #    strides not multiples of 16), a misaligned gate, an expanded output gradient.
-    out += both(n=4097, fused=True)
-    out += both(n=4097, dtype="fp32", fused=True)
-    out += both(n=14336, gate_aligned=False)
-    out += both(n=4097, gate_aligned=False)
-    out.append(_swiglu_case(backward=True, n=4097, dy_stride=0))
-    out.append(_swiglu_case(backward=True, n=14336, dy_stride=0))
+    out += _swiglu(4097, fused=True)
+    out += _swiglu(4097, "fp32", fused=True)
+    out += _swiglu(14336, gate_offset=1)
+    out += _swiglu(4097, gate_offset=1)
+    out += _swiglu(4097, dy_expanded=True)
+    out += _swiglu(14336, dy_expanded=True)
     return dedupe(out)
 
 
@@ -833,232 +604,3 @@ def cases(kernel: str | None = None) -> list[AotCase]:
         raise KeyError(f"no AOT cases for {kernel!r}; known: {', '.join(GENERATORS)}")
     names = [kernel] if kernel else list(GENERATORS)
     return [case for name in names for case in GENERATORS[name]()]
-
-
-# ---------------------------------------------------------------------------------------------
-# Compilation
-# ---------------------------------------------------------------------------------------------
-
-
-def target_name(target: GPUTarget) -> str:
-    for name, known in TARGETS.items():
-        if known == target:
-            return name
-    return f"sm_{target.arch}" if target.backend == "cuda" else str(target.arch)
-
-
-def has_backend(target: GPUTarget) -> bool:
-    """Whether this Triton can compile for the target: PyPI wheels carry the NVIDIA and AMD
-    backends; a vendor build (pytorch-triton-rocm) may carry only its own."""
-    from triton.backends import backends
-
-    return any(b.compiler.supports_target(target) for b in backends.values())
-
-
-def check_launch(case: AotCase, target: GPUTarget) -> None:
-    """Raises LaunchSizeError when a program of this case has more threads than the target's
-    hardware limit: 16 warps fill it with AMD's 64-wide wavefronts, 32 with NVIDIA's warps."""
-    threads = case.num_warps * target.warp_size
-    if threads > MAX_THREADS_PER_BLOCK:
-        raise LaunchSizeError(
-            f"{case.kernel} [{case.label}] with num_warps={case.num_warps} launches "
-            f"{case.num_warps} x {target.warp_size} = {threads} threads per program on "
-            f"{target_name(target)}, over the hardware limit of {MAX_THREADS_PER_BLOCK} "
-            f"(at most {MAX_THREADS_PER_BLOCK // target.warp_size} warps there); "
-            f"constexprs {case.constexprs}")
-
-
-def compile_case(case: AotCase, target: GPUTarget) -> AotReport:
-    """Compiles one case for one target; raises LaunchSizeError or AotCompileError, and
-    ValueError for a target of a vendor the case is not launched on (:meth:`AotCase.applies_to`).
-
-    A kernel defined under the interpreter is compiled in a fresh worker process (see the
-    module docstring); a LaunchSizeError is raised here either way, before any compilation.
-    """
-    if not case.applies_to(target):
-        raise ValueError(f"{case} is launched only on {', '.join(case.vendors)} GPUs, not on "
-                         f"{target_name(target)}")
-    check_launch(case, target)
-    if isinstance(case.fn, JITFunction):
-        try:
-            return _compile(case, target)
-        except Exception as e:  # Triton raises many types; name the case and the target
-            raise AotCompileError(f"{case} on {target_name(target)}: {_describe(e)}") from e
-    (result,) = compile_all([case], [target], jobs=1)
-    if isinstance(result, AotFailure):
-        raise AotCompileError(str(result))
-    return result
-
-
-def compile_all(items: Sequence[AotCase], targets: Sequence[GPUTarget], jobs: int = 1
-                ) -> list[AotReport | AotFailure]:
-    """Compiles every case for every target it applies to (case-major order; a case naming
-    vendors skips the other vendor's targets, see :meth:`AotCase.applies_to`), never raising
-    for one case.
-
-    ``jobs`` > 1 compiles in that many worker processes. Interpreted kernels always go to
-    worker processes, started without TRITON_INTERPRET.
-    """
-    work = [(case, target) for case in items for target in targets if case.applies_to(target)]
-    interpreted = any(not isinstance(case.fn, JITFunction) for case in items)
-    if not work:
-        return []
-    if jobs <= 1 and not interpreted:
-        return [_try_compile(case, target) for case, target in work]
-    workers = max(1, min(jobs, len(work)))
-    ctx = multiprocessing.get_context("spawn")  # fork would inherit interpreted kernels
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool, \
-            _env(TRITON_INTERPRET=None):  # the workers start (on submit) with a clean env
-        futures = [pool.submit(_try_compile, case, target) for case, target in work]
-        return [f.result() for f in futures]
-
-
-def _init_worker() -> None:
-    os.environ.pop("TRITON_INTERPRET", None)  # belt and braces: _env removed it already
-    # Triton 3.9 warns once per process about a default changing in 3.10 (pyproject.toml
-    # filters it under pytest); once per worker is noise.
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
-
-
-def _try_compile(case: AotCase, target: GPUTarget) -> AotReport | AotFailure:
-    name = target_name(target)
-    try:
-        check_launch(case, target)
-        if not isinstance(case.fn, JITFunction):
-            raise AotCompileError(
-                f"{case.kernel} is a {type(case.fn).__name__}, not a JITFunction: its module "
-                f"was imported under TRITON_INTERPRET=1 in this process")
-        return _compile(case, target)
-    except Exception as e:
-        return AotFailure(case.kernel, case.label, name, case.num_warps, _describe(e))
-
-
-def _describe(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return text if len(text) < 4000 else text[:4000] + " ..."
-
-
-def _compile(case: AotCase, target: GPUTarget) -> AotReport:
-    names = kernel_params(case.fn)
-    if list(case.signature) != names:
-        raise ValueError(f"{case.kernel}: signature names {list(case.signature)} differ from "
-                         f"the kernel's parameters {names}")
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in case.divisible}
-    src = ASTSource(case.fn, dict(case.signature), dict(case.constexprs), attrs=attrs)
-    options: dict[str, Any] = {**case.options, "num_warps": case.num_warps}
-    if case.num_stages is not None:
-        options["num_stages"] = case.num_stages
-    log = io.StringIO()
-    if target.backend == "cuda":
-        # Triton prints ptxas -v (registers, spills) to stdout with TRITON_DUMP_PTXAS_LOG; a
-        # cache hit would skip ptxas, so this compile bypasses the cache.
-        with _env(TRITON_DUMP_PTXAS_LOG="1", TRITON_ALWAYS_COMPILE="1"), \
-                contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=target, options=options)
-    else:
-        compiled = triton.compile(src, target=target, options=options)
-    report = AotReport(case.kernel, case.label, target_name(target), case.num_warps,
-                       shared=int(compiled.metadata.shared), widest_load=0)
-    if "ptx" in compiled.asm:
-        report.loads, report.widest_load = ptx_global_loads(compiled.asm["ptx"])
-        report.regs, report.spill_bytes = parse_ptxas_log(log.getvalue())
-    if "amdgcn" in compiled.asm:
-        amdgcn = compiled.asm["amdgcn"]
-        report.loads, report.widest_load = amdgcn_global_loads(amdgcn)
-        meta = amdgcn_metadata(amdgcn)
-        report.vgpr, report.sgpr, report.agpr = (meta.get(k) for k in
-                                                 ("vgpr_count", "sgpr_count", "agpr_count"))
-        report.vgpr_spill = meta.get("vgpr_spill_count")
-        report.sgpr_spill = meta.get("sgpr_spill_count")
-    check_resources(case, report, target)
-    return report
-
-
-def check_resources(case: AotCase, report: AotReport, target: GPUTarget) -> None:
-    """Raises LaunchResourceError when the compiled program would not load on the target: more
-    shared memory than a block may have, or (NVIDIA) more registers than the register file
-    holds for the block: what Triton reports as OutOfResources at the first launch."""
-    name = target_name(target)
-    limit = MAX_SHARED.get(name)
-    if limit is not None and report.shared > limit:
-        raise LaunchResourceError(
-            f"{case.kernel} [{case.label}] with num_warps={case.num_warps} needs "
-            f"{report.shared} bytes of shared memory per program on {name}, over its "
-            f"{limit}; constexprs {case.constexprs}")
-    if report.regs is not None:
-        per_warp = -(-report.regs * target.warp_size // 256) * 256
-        if per_warp * case.num_warps > NVIDIA_REGISTER_FILE:
-            raise LaunchResourceError(
-                f"{case.kernel} [{case.label}]: {report.regs} registers x "
-                f"{case.num_warps * target.warp_size} threads exceed the {NVIDIA_REGISTER_FILE}"
-                f" registers of an SM on {name}; constexprs {case.constexprs}")
-
-
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    """Sets (or, for None, removes) environment variables for the duration."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the compiler's output
-# ---------------------------------------------------------------------------------------------
-
-_PTX_LOAD = re.compile(r"\bld\.global((?:\.[A-Za-z0-9_:]+)*)")
-_AMD_LOAD = re.compile(r"\b(?:global|buffer)_load_(dwordx[234]|dword|b128|b96|b64|b32|"
-                       r"[us]?short(?:_d16(?:_hi)?)?|[us]?byte(?:_d16(?:_hi)?)?|[ui](?:8|16))\b")
-_AMD_BYTES = {"dwordx4": 16, "b128": 16, "dwordx3": 12, "b96": 12, "dwordx2": 8, "b64": 8,
-              "dword": 4, "b32": 4}
-
-
-def ptx_global_loads(ptx: str) -> tuple[tuple[str, ...], int]:
-    """The distinct global loads in PTX and the widest in bytes (``ld.global.v4.b32``: 16)."""
-    kinds = sorted({"ld.global" + m.group(1) for m in _PTX_LOAD.finditer(ptx)})
-    widest = 0
-    for kind in kinds:
-        parts = kind.split(".")
-        vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
-        bits = next((int(p[1:]) for p in reversed(parts) if re.fullmatch(r"[bsuf]\d+", p)), 0)
-        widest = max(widest, vec * bits // 8)
-    return tuple(kinds), widest
-
-
-def amdgcn_global_loads(amdgcn: str) -> tuple[tuple[str, ...], int]:
-    """The distinct global/buffer loads in AMDGCN and the widest in bytes (dwordx4: 16)."""
-    kinds = sorted({m.group(0) for m in _AMD_LOAD.finditer(amdgcn)})
-    widest = 0
-    for kind in kinds:
-        suffix = kind.split("_load_", 1)[1]
-        size = _AMD_BYTES.get(suffix)
-        if size is None:
-            size = 2 if "short" in suffix or suffix.endswith("16") else 1
-        widest = max(widest, size)
-    return tuple(kinds), widest
-
-
-def amdgcn_metadata(amdgcn: str) -> dict[str, int]:
-    """Register and spill counts from the AMDGCN kernel metadata (``.vgpr_count: 23`` ...)."""
-    return {k: int(v) for k, v in re.findall(
-        r"\.(vgpr_count|sgpr_count|agpr_count|vgpr_spill_count|sgpr_spill_count):\s+(\d+)",
-        amdgcn)}
-
-
-def parse_ptxas_log(log: str) -> tuple[int | None, int | None]:
-    """(registers, spill store + load bytes) from ``ptxas -v`` output; None where absent."""
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return (int(regs.group(1)) if regs else None,
-            int(spills.group(1)) + int(spills.group(2)) if spills else None)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, make_launch
+
 # The largest row held in registers at once; longer rows loop over blocks of this size.
 MAX_BLOCK_N = 16384
 # At most 16 warps: 1024 threads with AMD's 64-wide wavefronts, the hardware limit there.
@@ -196,30 +198,111 @@ def backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(n_rows, per_device))
 
 
-# A launch derives its configuration and grid from shapes alone. Derived afresh, that is
-# about 2 µs a call (triton.next_power_of_2 and triton.cdiv are constexpr functions, slow to
-# call from the host) next to a kernel that may run for less; so it is cached per shape. The
-# key also holds everything the derivation reads that can be patched (the functions and the
-# module limits: benchmarks/tune.py, the tests), so a patched one never meets a stale entry.
+# A plan derives its configuration from shapes and flags alone. Derived afresh, that is about
+# 2 µs a call (triton.next_power_of_2 is a constexpr function, slow to call from the host) next
+# to a kernel that may run for less; so it is cached per shape and flags. The key also holds
+# everything the derivation reads that can be patched (the functions and the module limits:
+# benchmarks/tune.py, the tests), so a patched one never meets a stale entry.
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_plan(n_cols: int, patchables: tuple) -> dict:
-    """The launch config of a forward over rows of ``n_cols``."""
-    return launch_config(n_cols)
+def _forward_static(n_cols: int, has_residual: bool, has_weight: bool, zero_centered: bool,
+                    patchables: tuple) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a forward over rows of ``n_cols``."""
+    cfg = launch_config(n_cols)
+    return ({"HAS_RESIDUAL": has_residual, "HAS_WEIGHT": has_weight,
+             "ZERO_CENTERED": zero_centered, "BLOCK_N": cfg["BLOCK_N"],
+             "ONE_BLOCK": cfg["ONE_BLOCK"]}, {"num_warps": cfg["num_warps"]})
 
 
 @functools.lru_cache(maxsize=1024)
-def _backward_plan(n_rows: int, n_cols: int, device: torch.device,
-                   patchables: tuple) -> tuple[dict, int, int]:
-    """(launch config, programs, rows per program) of a backward over (n_rows, n_cols)."""
-    programs = backward_programs(n_rows, device)
-    return launch_config(n_cols), programs, triton.cdiv(n_rows, programs)
+def _backward_static(n_cols: int, has_dh_in: bool, has_dr: bool, has_weight: bool,
+                     zero_centered: bool, patchables: tuple) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a backward over rows of ``n_cols``."""
+    cfg = launch_config(n_cols)
+    return ({"HAS_DH_IN": has_dh_in, "HAS_DR": has_dr, "HAS_WEIGHT": has_weight,
+             "ZERO_CENTERED": zero_centered, "BLOCK_N": cfg["BLOCK_N"],
+             "ONE_BLOCK": cfg["ONE_BLOCK"]}, {"num_warps": cfg["num_warps"]})
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_setup(n_rows: int, n_cols: int, device: torch.device,
+                    patchables: tuple) -> tuple[int, bool]:
+    """(programs, whether dw_partial must start zeroed) of a backward over (n_rows, n_cols)."""
+    return backward_programs(n_rows, device), not launch_config(n_cols)["ONE_BLOCK"]
 
 
 def _patchables() -> tuple:
     """What the plans read that a tuning sweep or a test may patch (part of their key)."""
     return launch_config, backward_programs, MAX_BLOCK_N, MAX_WARPS
+
+
+def rms_norm_fwd_plan(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    zero_centered_weight: bool,
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    rstd: torch.Tensor,
+) -> Launch:
+    """The forward launch over :func:`rms_norm_fwd`'s arguments: one program per row (none
+    for no rows: :meth:`Launch.run` then launches nothing).
+
+    An absent residual is passed as x with stride 0 (and h as y), an absent weight as x: the
+    kernel reads neither, its HAS_* flags say so.
+    """
+    n_rows, n_cols = x.shape
+    if residual is None:
+        r, stride_r, h, stride_h = x, 0, y, 0
+    else:
+        r, stride_r, stride_h = residual, residual.stride()[0], h.stride()[0]
+    constexprs, options = _forward_static(n_cols, residual is not None, weight is not None,
+                                          zero_centered_weight, _patchables())
+    return make_launch((
+        _rms_norm_fwd_kernel, (n_rows,),
+        (x, r, x if weight is None else weight, y, h, rstd,
+         x.stride()[0], stride_r, y.stride()[0], stride_h, n_cols, eps),
+        constexprs, options))
+
+
+def rms_norm_bwd_plan(
+    dy: torch.Tensor,
+    dh_in: torch.Tensor | None,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    zero_centered_weight: bool,
+    dx: torch.Tensor,
+    dr: torch.Tensor | None,
+    dw_partial: torch.Tensor,
+    programs: int,
+) -> Launch:
+    """The backward launch over :func:`rms_norm_bwd`'s arguments (h with at least one row),
+    on ``programs`` programs, each summing its weight gradient into its own fp32 row of
+    ``dw_partial`` ((programs, n); zeroed where rows loop over blocks).
+
+    An absent dh_in is passed as dy with stride 0, dr as dx with stride 0, the weight as h.
+    """
+    n_rows, n_cols = h.shape
+    constexprs, options = _backward_static(n_cols, dh_in is not None, dr is not None,
+                                           weight is not None, zero_centered_weight,
+                                           _patchables())
+    if dh_in is None:
+        dh_in, stride_dh_in = dy, 0
+    else:
+        stride_dh_in = dh_in.stride()[0]
+    if dr is None:
+        dr, stride_dr = dx, 0
+    else:
+        stride_dr = dr.stride()[0]
+    return make_launch((
+        _rms_norm_bwd_kernel, (programs,),
+        (dy, dh_in, h, h if weight is None else weight, rstd, dx, dr, dw_partial,
+         dy.stride()[0], stride_dh_in, h.stride()[0], dx.stride()[0], stride_dr,
+         n_rows, n_cols, -(-n_rows // programs)),  # rows per program
+        constexprs, options))
 
 
 def rms_norm_fwd(
@@ -237,21 +320,7 @@ def rms_norm_fwd(
     x, residual: (rows, n) with unit stride along n (any row stride); weight: (n,) contiguous.
     y: (rows, n) in h's dtype; h: (rows, n), written only with a residual; rstd: (rows,) fp32.
     """
-    n_rows, n_cols = x.shape
-    if n_rows == 0:
-        return
-    cfg = _forward_plan(n_cols, _patchables())
-    has_residual = residual is not None
-    _rms_norm_fwd_kernel[(n_rows,)](
-        x, residual if has_residual else x, weight if weight is not None else x, y,
-        h if has_residual else y, rstd,
-        x.stride(0), residual.stride(0) if has_residual else 0, y.stride(0),
-        h.stride(0) if has_residual else 0,
-        n_cols, eps,
-        HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None,
-        ZERO_CENTERED=zero_centered_weight,
-        BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"], num_warps=cfg["num_warps"],
-    )
+    rms_norm_fwd_plan(x, weight, residual, eps, zero_centered_weight, y, h, rstd).run()
 
 
 def rms_norm_bwd(
@@ -270,25 +339,17 @@ def rms_norm_bwd(
     dx and dr (the residual's gradient, when its dtype differs from dx's) are written.
     """
     n_rows, n_cols = h.shape
-    cfg, programs, rows_per_program = _backward_plan(n_rows, n_cols, h.device, _patchables())
+    device = h.device
+    programs, zeroed = _backward_setup(n_rows, n_cols, device, _patchables())
     has_weight = weight is not None
     # Single-block programs store their whole partial row; looping ones accumulate into it.
-    alloc = torch.empty if cfg["ONE_BLOCK"] else torch.zeros
-    dw_partial = alloc((programs, n_cols) if has_weight else (1,), dtype=torch.float32,
-                       device=h.device)
+    dw_partial = (torch.zeros if zeroed else torch.empty)(
+        (programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=device)
     if n_rows > 0:
-        _rms_norm_bwd_kernel[(programs,)](
-            dy, dh_in if dh_in is not None else dy, h, weight if has_weight else h, rstd,
-            dx, dr if dr is not None else dx, dw_partial,
-            dy.stride(0), dh_in.stride(0) if dh_in is not None else 0, h.stride(0),
-            dx.stride(0), dr.stride(0) if dr is not None else 0,
-            n_rows, n_cols, rows_per_program,
-            HAS_DH_IN=dh_in is not None, HAS_DR=dr is not None, HAS_WEIGHT=has_weight,
-            ZERO_CENTERED=zero_centered_weight,
-            BLOCK_N=cfg["BLOCK_N"], ONE_BLOCK=cfg["ONE_BLOCK"], num_warps=cfg["num_warps"],
-        )
+        rms_norm_bwd_plan(dy, dh_in, h, weight, rstd, zero_centered_weight, dx, dr,
+                          dw_partial, programs).run()
     if not has_weight:
         return None
     if n_rows == 0:
-        return torch.zeros(n_cols, dtype=torch.float32, device=h.device)
+        return torch.zeros(n_cols, dtype=torch.float32, device=device)
     return dw_partial.sum(dim=0)  # a fixed-order reduction over a fixed number of rows

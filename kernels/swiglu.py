@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, make_launch
+
 # The largest block of a row one program handles (16 bf16 elements a thread at 8 warps).
 MAX_BLOCK_N = 4096
 MAX_WARPS = 8
@@ -78,10 +80,11 @@ def launch_config(n_cols: int) -> dict:
 # about 3 µs a launch (triton.next_power_of_2 and triton.cdiv are constexpr functions, slow to
 # call from the host). The key also holds what may be patched (launch_config, the limits).
 @functools.lru_cache(maxsize=1024)
-def _plan(n_rows: int, n_cols: int, patchables: tuple) -> tuple[dict, tuple[int, int]]:
-    """(launch config, grid) for (n_rows, n_cols)."""
+def _config(n_rows: int, n_cols: int, patchables: tuple) -> tuple[tuple[int, int], dict, dict]:
+    """(grid, constexprs, launch options) for (n_rows, n_cols)."""
     cfg = launch_config(n_cols)
-    return cfg, (n_rows, triton.cdiv(n_cols, cfg["BLOCK_N"]))
+    return ((n_rows, triton.cdiv(n_cols, cfg["BLOCK_N"])), {"BLOCK_N": cfg["BLOCK_N"]},
+            {"num_warps": cfg["num_warps"]})
 
 
 def _patchables() -> tuple:
@@ -89,21 +92,35 @@ def _patchables() -> tuple:
     return launch_config, MAX_BLOCK_N, MAX_WARPS
 
 
+def swiglu_fwd_plan(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> Launch:
+    """The forward launch over :func:`swiglu_fwd`'s arguments: one program per block of a
+    row. With no rows or no columns the grid is empty and :meth:`Launch.run` launches nothing."""
+    n_rows, n_cols = gate.shape
+    grid, constexprs, options = _config(n_rows, n_cols, _patchables())
+    return make_launch((
+        _swiglu_fwd_kernel, grid,
+        (gate, up, y, gate.stride()[0], up.stride()[0], y.stride()[0], n_cols),
+        constexprs, options))
+
+
+def swiglu_bwd_plan(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    dgate: torch.Tensor, dup: torch.Tensor) -> Launch:
+    """The backward launch over :func:`swiglu_bwd`'s arguments."""
+    n_rows, n_cols = gate.shape
+    grid, constexprs, options = _config(n_rows, n_cols, _patchables())
+    return make_launch((
+        _swiglu_bwd_kernel, grid,
+        (dy, gate, up, dgate, dup, dy.stride()[0], gate.stride()[0], up.stride()[0],
+         dgate.stride()[0], dup.stride()[0], n_cols),
+        constexprs, options))
+
+
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
     """Launches the forward kernel into a preallocated output.
 
     gate, up, y: (rows, n) with unit stride along n (any row stride), one dtype.
     """
-    n_rows, n_cols = gate.shape
-    if n_rows == 0 or n_cols == 0:
-        return
-    cfg, grid = _plan(n_rows, n_cols, _patchables())
-    _swiglu_fwd_kernel[grid](
-        gate, up, y,
-        gate.stride(0), up.stride(0), y.stride(0),
-        n_cols,
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-    )
+    swiglu_fwd_plan(gate, up, y).run()
 
 
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -112,13 +129,4 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
 
     dy, gate, up, dgate, dup: (rows, n) with unit stride along n (any row stride).
     """
-    n_rows, n_cols = gate.shape
-    if n_rows == 0 or n_cols == 0:
-        return
-    cfg, grid = _plan(n_rows, n_cols, _patchables())
-    _swiglu_bwd_kernel[grid](
-        dy, gate, up, dgate, dup,
-        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
-        n_cols,
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-    )
+    swiglu_bwd_plan(dy, gate, up, dgate, dup).run()

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of every kernel configuration for sm_90, sm_80, gfx90a, gfx942.
 
 No GPU is needed: Triton compiles for a named target. On CPU machines tests/conftest.py has
-set TRITON_INTERPRET=1, so the kernels imported here are interpreted; eurocore.kernels.aot
-then compiles in worker processes started without it (see its docstring).
+set TRITON_INTERPRET=1, so the kernels imported here are interpreted; the compile engine
+(eurocore.kernels.compile_engine, re-exported by eurocore.kernels.aot) then compiles in worker
+processes started without it (see its docstring).
 """
 
 import dataclasses
@@ -18,7 +19,8 @@ from eurocore.kernels import flash_attention as attention_kernels
 from eurocore.kernels import rms_norm as rms_norm_kernels
 from eurocore.kernels import rotary as rotary_kernels
 from eurocore.kernels import swiglu as swiglu_kernels
-from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen, swiglu
+from eurocore.kernels.launch import Launch, TensorSpec
+from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen
 from eurocore.ops import attention as attention_ops
 from eurocore.ops import rotary as rotary_ops
 
@@ -98,22 +100,6 @@ def test_rms_norm_cases_cover_every_launch_config():
     assert not missing, f"launch configurations without an AOT case: {missing}"
 
 
-def test_rms_norm_divisibility_variants_are_the_jits():
-    """Aligned cases: every pointer, row stride and n_cols divisible by 16; unaligned ones:
-    n_cols and the strides that equal it not, pointers of fresh tensors still aligned."""
-    for case in aot.cases("rms_norm"):
-        pointers = [a for a, t in case.signature.items() if t.startswith("*")]
-        strides = [a for a in case.signature if a.startswith("stride_")
-                   and case.signature[a] == "i32"]
-        if _variant(case) == "aligned":
-            assert set(strides) <= set(case.divisible), case
-            if "misaligned" not in case.label:
-                assert set(pointers) <= set(case.divisible), case
-        elif _variant(case) == "unaligned":
-            assert case.signature["n_cols"] == "i32"
-            assert any(s not in case.divisible for s in strides), case
-
-
 def test_rms_norm_cases_cover_every_flag_combination():
     cases = aot.cases("rms_norm")
 
@@ -179,6 +165,134 @@ def test_compiler_output_parsers():
            "ptxas info    : Used 128 registers, used 1 barriers\n")
     assert aot.parse_ptxas_log(log) == (128, 40)
     assert aot.parse_ptxas_log("") == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: one source for the launchers and the compile check
+# ---------------------------------------------------------------------------------------------
+
+
+def _real(arg):
+    """A CPU tensor of a TensorSpec's shape, dtype, strides and element offset into a fresh
+    (16-byte aligned) allocation; any other argument as it is."""
+    if not isinstance(arg, TensorSpec):
+        return arg
+    strides = arg.stride()
+    extent = 1 + sum((n - 1) * s for n, s in zip(arg.shape, strides, strict=True))
+    size = arg.offset + (extent if all(arg.shape) else 0)
+    return torch.empty(size, dtype=arg.dtype).as_strided(arg.shape, strides, arg.offset)
+
+
+def _plan_calls():
+    """(name, plan, arguments over TensorSpecs) for launches of every plan: rms_norm with and
+    without a residual and a weight, mixed dtypes, zero-centred, a misaligned x, one row,
+    n = 1, fewer programs than rows; swiglu contiguous, as the halves of a fused projection,
+    with a misaligned gate and with an expanded dy."""
+    spec = TensorSpec
+    calls = []
+    for rows, n, x, r, w, zc, offset, programs in (
+            (5, 48, "bf16", "bf16", "bf16", False, 0, 5), (3, 37, "fp32", None, None, False, 0, 2),
+            (4, 40, "bf16", "fp32", "fp32", True, 0, 4), (2, 37, "fp16", None, "fp16", False, 1, 2),
+            (1, 33, "bf16", "bf16", None, False, 0, 1), (6, 1, "bf16", None, "bf16", False, 0, 4)):
+        hd = spec((1,), x).dtype if r is None else torch.promote_types(spec((1,), x).dtype,
+                                                                         spec((1,), r).dtype)
+        xs, weight = spec((rows, n), x, offset=offset), spec((n,), w) if w else None
+        residual, h = (spec((rows, n), r), spec((rows, n), hd)) if r else (None, None)
+        rstd = spec((rows,), "fp32")
+        name = f"rows={rows} n={n} x:{x} r:{r} w:{w} zc={zc} offset={offset}"
+        calls.append((f"rms fwd {name}", rms_norm_kernels.rms_norm_fwd_plan,
+                      (xs, weight, residual, 1e-6, zc, spec((rows, n), hd), h, rstd)))
+        dr = spec((rows, n), r) if r and r != x else None
+        calls.append((f"rms bwd {name}", rms_norm_kernels.rms_norm_bwd_plan,
+                      (spec((rows, n), hd), spec((rows, n), hd) if r else None, h or xs, weight,
+                       rstd, zc, spec((rows, n), x), dr, spec((programs, n), "fp32"), programs)))
+    for rows, n, dtype, fused, gate_offset, dy_strides in (
+            (3, 48, "bf16", False, 0, None), (5, 37, "fp16", True, 0, None),
+            (2, 48, "fp32", True, 0, None), (4, 48, "bf16", False, 1, (0, 1)),
+            (1, 1, "bf16", False, 0, None)):
+        strides = (2 * n, 1) if fused else None
+        gate = spec((rows, n), dtype, strides, offset=gate_offset)
+        up = spec((rows, n), dtype, strides, offset=gate_offset + n if fused else 0)
+        out = [spec((rows, n), dtype) for _ in range(3)]
+        name = f"rows={rows} n={n} {dtype} fused={fused} gate_offset={gate_offset}"
+        calls.append((f"swiglu fwd {name}", swiglu_kernels.swiglu_fwd_plan, (gate, up, out[0])))
+        calls.append((f"swiglu bwd {name}", swiglu_kernels.swiglu_bwd_plan,
+                      (spec((rows, n), dtype, dy_strides), gate, up, out[1], out[2])))
+    return calls
+
+
+@pytest.mark.parametrize("name,plan,args", [pytest.param(*call, id=call[0])
+                                             for call in _plan_calls()])
+def test_plan_over_tensor_specs_is_the_plan_over_tensors(name, plan, args):
+    """A plan's Launch over real CPU tensors and over TensorSpecs of the same shapes, strides
+    and offsets is the same launch to the JIT: grid, signature, constexprs, divisibility and
+    options. The stand-in cannot drift from the tensors it stands for."""
+    from_specs, from_tensors = plan(*args), plan(*map(_real, args))
+    assert from_specs.grid == from_tensors.grid
+    a, b = aot.aot_case(from_specs, name), aot.aot_case(from_tensors, name)
+    assert (a.kernel, a.signature, a.constexprs, a.divisible, a.num_warps, a.num_stages,
+            a.options) == (b.kernel, b.signature, b.constexprs, b.divisible, b.num_warps,
+                           b.num_stages, b.options)
+
+
+@pytest.mark.parametrize("shape,dtype,strides,offset", [
+    ((3, 5), "bf16", None, 0), ((3, 5), "fp32", (10, 1), 5), ((4, 1), "fp16", (0, 1), 1),
+    ((2, 3, 4), "i64", None, 2), ((0, 7), "bf16", None, 0), ((8,), "fp32", None, 4)])
+def test_tensor_spec_answers_as_the_tensor_does(shape, dtype, strides, offset):
+    spec = TensorSpec(shape, dtype, strides, offset)
+    tensor = _real(spec)
+    assert (spec.shape, spec.dtype, spec.dim(), spec.ndim, spec.stride(), spec.element_size(),
+            spec.is_contiguous()) == (tensor.shape, tensor.dtype, tensor.dim(), tensor.ndim,
+                                      tensor.stride(), tensor.element_size(),
+                                      tensor.is_contiguous())
+    assert [spec.stride(i) for i in range(spec.dim())] == list(tensor.stride())
+    assert (spec.data_ptr() % 16 == 0) == (tensor.data_ptr() % 16 == 0)
+    with pytest.raises(AttributeError):
+        spec.device  # noqa: B018  (only what plans read: a plan reading more fails here)
+
+
+def test_launch_runs_its_kernel_unless_the_grid_is_empty():
+    launches = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    Launch(Kernel(), (3, 2), (1, 2.0), {"BLOCK": 8}, {"num_warps": 4}).run()
+    assert launches == [((3, 2), (1, 2.0), {"BLOCK": 8, "num_warps": 4})]
+    Launch(Kernel(), (0,), (1,), {}, {}).run()
+    Launch(Kernel(), (3, 0), (1,), {}, {}).run()
+    assert len(launches) == 1
+
+
+def test_aot_case_binds_a_launch_as_python_does():
+    plan = swiglu_kernels.swiglu_fwd_plan(*(TensorSpec((4, 48), "bf16") for _ in range(3)))
+    case = aot.aot_case(plan, "n=48", vendors=("amd",))
+    assert case.signature == {"G": "*bf16", "U": "*bf16", "Y": "*bf16", "stride_g": "i32",
+                              "stride_u": "i32", "stride_y": "i32", "n_cols": "i32",
+                              "BLOCK_N": "constexpr"}
+    assert case.constexprs == {"BLOCK_N": 64}
+    assert case.divisible == ("G", "U", "Y", "stride_g", "stride_u", "stride_y", "n_cols")
+    assert (case.label, case.vendors, case.num_warps, case.num_stages, case.options) == (
+        "n=48", ("amd",), 1, None, {})
+    with pytest.raises(ValueError, match="do not bind"):
+        aot.aot_case(plan._replace(args=plan.args[:-1]))
+    with pytest.raises(ValueError, match="do not bind"):
+        aot.aot_case(plan._replace(constexprs={}))
+    with pytest.raises(TypeError, match="complex64"):
+        aot.aot_case(plan._replace(args=(TensorSpec((4, 48), torch.complex64), *plan.args[1:])))
+
+
+def test_plan_cases_pickle_by_reference():
+    """A case made from a plan pickles its kernel by module and name (worker processes import
+    the module afresh, see compile_engine) with all its fields."""
+    import pickle
+
+    for case in (aot.cases("rms_norm")[0], aot.cases("swiglu")[-1]):
+        again = pickle.loads(pickle.dumps(case))
+        assert again.fn is case.fn
+        assert all(getattr(again, f.name) == getattr(case, f.name)
+                   for f in dataclasses.fields(case)), case
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +504,7 @@ def test_rotary_cases_vary_every_flag_and_specialisation():
         return any(c.signature["Q"] == f"*{dtype}"
                    and all(c.constexprs.get(k) == v for k, v in flags.items()) for c in cases)
 
-    for flag, values in (("POSITIONS", (0, 1, 2)), ("VARLEN", (False, True)),
-                         ("BATCH_FIRST", (False, True)), ("INTERLEAVED", (False, True)),
+    for flag, values in (("HAS_POSITIONS", (False, True)), ("INTERLEAVED", (False, True)),
                          ("CONJUGATE", (False, True)), ("COPY_TAIL", (False, True))):
         for value in values:
             assert has(**{flag: value}), (flag, value)
@@ -399,24 +512,25 @@ def test_rotary_cases_vary_every_flag_and_specialisation():
     for dtype, interleaved, head_dim in itertools.product(DTYPES, (False, True),
                                                           aot.ROTARY_HEAD_DIMS):
         block = rotary_kernels.launch_config(head_dim // 2, 0)["BLOCK_HALF"]
-        common = dict(POSITIONS=0, VARLEN=False, BATCH_FIRST=True, CONJUGATE=False,
+        common = dict(HAS_POSITIONS=False, stride_pos_inner=1, CONJUGATE=False,
                       COPY_TAIL=False)
         assert has(dtype, INTERLEAVED=interleaved, BLOCK_HALF=block, **common)
         assert has("bf16", **{**common, "INTERLEAVED": interleaved, "CONJUGATE": True},
                    BLOCK_HALF=block)
-    assert has(POSITIONS=1, VARLEN=True)
-    assert has(POSITIONS=0, VARLEN=False, BATCH_FIRST=False, n_inner=1)  # sbhd, batch 1
-    for arg in ("POSITION_IDS", "OFFSETS", "CU_SEQLENS"):
-        assert {c.signature[arg] for c in cases} >= {"*i32", "*i64"}, arg
+    # The op's normalised positions: none (the sequence index: inner, or outer in sbhd),
+    # rows read along inner (bshd, thd), or transposed (sbhd: along outer).
+    assert has(HAS_POSITIONS=True, stride_pos_inner=1)
+    assert has(HAS_POSITIONS=True, stride_pos_outer=1)
+    assert has(HAS_POSITIONS=False, stride_pos_outer=1, n_inner=1)  # sbhd, batch 1
+    assert has(HAS_POSITIONS=False, stride_pos_outer=1, n_inner=1, CONJUGATE=True)
     assert {c.signature["COS"] for c in cases} >= {"*fp32", "*bf16", "*fp16"}
     # a head_dim not divisible by 16, q not 16-byte aligned, strides past 2^31
     assert any(c.signature["stride_q_head"] == "i32" and "stride_q_head" not in c.divisible
                for c in cases)
     assert any("Q" not in c.divisible for c in cases)
     assert any(c.signature["stride_q_outer"] == "i64" for c in cases)
-    for c in cases:  # only what the launcher can make
-        assert c.constexprs["POSITIONS"] != 2 or not c.constexprs["VARLEN"], c
-        assert c.constexprs["VARLEN"] <= c.constexprs["BATCH_FIRST"], c
+    for c in cases:  # only what the launcher can make: positions are int64 when read
+        assert c.constexprs["HAS_POSITIONS"] == (c.signature["POSITIONS"] == "*i64"), c
 
 
 @pytest.mark.slow
@@ -667,9 +781,10 @@ def test_attention_cases_vary_every_flag_and_specialisation():
             assert has(dtype="bf16") and has(dtype="fp16")
             assert has(dtype="fp32", PRECISION="ieee")
             assert any("head_dim" not in c.divisible for c in of_kernel)  # head_dim 72
-            # lengths (and the lse strides) not multiples of 16; seqlen_q != seqlen_k
+            # lengths (and so the lse strides the kernels derive from them) not multiples
+            # of 16; seqlen_q != seqlen_k
             assert any(not c.constexprs["VARLEN"] and "fixed_seqlen_q" not in c.divisible
-                       and "stride_lh" not in c.divisible for c in of_kernel)
+                       for c in of_kernel)
             assert any("fixed_seqlen_k" not in c.divisible for c in of_kernel)
         fwd = [c for c in mine if c.kernel == "_attn_fwd_kernel" and c.constexprs["VARLEN"]]
         assert {c.signature["CU_Q"] for c in fwd} == {"*i32", "*i64"}
@@ -677,7 +792,8 @@ def test_attention_cases_vary_every_flag_and_specialisation():
         # cu_seqlens and batch strides 0, else q (or out) passed in their place
         assert all(a in c.divisible for a, t in c.signature.items() if t.startswith("*")), c
         if c.constexprs["VARLEN"]:
-            assert c.signature["CU_Q"] in ("*i32", "*i64") and "stride_lb" in c.divisible, c
+            batch_stride = "stride_ob" if c.kernel == "_attn_bwd_delta_kernel" else "stride_qb"
+            assert c.signature["CU_Q"] in ("*i32", "*i64") and batch_stride in c.divisible, c
         else:
             assert c.signature["CU_Q"] == c.signature["Q" if "Q" in c.signature else "OUT"], c
 
@@ -733,94 +849,6 @@ def test_attention_compiles_for_its_vendors_targets_only():
 # ---------------------------------------------------------------------------------------------
 
 SWIGLU_KERNELS = ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel")
-# read before any test patches the kernels
-SWIGLU_PARAMS = {name: aot.kernel_params(getattr(swiglu_kernels, name))
-                 for name in SWIGLU_KERNELS}
-
-
-def _swiglu_key(kernel, signature, constexprs, divisible, num_warps):
-    return (kernel, aot.config_key(signature), aot.config_key(constexprs), divisible, num_warps)
-
-
-def _swiglu_case_key(case):
-    return _swiglu_key(case.kernel, case.signature, case.constexprs, case.divisible,
-                       case.num_warps)
-
-
-def _launch_swiglu(monkeypatch, device, *, n, rows=3, dtype="bf16", fused=False,
-                   gate_aligned=True, dy_stride=None):
-    """Calls swiglu(backend="triton") forward and backward with the kernels replaced by
-    recorders (nothing runs); returns the recorded launches' keys, forward first. Arguments
-    as aot._swiglu_case takes them."""
-    launches = []
-    for name in SWIGLU_KERNELS:
-        monkeypatch.setattr(swiglu_kernels, name, _NamedRecorder(name, launches))
-    dt = _TORCH_DTYPES[dtype]
-    if fused:
-        gate, up = torch.randn(rows, 2 * n, dtype=dt, device=device).chunk(2, dim=-1)
-    else:
-        gate, up = (torch.randn(rows, n, dtype=dt, device=device) for _ in range(2))
-    if not gate_aligned:
-        gate = torch.randn(rows * n + 1, dtype=dt, device=device)[1:].view(rows, n)
-    gate, up = gate.requires_grad_(), up.requires_grad_()  # views of leaves: leaves again
-    y = swiglu(gate, up, backend="triton")
-    dy = (torch.randn(1, n, dtype=dt, device=device).expand(rows, n) if dy_stride == 0
-          else torch.randn(rows, n, dtype=dt, device=device))
-    torch.autograd.grad(y, (gate, up), dy)
-    keys = []
-    for name, _, args, kwargs in launches:
-        kwargs = dict(kwargs)
-        num_warps = kwargs.pop("num_warps")
-        params = SWIGLU_PARAMS[name]
-        assert len(args) + len(kwargs) == len(params), name
-        values = {p: aot.Ptr(_INDEX_OR_FLOAT[v.dtype], v.data_ptr() % 16 == 0)
-                  if isinstance(v, torch.Tensor) else v
-                  for p, v in zip(params, args, strict=False)}
-        keys.append(_swiglu_key(name, *aot.specialise(params, values, kwargs), num_warps))
-    return keys
-
-
-_SWIGLU_LAUNCHES = [
-    {"n": 37},
-    {"n": 48},
-    {"n": 1},
-    {"n": 5000},  # two blocks per row
-    {"n": 37, "dtype": "fp16"},
-    {"n": 37, "dtype": "fp32"},
-    {"n": 48, "fused": True},
-    {"n": 37, "fused": True},  # up misaligned, row strides not multiples of 16
-    {"n": 37, "dtype": "fp32", "fused": True},
-    {"n": 48, "gate_aligned": False},
-    {"n": 37, "dy_stride": 0},
-    {"n": 48, "dy_stride": 0},
-]
-
-
-@pytest.mark.parametrize("config", _SWIGLU_LAUNCHES, ids=lambda c: ",".join(
-    f"{k}={v}" for k, v in c.items()))
-def test_swiglu_aot_case_is_the_launchers(monkeypatch, device, config):
-    """aot._swiglu_case specialises exactly as the launchers do through swiglu, forward
-    then backward: the same signature, constexprs, divisibility and warps. The AOT cases are
-    built by the same function at production sizes."""
-    expected = [_swiglu_case_key(aot._swiglu_case(backward=b, **config)) for b in (False, True)]
-    found = _launch_swiglu(monkeypatch, device, **config)  # patches the kernels
-    assert [key[0] for key in found] == list(SWIGLU_KERNELS)
-    for want, got in zip(expected, found, strict=True):
-        assert got == want, (config, dict(got[2]), dict(want[2]))
-
-
-@pytest.mark.parametrize("n", aot.SWIGLU_SIZES)
-@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_production_launches_are_aot_cases(monkeypatch, device, n, fused, dtype):
-    """swiglu at the real models' intermediate sizes (forward and backward, the kernels
-    replaced by recorders) launches only binaries the AOT set compiles. The row count sets
-    only the grid, never the specialisation: a few rows stand for a micro-batch."""
-    compiled = {_swiglu_case_key(c) for c in aot.cases("swiglu")}
-    found = _launch_swiglu(monkeypatch, device, n=n, rows=5, dtype=dtype, fused=fused)
-    assert len(found) == 2
-    for key in found:
-        assert key in compiled, (n, fused, dtype, dict(key[2]))
 
 
 def _swiglu_variant(case):
