@@ -21,6 +21,15 @@ The forward walks the visible key blocks of one query block with an online softm
 runs as two kernels, neither with atomics: one program per key block accumulates dk and dv
 over every query block and every query head of its kv group (GQA sums there, in a fixed
 order), one program per query block accumulates dq. Gradients are bitwise reproducible.
+
+Masks only on the band. A program visits exactly the blocks of the other side that hold a
+visible pair (``_key_range``, ``_query_range``), in ascending order, and computes the mask
+only on those outside its unmasked run (``_key_blocks``, ``_query_blocks``): a block runs
+unmasked when every pair of its tile is visible and it lies inside the sequence, so only the
+blocks on a window edge (the causal diagonal is one) and the ragged last block pay for the
+mask, as in FlashAttention-2 and Triton's fused-attention tutorial. An unmasked block
+computes what the masked code computes on it, so results are bitwise those of masking every
+block.
 """
 
 import functools
@@ -32,7 +41,8 @@ import triton.language as tl
 # Full-precision products: fp32 inputs would otherwise go through TF32 (13 mantissa bits
 # lost); fp16/bf16 ignore it. ("tf32" is not even a valid choice on gfx90a.)
 INPUT_PRECISION = "ieee"
-LOG2E = 1.4426950408889634
+# A constexpr, so kernels may read it (Triton takes only constexpr globals); .value on the host.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -52,16 +62,46 @@ def _bounds(CU, batch, fixed_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
-             HAS_WINDOW: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) mask: the key exists and lies in the query's window."""
-    mask = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+def _rows(BASE, batch, start, head, stride_b, stride_s, stride_h, VARLEN: tl.constexpr):
+    """``BASE`` moved to token 0 of sequence ``batch`` at head ``head``, in a (batch, seq,
+    heads, ...) tensor. Fixed length: the sequence is batch row ``batch``. Packed (batch 1,
+    strides from the launchers' ``_strides``): it starts at token ``start`` of the one row.
+    Offsets in 64 bits."""
+    offset = head.to(tl.int64) * stride_h
+    if VARLEN:
+        offset += start * stride_s  # start: int64 (_bounds)
+    else:
+        offset += batch.to(tl.int64) * stride_b
+    return BASE + offset
+
+
+@triton.jit
+def _stats_rows(BASE, batch, start, head, n_heads, seqlen_q, VARLEN: tl.constexpr):
+    """``BASE`` moved to row (sequence ``batch``, head ``head``) of lse or δ: contiguous fp32
+    (batch, heads, seqlen_q), packed (heads, total_q) (``seqlen_q`` is then the total)."""
+    per_head = tl.zeros([], dtype=tl.int64) + seqlen_q  # 64 bits before any product
+    return _rows(BASE, batch, start, head, per_head * n_heads, 1, per_head, VARLEN)
+
+
+@triton.jit
+def _tile(BASE, rows, stride_s, offs_d):
+    """Pointers to the (rows, head_dim) tile of ``rows`` under a row base (unit stride along
+    head_dim)."""
+    return BASE + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
+
+
+@triton.jit
+def _visible(i, j, seqlen_q, seqlen_k, window_left, window_right, HAS_WINDOW: tl.constexpr):
+    """Mask of the pairs (query i, key j), i and j broadcasting to the tile's shape (queries
+    x keys, or keys x queries in the dk/dv kernel): the query and key exist and the key lies
+    in the query's window."""
+    mask = (i < seqlen_q) & (j < seqlen_k)
     if HAS_WINDOW:
-        diag = offs_m[:, None] + (seqlen_k - seqlen_q)
+        diag = i + (seqlen_k - seqlen_q)
         if window_left >= 0:
-            mask = mask & (offs_n[None, :] >= diag - window_left)
+            mask = mask & (j >= diag - window_left)
         if window_right >= 0:
-            mask = mask & (offs_n[None, :] <= diag + window_right)
+            mask = mask & (j <= diag + window_right)
     return mask
 
 
@@ -98,6 +138,64 @@ def _query_range(n_start, seqlen_q, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def _key_blocks(m_start, seqlen_q, seqlen_k, window_left, window_right,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, hi, full_lo, full_hi): query block [m_start, m_start + BLOCK_M) visits the key
+    blocks lo, lo + BLOCK_N, ... below hi (``_key_range``); of those, the blocks starting in
+    [full_lo, full_hi) need no mask (both multiples of BLOCK_N; the run may be empty).
+
+    Key block [n, n + BLOCK_N) needs no mask when it lies inside the keys
+    (n + BLOCK_N <= seqlen_k) and every row i of the tile sees all of it: the last row from
+    its left edge on (n >= m_start + BLOCK_M − 1 + d − left) and the first row up to its
+    right edge (n + BLOCK_N <= m_start + d + right + 1). Rows past seqlen_q count as rows
+    here: they are never stored, and each output row depends on its own scores only.
+    """
+    lo, hi = _key_range(m_start, seqlen_q, seqlen_k, window_left, window_right,
+                        BLOCK_M, BLOCK_N, HAS_WINDOW)
+    full_lo = lo
+    end = tl.zeros([], dtype=tl.int32) + seqlen_k  # a tensor: the runtime ifs may move it
+    if HAS_WINDOW:
+        diag = m_start + seqlen_k - seqlen_q
+        if window_left >= 0:
+            full_lo = tl.cdiv(tl.maximum(diag + BLOCK_M - 1 - window_left, 0),
+                              BLOCK_N) * BLOCK_N
+        if window_right >= 0:
+            end = tl.minimum(diag + window_right + 1, end)
+    full_hi = (tl.maximum(end, 0) // BLOCK_N) * BLOCK_N  # the blocks that end by ``end``
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _query_blocks(n_start, seqlen_q, seqlen_k, window_left, window_right,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, hi, full_lo, full_hi): the query blocks lo, lo + BLOCK_M, ... below hi see key
+    block [n_start, n_start + BLOCK_N) (``_query_range``); of those, the blocks starting in
+    [full_lo, full_hi) need no mask (both multiples of BLOCK_M; the run may be empty).
+
+    Query block [m, m + BLOCK_M) needs no mask when it lies inside the queries
+    (m + BLOCK_M <= seqlen_q) and each of its rows sees every key of the tile: the last key
+    from row m on (m >= n_start + BLOCK_N − 1 − d − right) and the first key up to its last
+    row (m + BLOCK_M <= n_start − d + left + 1). Keys past seqlen_k count as keys here:
+    their dk and dv rows are never stored and depend on their own scores only. The ragged
+    last query block is masked: its missing rows are summed into every key's dk and dv, and
+    the mask is what keeps them out.
+    """
+    lo, hi = _query_range(n_start, seqlen_q, seqlen_k, window_left, window_right,
+                          BLOCK_M, BLOCK_N, HAS_WINDOW)
+    full_lo = lo
+    end = tl.zeros([], dtype=tl.int32) + seqlen_q  # a tensor: the runtime ifs may move it
+    if HAS_WINDOW:
+        shift = seqlen_k - seqlen_q
+        if window_right >= 0:
+            full_lo = tl.cdiv(tl.maximum(n_start + BLOCK_N - 1 - shift - window_right, 0),
+                              BLOCK_M) * BLOCK_M
+        if window_left >= 0:
+            end = tl.minimum(n_start - shift + window_left + 1, end)
+    full_hi = (tl.maximum(end, 0) // BLOCK_M) * BLOCK_M  # the blocks that end by ``end``
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
 def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Scores in base 2 (s · log2 e) for q (M, D) and k^T (D, N), and the capped natural
     scores divided by the cap (t = tanh(.), for the softcap gradient) when softcapping."""
@@ -105,8 +203,23 @@ def _scores(q, k, qk_scale, softcap, SOFTCAP: tl.constexpr, PRECISION: tl.conste
     if SOFTCAP:
         # tanh(x) = 2·sigmoid(2x) − 1; qk_scale is τ / c here.
         t = 2.0 * tl.sigmoid(2.0 * s * qk_scale) - 1.0
-        return t * (softcap * 1.4426950408889634), t
+        return t * (softcap * LOG2E), t
     return s * qk_scale, s
+
+
+# The block loops below run over exactly the visible blocks, in ascending order, and compute
+# the mask (``_visible``) only on a block outside the unmasked run [full_lo, full_hi): one on
+# a window edge (the causal diagonal is one) or at a sequence's ragged end. The test is one
+# scalar comparison per block, the same for the whole program, so the branch never diverges.
+#
+# One loop with that branch, not the fused-attention tutorial's separate masked and unmasked
+# loops, because of what the compile check (kernels/aot.py) reported for them: on sm_90 the
+# separate loops took the backward kernels to the 255-register cap (the causal GQA dk/dv
+# kernel at head_dim 128 spilled 1.3 KB where masking every block spilled 48 bytes; the
+# causal dq kernel 116-128 bytes where it spilled none), and this loop stays close to the
+# masked-everywhere registers. The backward kernels select with an all-true mask off the
+# band rather than select inside the branch: the latter made ptxas give sm_80's head_dim 64
+# dk/dv kernel 32 registers and 10 KB of spills.
 
 
 @triton.jit
@@ -116,182 +229,20 @@ def _attn_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh,
     fixed_seqlen_q, fixed_seqlen_k, n_heads, group, head_dim,
     qk_scale, softcap, window_left, window_right,
     VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    batch = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
-    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
-    k_start, seqlen_k = _bounds(CU_K, batch, fixed_seqlen_k, VARLEN)
-    m_start = pid_m * BLOCK_M
-    if m_start >= seqlen_q:
-        return
-    kv_head = head // group
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    Q += batch.to(tl.int64) * stride_qb + q_start * stride_qs + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + k_start * stride_ks + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + k_start * stride_vs + kv_head.to(tl.int64) * stride_vh
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :], other=0.0)
+    """One query block of one (sequence, head): the online softmax over its visible key
+    blocks, with s in base 2,
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(m_start, seqlen_q, seqlen_k, window_left, window_right,
-                        BLOCK_M, BLOCK_N, HAS_WINDOW)
-    for n_start in range(lo, hi, BLOCK_N):
-        cols = n_start + offs_n
-        kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
-        k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        s, _ = _scores(q, tl.trans(k), qk_scale, softcap, SOFTCAP, PRECISION)
-        visible = _visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right,
-                           HAS_WINDOW)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row that has seen no key yet keeps m = −inf: subtract 0 instead (no inf − inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m' = max(m, max_j s[:, j]),  l' = l · 2^(m − m') + Σ_j 2^(s[:, j] − m'),
+        acc' = acc · 2^(m − m') + 2^(s − m') · v,
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    OUT += batch.to(tl.int64) * stride_ob + q_start * stride_os + head.to(tl.int64) * stride_oh
-    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & d_mask[None, :])
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
-    LSE += batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
-    tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(
-    OUT, DO, DELTA, CU_Q,
-    stride_ob, stride_os, stride_oh,
-    stride_dob, stride_dos, stride_doh,
-    stride_lb, stride_lh,
-    fixed_seqlen_q, n_heads, head_dim,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """δ[i] = Σ_d o[i, d] · do[i, d] in fp32, laid out like lse."""
-    pid_m = tl.program_id(0)
-    batch = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
-    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
-    rows = (q_start + offs_m[:, None].to(tl.int64))
-    o = tl.load(OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-                + rows * stride_os + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                 + rows * stride_dos + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    DELTA += batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
-    tl.store(DELTA + offs_m, delta, mask=offs_m < seqlen_q)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
-    stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh,
-    stride_lb, stride_lh,
-    fixed_seqlen_q, fixed_seqlen_k, n_kv_heads, group, head_dim,
-    qk_scale, sm_scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    batch = tl.program_id(1) // n_kv_heads
-    kv_head = tl.program_id(1) % n_kv_heads
-    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
-    k_start, seqlen_k = _bounds(CU_K, batch, fixed_seqlen_k, VARLEN)
-    n_start = pid_n * BLOCK_N
-    if n_start >= seqlen_k:
-        return
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    kv_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
-    rows_n = (k_start + offs_n[:, None].to(tl.int64))
-    k = tl.load(K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-                + rows_n * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-                + rows_n * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, hi = _query_range(n_start, seqlen_q, seqlen_k, window_left, window_right,
-                          BLOCK_M, BLOCK_N, HAS_WINDOW)
-    for g in range(group):  # the query heads of this kv head, in a fixed order
-        head = (kv_head * group + g).to(tl.int64)
-        Qh = Q + batch.to(tl.int64) * stride_qb + head * stride_qh + q_start * stride_qs
-        DOh = DO + batch.to(tl.int64) * stride_dob + head * stride_doh + q_start * stride_dos
-        row_stats = batch.to(tl.int64) * stride_lb + head * stride_lh + q_start
-        for m_start in range(lo, hi, BLOCK_M):
-            rows = m_start + offs_m
-            q_mask = (rows[:, None] < seqlen_q) & d_mask[None, :]
-            q = tl.load(Qh + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(DOh + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :],
-                         mask=q_mask, other=0.0)
-            lse = tl.load(LSE + row_stats + rows, mask=rows < seqlen_q, other=0.0)
-            delta = tl.load(DELTA + row_stats + rows, mask=rows < seqlen_q, other=0.0)
-            # Transposed tiles (keys x queries): dk and dv accumulate along the key rows.
-            s, t = _scores(k, tl.trans(q), qk_scale, softcap, SOFTCAP, PRECISION)
-            visible = tl.trans(_visible(rows, offs_n, seqlen_q, seqlen_k, window_left,
-                                        window_right, HAS_WINDOW))
-            p = tl.where(visible, tl.exp2(s - lse[None, :] * 1.4426950408889634), 0.0)
-            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = p * (dp.to(tl.float32) - delta[None, :])
-            if SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-    store_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
-    tl.store(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
-             + (k_start + offs_n[:, None].to(tl.int64)) * stride_dks + offs_d[None, :],
-             (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
-             + (k_start + offs_n[:, None].to(tl.int64)) * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_mask)
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
-    stride_dqb, stride_dqs, stride_dqh,
-    stride_lb, stride_lh,
-    fixed_seqlen_q, fixed_seqlen_k, n_heads, group, head_dim,
-    qk_scale, sm_scale, softcap, window_left, window_right,
-    VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    then o = acc / l and lse = (m + log2 l) / log2 e (0 and −inf for a row that saw no key).
+    """
     pid_m = tl.program_id(0)
     batch = tl.program_id(1) // n_heads
     head = tl.program_id(1) % n_heads
@@ -306,37 +257,210 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
-    rows = q_start + offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-                + rows * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
-                 + rows * stride_dos + offs_d[None, :], mask=q_mask, other=0.0)
-    row_stats = batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + q_start
-    lse = tl.load(LSE + row_stats + offs_m, mask=offs_m < seqlen_q, other=0.0)
-    delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < seqlen_q, other=0.0)
-    K += batch.to(tl.int64) * stride_kb + k_start * stride_ks + kv_head.to(tl.int64) * stride_kh
-    V += batch.to(tl.int64) * stride_vb + k_start * stride_vs + kv_head.to(tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(m_start, seqlen_q, seqlen_k, window_left, window_right,
-                        BLOCK_M, BLOCK_N, HAS_WINDOW)
+    Q = _rows(Q, batch, q_start, head, stride_qb, stride_qs, stride_qh, VARLEN)
+    K = _rows(K, batch, k_start, kv_head, stride_kb, stride_ks, stride_kh, VARLEN)
+    V = _rows(V, batch, k_start, kv_head, stride_vb, stride_vs, stride_vh, VARLEN)
+    q = tl.load(_tile(Q, offs_m, stride_qs, offs_d), mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi, full_lo, full_hi = _key_blocks(m_start, seqlen_q, seqlen_k, window_left,
+                                           window_right, BLOCK_M, BLOCK_N, HAS_WINDOW)
     for n_start in range(lo, hi, BLOCK_N):
         cols = n_start + offs_n
         kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
-        k = tl.load(K + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(_tile(K, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
+        s, _ = _scores(q, tl.trans(k), qk_scale, softcap, SOFTCAP, PRECISION)
+        if (n_start < full_lo) | (n_start >= full_hi):  # on the band: mask
+            visible = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
+                               window_left, window_right, HAS_WINDOW)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no key yet keeps m = −inf: subtract 0 instead (no inf − inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(_tile(V, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    OUT = _rows(OUT, batch, q_start, head, stride_ob, stride_os, stride_oh, VARLEN)
+    tl.store(_tile(OUT, offs_m, stride_os, offs_d), out.to(OUT.dtype.element_ty), mask=q_mask)
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("-inf"))
+    LSE = _stats_rows(LSE, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+    tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    OUT, DO, DELTA, CU_Q,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    fixed_seqlen_q, n_heads, head_dim,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """δ[i] = Σ_d o[i, d] · do[i, d] in fp32, laid out like lse."""
+    pid_m = tl.program_id(0)
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    OUT = _rows(OUT, batch, q_start, head, stride_ob, stride_os, stride_oh, VARLEN)
+    DO = _rows(DO, batch, q_start, head, stride_dob, stride_dos, stride_doh, VARLEN)
+    o = tl.load(_tile(OUT, offs_m, stride_os, offs_d), mask=mask, other=0.0)
+    do = tl.load(_tile(DO, offs_m, stride_dos, offs_d), mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    DELTA = _stats_rows(DELTA, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+    tl.store(DELTA + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkvb, stride_dkvs, stride_dkvh,
+    fixed_seqlen_q, fixed_seqlen_k, n_kv_heads, group, head_dim,
+    qk_scale, sm_scale, softcap, window_left, window_right,
+    VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One key block of one (sequence, kv head), over the query heads of its group in order
+    and their visible query blocks, in transposed tiles (keys x queries):
+
+        p = 2^(s − lse · log2 e),  ds = p · (v · doᵀ − δ)  (· (1 − t²) under a softcap),
+        dv = Σ p · do,  dk = τ · Σ ds · q.
+
+    DK and DV share one layout (``stride_dkv*``)."""
+    pid_n = tl.program_id(0)
+    batch = tl.program_id(1) // n_kv_heads
+    kv_head = tl.program_id(1) % n_kv_heads
+    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
+    k_start, seqlen_k = _bounds(CU_K, batch, fixed_seqlen_k, VARLEN)
+    n_start = pid_n * BLOCK_N
+    if n_start >= seqlen_k:
+        return
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    kv_mask = (offs_n[:, None] < seqlen_k) & d_mask[None, :]
+    K = _rows(K, batch, k_start, kv_head, stride_kb, stride_ks, stride_kh, VARLEN)
+    V = _rows(V, batch, k_start, kv_head, stride_vb, stride_vs, stride_vh, VARLEN)
+    k = tl.load(_tile(K, offs_n, stride_ks, offs_d), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(V, offs_n, stride_vs, offs_d), mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, hi, full_lo, full_hi = _query_blocks(n_start, seqlen_q, seqlen_k, window_left,
+                                             window_right, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    n_heads = n_kv_heads * group
+    for g in range(group):  # the query heads of this kv head, in a fixed order
+        head = kv_head * group + g
+        Qh = _rows(Q, batch, q_start, head, stride_qb, stride_qs, stride_qh, VARLEN)
+        DOh = _rows(DO, batch, q_start, head, stride_dob, stride_dos, stride_doh, VARLEN)
+        LSEh = _stats_rows(LSE, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+        DELTAh = _stats_rows(DELTA, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+        for m_start in range(lo, hi, BLOCK_M):
+            rows = m_start + offs_m
+            q_mask = (rows[:, None] < seqlen_q) & d_mask[None, :]
+            q = tl.load(_tile(Qh, rows, stride_qs, offs_d), mask=q_mask, other=0.0)
+            do = tl.load(_tile(DOh, rows, stride_dos, offs_d), mask=q_mask, other=0.0)
+            lse = tl.load(LSEh + rows, mask=rows < seqlen_q, other=0.0)
+            delta = tl.load(DELTAh + rows, mask=rows < seqlen_q, other=0.0)
+            s, t = _scores(k, tl.trans(q), qk_scale, softcap, SOFTCAP, PRECISION)
+            p = tl.exp2(s - lse[None, :] * LOG2E)
+            visible = tl.full([BLOCK_N, BLOCK_M], 1, tl.int1)
+            if (m_start < full_lo) | (m_start >= full_hi):  # on the band: mask
+                visible = _visible(rows[None, :], offs_n[:, None], seqlen_q, seqlen_k,
+                                   window_left, window_right, HAS_WINDOW)
+            p = tl.where(visible, p, 0.0)
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = p * (dp.to(tl.float32) - delta[None, :])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+    DK = _rows(DK, batch, k_start, kv_head, stride_dkvb, stride_dkvs, stride_dkvh, VARLEN)
+    DV = _rows(DV, batch, k_start, kv_head, stride_dkvb, stride_dkvs, stride_dkvh, VARLEN)
+    tl.store(_tile(DK, offs_n, stride_dkvs, offs_d), (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=kv_mask)
+    tl.store(_tile(DV, offs_n, stride_dkvs, offs_d), dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    fixed_seqlen_q, fixed_seqlen_k, n_heads, group, head_dim,
+    qk_scale, sm_scale, softcap, window_left, window_right,
+    VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One query block of one (sequence, head), over its visible key blocks:
+
+        p = 2^(s − lse · log2 e),  ds = p · (do · vᵀ − δ)  (· (1 − t²) under a softcap),
+        dq = τ · Σ ds · k.
+    """
+    pid_m = tl.program_id(0)
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    q_start, seqlen_q = _bounds(CU_Q, batch, fixed_seqlen_q, VARLEN)
+    k_start, seqlen_k = _bounds(CU_K, batch, fixed_seqlen_k, VARLEN)
+    m_start = pid_m * BLOCK_M
+    if m_start >= seqlen_q:
+        return
+    kv_head = head // group
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q_mask = (offs_m[:, None] < seqlen_q) & d_mask[None, :]
+    Q = _rows(Q, batch, q_start, head, stride_qb, stride_qs, stride_qh, VARLEN)
+    DO = _rows(DO, batch, q_start, head, stride_dob, stride_dos, stride_doh, VARLEN)
+    q = tl.load(_tile(Q, offs_m, stride_qs, offs_d), mask=q_mask, other=0.0)
+    do = tl.load(_tile(DO, offs_m, stride_dos, offs_d), mask=q_mask, other=0.0)
+    LSE = _stats_rows(LSE, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+    DELTA = _stats_rows(DELTA, batch, q_start, head, n_heads, fixed_seqlen_q, VARLEN)
+    lse = tl.load(LSE + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    K = _rows(K, batch, k_start, kv_head, stride_kb, stride_ks, stride_kh, VARLEN)
+    V = _rows(V, batch, k_start, kv_head, stride_vb, stride_vs, stride_vh, VARLEN)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi, full_lo, full_hi = _key_blocks(m_start, seqlen_q, seqlen_k, window_left,
+                                           window_right, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    for n_start in range(lo, hi, BLOCK_N):
+        cols = n_start + offs_n
+        kv_mask = (cols[:, None] < seqlen_k) & d_mask[None, :]
+        k = tl.load(_tile(K, cols, stride_ks, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(V, cols, stride_vs, offs_d), mask=kv_mask, other=0.0)
         s, t = _scores(q, tl.trans(k), qk_scale, softcap, SOFTCAP, PRECISION)
-        visible = _visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right,
-                           HAS_WINDOW)
-        p = tl.where(visible, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+        p = tl.exp2(s - lse[:, None] * LOG2E)
+        visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+        if (n_start < full_lo) | (n_start >= full_hi):  # on the band: mask
+            visible = _visible(offs_m[:, None], cols[None, :], seqlen_q, seqlen_k,
+                               window_left, window_right, HAS_WINDOW)
+        p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp.to(tl.float32) - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-             + rows * stride_dqs + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+    DQ = _rows(DQ, batch, q_start, head, stride_dqb, stride_dqs, stride_dqh, VARLEN)
+    tl.store(_tile(DQ, offs_m, stride_dqs, offs_d), (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
 
@@ -420,9 +544,26 @@ def launch_config(head_dim: int, vendor_name: str, kernel: str, fp32: bool = Fal
     return cfg
 
 
-def _strides4(t):
-    """(batch, seq, head) strides of a (batch, seq, heads, head_dim) view."""
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t, varlen: bool):
+    """(batch, seq, head) strides of a (batch, seq, heads, head_dim) view, as the kernels take
+    them (``_rows``). Packed inputs come as batch 1, where the batch index walks sequences
+    (their starts come from cu_seqlens), not memory: batch stride 0, one binary whatever
+    the packed total."""
+    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def _with_strides(t, like):
+    """``t`` when it is laid out as the kernels need (contiguous, or with ``like``'s strides),
+    else an empty tensor of its shape that is: the kernel writes there and the launcher
+    copies the result into ``t`` after. The kernels take no strides for lse and δ (they
+    derive them) and one set for dk and dv; the op's own tensors always fit."""
+    if like is None:
+        if t.is_contiguous():
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_strided(t.shape, like.stride(), dtype=t.dtype, device=t.device)
 
 
 def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
@@ -432,7 +573,8 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     q, out: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, kv_heads, head_dim);
     packed: batch = 1 and cu_seqlens_q/k (sequences + 1,) int32 give the sequences (then
     max_seqlen_q bounds their lengths). Unit stride along head_dim. lse: fp32, (batch, heads,
-    seqlen_q), packed (heads, total_q). window: (left, right), -1 for unbounded.
+    seqlen_q), packed (heads, total_q) (a strided one is written through a contiguous copy).
+    window: (left, right), -1 for unbounded.
     """
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -442,29 +584,28 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
         return
     grid = (_blocks(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
-    qs, ks, vs, os_ = (_strides4(t) for t in (q, k, v, out))
-    if varlen:  # one packed row: the batch index walks sequences, not memory
-        qs, ks, vs, os_ = ((0, s[1], s[2]) for s in (qs, ks, vs, os_))
-        lse_strides = (0, lse.stride(0))
-    else:
-        lse_strides = (lse.stride(0), lse.stride(1))
     scale, cap, flags = _scale_args(softmax_scale, softcap, window)
+    stats = _with_strides(lse, None)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q,
-        *qs, *ks, *vs, *os_, *lse_strides,
+        q, k, v, out, stats, cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+        *_strides(out, varlen),
         seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim,
         scale, cap, window[0], window[1],
         VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION,
         **cfg,
     )
+    if stats is not lse:
+        lse.copy_(stats)
 
 
 def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
                    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
                    window: tuple[int, int], softcap: float, dlse=None) -> None:
-    """Launches the backward: δ, then dk and dv, then dq, into preallocated gradients laid
-    out like their inputs. Shapes as for :func:`flash_attn_fwd`; do like out; dlse (the
-    gradient reaching lse, any strides) like lse, or None."""
+    """Launches the backward: δ, then dk and dv, then dq, into preallocated gradients shaped
+    like their inputs (dv is written through a copy when its strides are not dk's). Shapes
+    as for :func:`flash_attn_fwd`; do like out; dlse (the gradient reaching lse, any
+    strides) like lse, or None."""
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
@@ -476,31 +617,29 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
         dk.zero_()
         dv.zero_()
         return
-    delta = torch.empty_like(lse)
-    strides = [_strides4(t) for t in (q, k, v, do, out, dq, dk, dv)]
-    if varlen:
-        strides = [(0, s[1], s[2]) for s in strides]
-        lse_strides = (0, lse.stride(0))
-    else:
-        lse_strides = (lse.stride(0), lse.stride(1))
-    qs, ks, vs, dos, os_, dqs, dks, dvs = strides
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)  # contiguous, like lse
+    dv_out = _with_strides(dv, dk)
+    qs, ks, vs, dos = (_strides(t, varlen) for t in (q, k, v, do))
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     scale, cap, flags = _scale_args(softmax_scale, softcap, window)
     q_grid = (_blocks(max_seqlen_q, dq_cfg["BLOCK_M"]), n_seqs * heads)
     _attn_bwd_delta_kernel[q_grid](
-        out, do, delta, cu_q, *os_, *dos, *lse_strides, seqlen_q, heads, head_dim,
+        out, do, delta, cu_q, *_strides(out, varlen), *dos, seqlen_q, heads, head_dim,
         VARLEN=varlen, **_without(dq_cfg, "BLOCK_N"))
     if dlse is not None:  # lse's gradient joins ds as −δ does (module docstring)
         delta.sub_(dlse)
     common = (seqlen_q, seqlen_k)
     _attn_bwd_dkdv_kernel[(_blocks(max_seqlen_k, dkdv_cfg["BLOCK_N"]), n_seqs * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qs, *ks, *vs, *dos, *dks, *dvs,
-        *lse_strides, *common, kv_heads, heads // kv_heads, head_dim,
+        q, k, v, do, lse, delta, dk, dv_out, cu_q, cu_k, *qs, *ks, *vs, *dos,
+        *_strides(dk, varlen), *common, kv_heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
         VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dkdv_cfg)
+    if dv_out is not dv:
+        dv.copy_(dv_out)
     _attn_bwd_dq_kernel[q_grid](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *dqs, *lse_strides,
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *_strides(dq, varlen),
         *common, heads, heads // kv_heads, head_dim,
         scale, softmax_scale, cap, window[0], window[1],
         VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dq_cfg)
@@ -513,6 +652,6 @@ def _without(cfg: dict, key: str) -> dict:
 
 def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):
     """The kernels' score scale (base 2, or τ / c under a softcap), cap and flags."""
-    scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E
+    scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E.value
     flags = {"HAS_WINDOW": window[0] >= 0 or window[1] >= 0, "SOFTCAP": softcap > 0}
     return float(scale), float(softcap), flags

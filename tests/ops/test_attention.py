@@ -12,11 +12,15 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 import eurocore.ops.attention as attention
+from eurocore.kernels import flash_attention as fa
 from eurocore.ops import (
     attention_reference,
     attention_varlen_reference,
@@ -422,6 +426,214 @@ def test_varlen_equals_each_sequence_alone(backend, causal, cu_dtype):
 
 
 # -------------------------------------------------------------------------------------------
+# Masks only on the band: every tile shape a configuration can pick
+# -------------------------------------------------------------------------------------------
+
+
+def _tile_shapes():
+    """Each distinct (BLOCK_M, BLOCK_N) of the launch tables: forward and backward, both
+    vendors, fp32 and the interpreter's."""
+    tables = [*fa.FWD_CONFIGS.values(), *(entry for table in fa.BWD_CONFIGS.values()
+                                          for entry in table.values()), fa.FP32_CONFIGS]
+    shapes = {config[:2] for table in tables for config in table.values()}
+    return sorted(shapes | {fa.INTERPRETER_CONFIG[:2]})
+
+
+TILES = _tile_shapes()
+
+
+def _tiles_id(tiles):
+    return "x".join(map(str, tiles))
+
+
+def _use_tiles(monkeypatch, tiles):
+    """Every kernel launches with (BLOCK_M, BLOCK_N) = ``tiles``, on any device (the rest of
+    the configuration as the tables give it)."""
+    block_m, block_n = tiles
+    pinned = fa.launch_config
+
+    def launch_config(*args, **kwargs):
+        return {**pinned(*args, **kwargs), "BLOCK_M": block_m, "BLOCK_N": block_n}
+
+    monkeypatch.setattr(fa, "launch_config", launch_config)
+
+
+def _band_cases(block_m, block_n):
+    """(seqlen_q, seqlen_k, options) whose band edges fall on block edges and inside blocks
+    for tiles (block_m, block_n), each spanning several blocks both ways (d = seqlen_k -
+    seqlen_q; query blocks start at multiples of block_m)."""
+    n = max(block_m, block_n)
+    return {
+        # d = 0: each query block's diagonal starts on a key-block edge when block_n divides
+        # block_m, inside a key block otherwise.
+        "causal": (2 * n + 3, 2 * n + 3, dict(causal=True)),
+        # d = block_n - 1: the first row's last key ends a key block, which is unmasked;
+        # d = block_n, block_n - 2: one key further, into the next block, or one short.
+        "causal-d=bn-1": (n + 5, n + 5 + block_n - 1, dict(causal=True)),
+        "causal-d=bn": (n + 5, n + 5 + block_n, dict(causal=True)),
+        "causal-d=bn-2": (n + 5, n + 5 + block_n - 2, dict(causal=True)),
+        # seqlen_q > seqlen_k, bottom-right aligned: the first block_m + 3 queries see no key.
+        "causal-q>k": (3 * n + 3, 3 * n - block_m, dict(causal=True)),
+        # d = 0, both edges on block edges: the last row's first key and the first row's
+        # last key start and end key blocks; three unmasked key blocks per query block.
+        "window-on-edges": (3 * n + 1, 3 * n + 1,
+                            dict(window_size=(block_m + block_n - 1, 2 * block_n - 1))),
+        # each edge one key inside that, and one key outside
+        "window-one-in": (3 * n + 1, 3 * n + 1,
+                          dict(window_size=(block_m + block_n - 2, 2 * block_n - 2))),
+        "window-one-out": (3 * n + 1, 3 * n + 1,
+                           dict(window_size=(block_m + block_n, 2 * block_n))),
+        # d = 7, both edges inside blocks.
+        "window-inside": (2 * n + 3, 2 * n + 10,
+                          dict(window_size=(block_m + block_n + 2, 2 * block_n + 3))),
+        # six keys wide: no block is unmasked.
+        "window-smaller-than-a-block": (2 * n + 3, 2 * n + 1, dict(window_size=(3, 2))),
+        "causal-left-window": (2 * n + 3, 2 * n + 3,
+                               dict(causal=True, window_size=(block_m + block_n + 5, -1))),
+        "right-window": (2 * n + 3, 2 * n + 6, dict(window_size=(-1, block_n))),
+        # no window: only the ragged last key (and, backward, query) block is masked.
+        "ragged": (n + 3, 2 * n + 1, {}),
+    }
+
+
+BAND_CASES = list(_band_cases(16, 16))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", BAND_CASES)
+@pytest.mark.parametrize("tiles", TILES, ids=_tiles_id)
+def test_band_edges_on_and_inside_blocks(backend, tiles, case, monkeypatch):
+    """The float64 oracle where unmasked and masked blocks meet, for every tile shape (GQA
+    2/1: the dk/dv programs walk two query heads)."""
+    _use_tiles(monkeypatch, tiles)
+    seqlen_q, seqlen_k, options = _band_cases(*tiles)[case]
+    _compare(backend, torch.float16, (1, seqlen_q, seqlen_k, 2, 1, 16), **options)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(17, 15), softcap=5.0)],
+                         ids=["causal", "window-softcap"])
+@pytest.mark.parametrize("tiles", TILES, ids=_tiles_id)
+def test_band_edges_varlen(backend, tiles, options, monkeypatch):
+    """Packed documents whose lengths are not multiples of either block (one of five
+    queries), more keys than queries and fewer, in fp32."""
+    _use_tiles(monkeypatch, tiles)
+    n = max(tiles)
+    bounds_q = [0, n + 3, n + 8, 3 * n + 9]
+    bounds_k = [0, n + 3, n + 17, 3 * n + 4]
+    _compare_varlen(backend, torch.float32, 2, 1, 16, bounds_q=bounds_q, bounds_k=bounds_k,
+                    **options)
+
+
+# What each program did, recorded by wrapping kernel helpers (the interpreter looks them up in
+# the module at each call; the kernel asking is the caller's frame): the block ranges
+# _key_blocks / _query_blocks gave it, and each block where it computed the mask (_visible).
+_BY_QUERY = {"_attn_fwd_kernel": True, "_attn_bwd_dq_kernel": True,
+             "_attn_bwd_dkdv_kernel": False}
+
+
+def _first_value(x):
+    """The (first) value of an interpreted scalar or block, as an int."""
+    return int(np.asarray(getattr(getattr(x, "handle", None), "data", x)).flat[0])
+
+
+def _record_programs(monkeypatch):
+    """{kernel: {program's first query (forward, dq) or key (dk/dv): [(lo, hi, full_lo,
+    full_hi), blocks masked]}}, filled as the kernels run."""
+    programs = {kernel: {} for kernel in _BY_QUERY}
+    block_ranges, visible = fa._key_blocks, fa._visible
+
+    def ranges(own, *args, _helper):
+        kernel = sys._getframe(1).f_code.co_name
+        result = _helper(own, *args)
+        programs[kernel][_first_value(own)] = [tuple(map(_first_value, result)), []]
+        return result
+
+    def mask(i, j, *args):
+        kernel = sys._getframe(1).f_code.co_name
+        own, other = (i, j) if _BY_QUERY[kernel] else (j, i)
+        programs[kernel][_first_value(own)][1].append(_first_value(other))
+        return visible(i, j, *args)
+
+    monkeypatch.setattr(fa, "_key_blocks", functools.partial(ranges, _helper=block_ranges))
+    monkeypatch.setattr(fa, "_query_blocks",
+                        functools.partial(ranges, _helper=fa._query_blocks))
+    monkeypatch.setattr(fa, "_visible", mask)
+    return programs
+
+
+def _band(rows, cols, seqlen_q, seqlen_k, left, right):
+    """The rule (see _rule) on a tile, for any rows and columns, in or out of bounds."""
+    diag = rows[:, None] + (seqlen_k - seqlen_q)
+    seen = torch.ones(len(rows), len(cols), dtype=torch.bool)
+    if left >= 0:
+        seen &= cols[None, :] >= diag - left
+    if right >= 0:
+        seen &= cols[None, :] <= diag + right
+    return seen
+
+
+def _expected_blocks(seqlen_q, seqlen_k, left, right, block_m, block_n, by_query):
+    """{program's first query (by_query) or key: (blocks visited, blocks unmasked)} from the
+    rule alone. A block is visited when a pair of its tile is visible (rows of the program's
+    own block count past its sequence's end: they are never stored); unmasked when every
+    pair is, inside both sequences."""
+    own_len, own_block, other_len, other_block = (
+        (seqlen_q, block_m, seqlen_k, block_n) if by_query else
+        (seqlen_k, block_n, seqlen_q, block_m))
+    expected = {}
+    for own in range(0, own_len, own_block):
+        mine = torch.arange(own, own + own_block)
+        visited, unmasked = [], []
+        for other in range(0, other_len, other_block):
+            theirs = torch.arange(other, other + other_block)
+            rows, cols = (mine, theirs) if by_query else (theirs, mine)
+            seen = _band(rows, cols, seqlen_q, seqlen_k, left, right)
+            exists = (theirs < other_len)[None, :] if by_query else (theirs < other_len)[:, None]
+            if (seen & exists).any():
+                visited.append(other)
+            if seen.all() and other + other_block <= other_len:
+                unmasked.append(other)
+        expected[own] = (visited, unmasked)
+    return expected
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="records what interpreted kernels do")
+@pytest.mark.parametrize("case", BAND_CASES)
+@pytest.mark.parametrize("tiles", TILES, ids=_tiles_id)
+def test_only_band_blocks_are_masked(tiles, case, monkeypatch):
+    """Each program of the forward, dk/dv and dq kernels visits exactly the visible blocks,
+    in order; its unmasked run holds exactly the blocks whose every pair is visible inside
+    the sequences, and it computes the mask on each other block it visits, once, and on no
+    block of the run: the mask is paid on the band and the ragged ends only."""
+    _use_tiles(monkeypatch, tiles)
+    block_m, block_n = tiles
+    seqlen_q, seqlen_k, options = _band_cases(*tiles)[case]
+    programs = _record_programs(monkeypatch)
+    gen = torch.Generator().manual_seed(18)
+    q, k, v, dout = _inputs(gen, (1, seqlen_q, seqlen_k, 1, 1, 16), torch.float16)
+    out = flash_attention(q, k, v, backend="triton", **options)
+    torch.autograd.grad(out, (q, k, v), dout)
+    left, right = options.get("window_size", (-1, -1))
+    right = 0 if options.get("causal") else right
+    unmasked_blocks = 0
+    for kernel, by_query in _BY_QUERY.items():
+        step = block_n if by_query else block_m
+        expected = _expected_blocks(seqlen_q, seqlen_k, left, right, block_m, block_n,
+                                    by_query)
+        assert sorted(programs[kernel]) == sorted(expected), kernel
+        for program, ((lo, hi, full_lo, full_hi), masked) in programs[kernel].items():
+            visited = list(range(lo, hi, step))
+            unmasked = [b for b in visited if full_lo <= b < full_hi]
+            assert (visited, unmasked) == expected[program], (kernel, program)
+            assert masked == [b for b in visited if b not in unmasked], (kernel, program)
+            unmasked_blocks += len(unmasked)
+    # The unmasked path is taken wherever a block lies wholly inside the band.
+    assert (unmasked_blocks == 0) == (case == "window-smaller-than-a-block"), unmasked_blocks
+
+
+# -------------------------------------------------------------------------------------------
 # Determinism, strides, agreement with PyTorch's SDPA, empty inputs
 # -------------------------------------------------------------------------------------------
 
@@ -477,6 +689,31 @@ def test_strided_inputs_equal_contiguous(backend, layout):
     strided = [out, lse, *torch.autograd.grad(out, views, dout)]
     leaves = [t.detach().contiguous().requires_grad_() for t in views]
     contiguous = _run(_kernel(backend), *leaves, dout.contiguous(), causal=True)
+    for name, a, b in zip(NAMES, strided, contiguous, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_launchers_take_strided_lse_and_dv():
+    """The kernels derive the lse and δ strides and take one set for dk and dv; the launchers
+    write a strided lse, and a dv laid out unlike dk, through copies: bitwise the results of
+    contiguous ones."""
+    gen = torch.Generator().manual_seed(19)
+    q, k, v, dout = (t.detach() for t in _inputs(gen, (2, 19, 23, 4, 2, 16), torch.float16))
+    args = (None, None, 19, 0.25, (7, 0), 0.0)
+
+    def run(lse, dv):
+        out = torch.empty_like(q)
+        fa.flash_attn_fwd(q, k, v, out, lse, *args)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        fa.flash_attn_bwd(dout, q, k, v, out, lse, dq, dk, dv, None, None, 19, 23, 0.25,
+                          (7, 0), 0.0)
+        return out, lse, dq, dk, dv
+
+    contiguous = run(torch.empty(2, 4, 19, device=DEVICE), torch.empty_like(v))
+    lse = torch.empty(2, 19, 4, device=DEVICE).transpose(1, 2)  # (2, 4, 19), not contiguous
+    dv = torch.empty(2, 23, 4, 16, dtype=v.dtype, device=DEVICE)[:, :, ::2]
+    strided = run(lse, dv)
+    assert not strided[1].is_contiguous() and strided[4].stride() != strided[3].stride()
     for name, a, b in zip(NAMES, strided, contiguous, strict=True):
         assert torch.equal(a, b), name
 
