@@ -554,14 +554,30 @@ def _driver_version() -> str | None:
     return lines[0].strip() if lines else None
 
 
+def _commit() -> str | None:
+    """The git commit of this source tree (with ``+dirty`` when it has uncommitted changes),
+    or None outside a git checkout: a result compared before and after a change must say
+    which code produced it."""
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=source, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """What the results were measured on and with.
 
     Returns:
         device name (the GPU's, else the CPU model), ``is_cpu``, GPU architecture, the torch,
         Triton and eurocore versions, the CUDA or HIP runtime torch was built with, the NVIDIA
-        driver version where nvidia-smi answers, CPU threads, the UTC date and time, the
-        hostname and the command line.
+        driver version where nvidia-smi answers, CPU threads, the git commit, the UTC date
+        and time, the hostname and the command line.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -594,6 +610,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "triton": triton_version,
         "eurocore": eurocore_version,
+        "commit": _commit(),
         "cuda_runtime": torch.version.cuda,
         "hip_runtime": torch.version.hip,
         "python": platform.python_version(),

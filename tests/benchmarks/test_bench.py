@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import subprocess
 
 import pytest
 import torch
@@ -329,3 +331,15 @@ def test_swiglu_cases(monkeypatch):
     assert {"torch eager", "torch.compile", "liger"} <= impls
     bwd = [c for c in listed if c.variant == "bwd" and c.skip is None]
     assert bwd and all(c.bytes == 5 * 16384 * 14336 * 2 for c in bwd)
+
+
+def test_environment_records_the_commit(tmp_path, monkeypatch):
+    """Results say which code produced them: this checkout's commit (a test run is one), and
+    None outside a git checkout."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    commit = harness.environment("cpu")["commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit) and commit.startswith(head)
+    monkeypatch.setattr(harness.subprocess, "run",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("no git")))
+    assert harness.environment("cpu")["commit"] is None
