@@ -319,12 +319,8 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     device = torch.device(device)
     gpu = device.type == "cuda"
     probe = gpu and torch.cuda.is_available()  # listing GPU cases needs no GPU
-    if gpu:
-        dtype, note, shapes = torch.bfloat16, "", gpu_shapes(quick)
-    else:
-        dtype, shapes = torch.float32, cpu_shapes()
-        note = "CPU: float32, as bf16 on the CPU is not representative"
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype, dtype_name, note = harness.case_dtype(device)
+    shapes = gpu_shapes(quick) if gpu else cpu_shapes()
     out: list[Case] = []
 
     fixed: list[tuple[str, MakeImpl]] = []  # implementations that do not depend on the shape

@@ -338,6 +338,15 @@ def _profiled_device_us(fn: Callable[[], object], device: torch.device, calls: i
                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
 
 
+def case_dtype(device: torch.device) -> tuple[torch.dtype, str, str]:
+    """(dtype, its name, the cases' note) of the kernel benchmarks on ``device``: bf16 on a
+    GPU; float32 on the CPU, whose bf16 arithmetic says nothing of a GPU's."""
+    if device.type == "cuda":
+        return torch.bfloat16, "bfloat16", ""
+    return (torch.float32, "float32",
+            "CPU: float32, as bf16 on the CPU is not representative")
+
+
 def check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Before any measuring: ``parser.error`` naming ``--json`` or ``--out`` when the results
     JSON could not be written there (nothing to check with ``--no-json``). The benchmark

@@ -137,14 +137,12 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
+    dtype, dtype_name, note = harness.case_dtype(device)
     if gpu:
-        dtype, note = torch.bfloat16, ""
         tokens_list, hidden_list = ((GPU_QUICK_TOKENS, GPU_QUICK_HIDDEN) if quick
                                     else (GPU_TOKENS, GPU_HIDDEN))
     else:
-        dtype, note = torch.float32, "CPU: float32, as bf16 on the CPU is not representative"
         tokens_list, hidden_list = CPU_TOKENS, CPU_HIDDEN
-    dtype_name = str(dtype).removeprefix("torch.")
 
     from eurocore.ops.normalization import IMPLEMENTED
 

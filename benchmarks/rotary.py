@@ -231,14 +231,11 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
+    dtype, dtype_name, note = harness.case_dtype(device)
     if gpu:
-        dtype, note, heads = torch.bfloat16, "", GPU_HEADS
-        tokens_list = GPU_QUICK_TOKENS if quick else GPU_TOKENS
+        heads, tokens_list = GPU_HEADS, GPU_QUICK_TOKENS if quick else GPU_TOKENS
     else:
-        dtype, heads = torch.float32, CPU_HEADS
-        note = "CPU: float32, as bf16 on the CPU is not representative"
-        tokens_list = CPU_TOKENS
-    dtype_name = str(dtype).removeprefix("torch.")
+        heads, tokens_list = CPU_HEADS, CPU_TOKENS
 
     from eurocore.ops.rotary import IMPLEMENTED
 

@@ -126,14 +126,12 @@ def cases(device: torch.device | str, quick: bool) -> list[Case]:
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
+    dtype, dtype_name, note = harness.case_dtype(device)
     if gpu:
-        dtype, note = torch.bfloat16, ""
         tokens_list, sizes = ((GPU_QUICK_TOKENS, GPU_QUICK_INTERMEDIATE) if quick
                               else (GPU_TOKENS, GPU_INTERMEDIATE))
     else:
-        dtype, note = torch.float32, "CPU: float32, as bf16 on the CPU is not representative"
         tokens_list, sizes = CPU_TOKENS, CPU_INTERMEDIATE
-    dtype_name = str(dtype).removeprefix("torch.")
 
     from eurocore.ops.activation import IMPLEMENTED
 
