@@ -14,7 +14,7 @@ import functools
 import torch
 
 from eurocore.ops import dispatch
-from eurocore.ops.backends import resolve_backend
+from eurocore.ops.backends import kernel_launchers, resolve_backend
 
 IMPLEMENTED = ("torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,13 +79,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-@functools.cache  # an import statement per call costs about 1 µs of host time
+@functools.cache
 def _launchers(backend: str):
-    if backend == "triton":
-        from eurocore.kernels import swiglu as launchers
-
-        return launchers
-    raise AssertionError(f"swiglu: no launchers for backend {backend!r}")  # resolve_backend
+    return kernel_launchers("swiglu", "swiglu", backend)
 
 
 @dispatch.custom_op("eurocore::swiglu_fwd", mutates_args=())

@@ -23,7 +23,7 @@ import math
 import torch
 
 from eurocore.ops import dispatch
-from eurocore.ops.backends import resolve_backend
+from eurocore.ops.backends import kernel_launchers, resolve_backend
 from eurocore.ops.checks import (
     check_cu_seqlens_shape,
     cu_seqlens_lengths,
@@ -308,13 +308,9 @@ def _check_kernel(q, name: str) -> None:
 # -------------------------------------------------------------------------------------------
 
 
-@functools.cache  # an import statement per call costs about 1 µs of host time
+@functools.cache
 def _launchers(backend: str):
-    if backend == "triton":
-        from eurocore.kernels import flash_attention as launchers
-
-        return launchers
-    raise AssertionError(f"flash_attention: no launchers for backend {backend!r}")
+    return kernel_launchers("flash_attention", "flash_attention", backend)
 
 
 def _as_4d(t: torch.Tensor, packed: bool) -> torch.Tensor:

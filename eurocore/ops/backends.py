@@ -159,6 +159,19 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+def kernel_launchers(op: str, kernel: str, backend: str):
+    """The launcher module an op's kernels run through on ``backend``: ``eurocore.kernels.
+    <kernel>`` for "triton", the C++ extension's wrappers (``eurocore.ops.cuda_launchers``)
+    for "cuda". Imported on first use; callers cache the answer (an import statement per call
+    costs about 1 µs of host time). ``op`` names the op in the error for any other backend,
+    which ``resolve_backend`` never returns."""
+    if backend == "triton":
+        return importlib.import_module(f"eurocore.kernels.{kernel}")
+    if backend == "cuda":
+        return importlib.import_module("eurocore.ops.cuda_launchers")
+    raise AssertionError(f"{op}: no launchers for backend {backend!r}")
+
+
 def gpu_vendor() -> str:
     """"amd" under a ROCm build of torch, else "nvidia"."""
     return "amd" if torch.version.hip else "nvidia"

@@ -13,7 +13,7 @@ import functools
 import torch
 
 from eurocore.ops import dispatch
-from eurocore.ops.backends import resolve_backend
+from eurocore.ops.backends import kernel_launchers, resolve_backend
 from eurocore.utils.checks import check_bool, check_number
 
 IMPLEMENTED = ("torch", "triton", "cuda")
@@ -120,17 +120,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-@functools.cache  # an import statement per call costs about 1 µs of host time
+@functools.cache
 def _launchers(backend: str):
-    if backend == "triton":
-        from eurocore.kernels import rms_norm as launchers
-
-        return launchers
-    if backend == "cuda":
-        from eurocore.ops import cuda_launchers
-
-        return cuda_launchers
-    raise AssertionError(f"rms_norm: no launchers for backend {backend!r}")  # resolve_backend
+    return kernel_launchers("rms_norm", "rms_norm", backend)
 
 
 @dispatch.custom_op("eurocore::rms_norm_fwd", mutates_args=())

@@ -31,7 +31,7 @@ import math
 import torch
 
 from eurocore.ops import dispatch
-from eurocore.ops.backends import resolve_backend
+from eurocore.ops.backends import kernel_launchers, resolve_backend
 from eurocore.ops.checks import (
     check_cu_seqlens_shape,
     check_disjoint,
@@ -399,17 +399,10 @@ def _position_source(position_ids, seqlen_offsets) -> str:
 # -------------------------------------------------------------------------------------------
 
 
-@functools.cache  # an import statement per call costs about 1 µs of host time
+@functools.cache
 def _launchers(backend: str):
-    if backend == "triton":
-        from eurocore.kernels import rotary as launchers
-
-        return launchers
-    if backend == "cuda":
-        from eurocore.ops import cuda_launchers
-
-        return _CudaLaunchers(cuda_launchers)
-    raise AssertionError(f"apply_rotary: no launchers for backend {backend!r}")
+    launchers = kernel_launchers("apply_rotary", "rotary", backend)
+    return _CudaLaunchers(launchers) if backend == "cuda" else launchers
 
 
 class _CudaLaunchers:
