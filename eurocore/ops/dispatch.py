@@ -38,12 +38,11 @@ from torch.utils._device import DeviceContext
 
 ENV_VAR = "EUROCORE_EAGER_FAST_PATH"
 
-# The predicate reads torch internals that torch does not promise to keep (checked on 2.11
-# and 2.13): where one is missing, the fast path is off and every call takes the custom op.
-_PROBES = (torch._C, ("_is_tracing", "_are_functorch_transforms_active",
-                      "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled",
-                      "_any_requires_grad"))
-_SUPPORTED = all(hasattr(_PROBES[0], name) for name in _PROBES[1]) and \
+# The predicate reads torch internals that torch does not promise to keep (written against
+# 2.13): where one is missing, the fast path is off and every call takes the custom op.
+_SUPPORTED = all(hasattr(torch._C, name) for name in (
+    "_is_tracing", "_are_functorch_transforms_active", "_len_torch_dispatch_stack",
+    "_is_torch_function_mode_enabled", "_any_requires_grad")) and \
     hasattr(torch.autograd.graph, "increment_version")
 _enabled = _SUPPORTED and \
     os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
