@@ -205,8 +205,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 last = min(tokens, first + chunk_size)
                 z = _chunk_logits(h[first:last], w)
                 dz = torch.exp(z - lse[first:last, None]) * softmax_scale[first:last, None]
-                rows = torch.nonzero(mine[first:last]).squeeze(-1)
-                dz[rows, local[first:last][rows]] -= scale[first:last][rows]
+                # the target's -g, as one scatter over every row (0 where the target is
+                # another rank's): no nonzero(), which would wait for the device per chunk
+                chunk_mine = mine[first:last]
+                rows = torch.arange(last - first, device=dz.device)
+                dz[rows, torch.where(chunk_mine, local[first:last], 0)] -= \
+                    torch.where(chunk_mine, scale[first:last], 0.0)
                 dz = dz.to(compute_dtype)
                 if need_hidden:
                     grad_h[first:last] = dz @ w
