@@ -33,10 +33,13 @@ block.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import Launch, make_launch
 
 # Full-precision products: fp32 inputs would otherwise go through TF32 (13 mantissa bits
 # lost); fp16/bf16 ignore it. ("tf32" is not even a valid choice on gfx90a.)
@@ -566,6 +569,101 @@ def _with_strides(t, like):
     return torch.empty_strided(t.shape, like.stride(), dtype=t.dtype, device=t.device)
 
 
+# What a launch_config entry is to a kernel: a tile (a constexpr) or a launch option.
+_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_D")
+
+
+def _static(cfg: dict, tiles: tuple[str, ...], **flags) -> tuple[dict, dict]:
+    """(constexprs, launch options) of a launch under ``cfg`` (launch_config's): the flags
+    and the kernel's ``tiles``; the warps, stages and vendor options (AMD's waves_per_eu)."""
+    return ({**flags, **{t: cfg[t] for t in tiles}},
+            {k: v for k, v in cfg.items() if k not in _TILES})
+
+
+def _shared_args(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softcap):
+    """What every launch of one attention derives alike: (varlen, sequences, heads, kv
+    heads, head_dim, the cu_seqlens pointers, the score scale, the cap, the flags)."""
+    varlen = cu_seqlens_q is not None
+    heads, head_dim = q.shape[2], q.shape[3]
+    n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    # Not packed: q stands in for cu_seqlens, never read (VARLEN is off).
+    cu = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
+    scale, cap, flags = _scale_args(softmax_scale, softcap, window)
+    return varlen, n_seqs, heads, k.shape[2], head_dim, cu, scale, cap, flags
+
+
+def _group(heads: int, kv_heads: int) -> int:
+    """Query heads per kv head (1 for no heads at all: the grid is then empty)."""
+    return heads // kv_heads if kv_heads else 1
+
+
+Tensor = torch.Tensor
+
+
+def attn_fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
+                  softmax_scale: float, window: tuple[int, int], softcap: float,
+                  vendor_name: str) -> Launch:
+    """The forward launch over :func:`flash_attn_fwd`'s arguments, on ``vendor_name``'s GPUs
+    (:func:`vendor`), with ``lse`` contiguous: one program per (query block, sequence x
+    head); none for no sequences, no heads or max_seqlen_q 0."""
+    varlen, n_seqs, heads, kv_heads, head_dim, cu, scale, cap, flags = _shared_args(
+        q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softcap)
+    cfg = launch_config(head_dim, vendor_name, "forward", fp32=q.dtype == torch.float32)
+    constexprs, options = _static(cfg, _TILES, VARLEN=varlen, **flags,
+                                  PRECISION=INPUT_PRECISION)
+    grid = (_blocks(max_seqlen_q, cfg["BLOCK_M"]) if max_seqlen_q else 0, n_seqs * heads)
+    return make_launch((
+        _attn_fwd_kernel, grid,
+        (q, k, v, out, lse, *cu, *_strides(q, varlen), *_strides(k, varlen),
+         *_strides(v, varlen), *_strides(out, varlen), q.shape[1], k.shape[1], heads,
+         _group(heads, kv_heads), head_dim, scale, cap, *window),
+        constexprs, options))
+
+
+class AttnBwdLaunches(NamedTuple):
+    """The backward's three launches, in the order they run."""
+
+    delta: Launch  # δ = Σ o · do per query row
+    dkdv: Launch
+    dq: Launch
+
+
+def attn_bwd_plan(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  delta: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
+                  cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
+                  max_seqlen_k: int, softmax_scale: float, window: tuple[int, int],
+                  softcap: float, vendor_name: str) -> AttnBwdLaunches:
+    """The backward's launches over :func:`flash_attn_bwd`'s arguments, on ``vendor_name``'s
+    GPUs, with ``lse`` and ``delta`` contiguous and dv laid out as dk: δ, dk/dv (one program
+    per key block of each kv head) and dq (one per query block of each head). Without
+    sequences or heads every grid is empty (the launcher then zeroes dk and dv itself)."""
+    varlen, n_seqs, heads, kv_heads, head_dim, cu, scale, cap, flags = _shared_args(
+        q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softcap)
+    fp32 = q.dtype == torch.float32
+    dkdv_cfg, dq_cfg = (launch_config(head_dim, vendor_name, kernel, fp32)
+                        for kernel in ("dkdv", "dq"))
+    qs, ks, vs, dos = (_strides(t, varlen) for t in (q, k, v, do))
+    q_grid = (_blocks(max_seqlen_q, dq_cfg["BLOCK_M"]), n_seqs * heads)
+    lengths = (q.shape[1], k.shape[1])  # fixed, or the packed totals
+    tail = (_group(heads, kv_heads), head_dim, scale, softmax_scale, cap, *window)
+    flags = dict(VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION)
+    return AttnBwdLaunches(
+        make_launch((_attn_bwd_delta_kernel, q_grid,
+                     (out, do, delta, cu[0], *_strides(out, varlen), *dos, q.shape[1], heads,
+                      head_dim),
+                     *_static(dq_cfg, ("BLOCK_M", "BLOCK_D"), VARLEN=varlen))),
+        make_launch((_attn_bwd_dkdv_kernel,
+                     (_blocks(max_seqlen_k, dkdv_cfg["BLOCK_N"]), n_seqs * kv_heads),
+                     (q, k, v, do, lse, delta, dk, dv, *cu, *qs, *ks, *vs, *dos,
+                      *_strides(dk, varlen), *lengths, kv_heads, *tail),
+                     *_static(dkdv_cfg, _TILES, **flags))),
+        make_launch((_attn_bwd_dq_kernel, q_grid,
+                     (q, k, v, do, lse, delta, dq, *cu, *qs, *ks, *vs, *dos,
+                      *_strides(dq, varlen), *lengths, heads, *tail),
+                     *_static(dq_cfg, _TILES, **flags))))
+
+
 def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                    softmax_scale: float, window: tuple[int, int], softcap: float) -> None:
     """Launches the forward into ``out`` and ``lse``.
@@ -576,25 +674,9 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     seqlen_q), packed (heads, total_q) (a strided one is written through a contiguous copy).
     window: (left, right), -1 for unbounded.
     """
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    varlen = cu_seqlens_q is not None
-    n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    cfg = launch_config(head_dim, vendor(q.device), "forward", fp32=q.dtype == torch.float32)
-    if n_seqs == 0 or max_seqlen_q == 0 or heads == 0:
-        return
-    grid = (_blocks(max_seqlen_q, cfg["BLOCK_M"]), n_seqs * heads)
-    scale, cap, flags = _scale_args(softmax_scale, softcap, window)
     stats = _with_strides(lse, None)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, stats, cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-        *_strides(out, varlen),
-        seqlen_q, seqlen_k, heads, heads // kv_heads, head_dim,
-        scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION,
-        **cfg,
-    )
+    attn_fwd_plan(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  softmax_scale, window, softcap, vendor(q.device)).run()
     if stats is not lse:
         lse.copy_(stats)
 
@@ -606,48 +688,23 @@ def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k
     like their inputs (dv is written through a copy when its strides are not dk's). Shapes
     as for :func:`flash_attn_fwd`; do like out; dlse (the gradient reaching lse, any
     strides) like lse, or None."""
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    varlen = cu_seqlens_q is not None
-    n_seqs = cu_seqlens_q.shape[0] - 1 if varlen else batch
-    fp32 = q.dtype == torch.float32
-    dkdv_cfg, dq_cfg = (launch_config(head_dim, vendor(q.device), kernel, fp32)
-                        for kernel in ("dkdv", "dq"))
-    if n_seqs == 0 or heads == 0:
-        dk.zero_()
-        dv.zero_()
-        return
     lse = lse.contiguous()
     delta = torch.empty_like(lse)  # contiguous, like lse
     dv_out = _with_strides(dv, dk)
-    qs, ks, vs, dos = (_strides(t, varlen) for t in (q, k, v, do))
-    cu_q = cu_seqlens_q if varlen else q
-    cu_k = cu_seqlens_k if varlen else q
-    scale, cap, flags = _scale_args(softmax_scale, softcap, window)
-    q_grid = (_blocks(max_seqlen_q, dq_cfg["BLOCK_M"]), n_seqs * heads)
-    _attn_bwd_delta_kernel[q_grid](
-        out, do, delta, cu_q, *_strides(out, varlen), *dos, seqlen_q, heads, head_dim,
-        VARLEN=varlen, **_without(dq_cfg, "BLOCK_N"))
+    launches = attn_bwd_plan(do, q, k, v, out, lse, delta, dq, dk, dv_out, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window,
+                             softcap, vendor(q.device))
+    if 0 in launches.dkdv.grid:  # no sequences or no heads: no key's gradient
+        dk.zero_()
+        dv.zero_()
+        return
+    launches.delta.run()
     if dlse is not None:  # lse's gradient joins ds as −δ does (module docstring)
         delta.sub_(dlse)
-    common = (seqlen_q, seqlen_k)
-    _attn_bwd_dkdv_kernel[(_blocks(max_seqlen_k, dkdv_cfg["BLOCK_N"]), n_seqs * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv_out, cu_q, cu_k, *qs, *ks, *vs, *dos,
-        *_strides(dk, varlen), *common, kv_heads, heads // kv_heads, head_dim,
-        scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dkdv_cfg)
+    launches.dkdv.run()
     if dv_out is not dv:
         dv.copy_(dv_out)
-    _attn_bwd_dq_kernel[q_grid](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *qs, *ks, *vs, *dos, *_strides(dq, varlen),
-        *common, heads, heads // kv_heads, head_dim,
-        scale, softmax_scale, cap, window[0], window[1],
-        VARLEN=varlen, **flags, PRECISION=INPUT_PRECISION, **dq_cfg)
-
-
-def _without(cfg: dict, key: str) -> dict:
-    """``cfg`` less one entry (the δ kernel has no BLOCK_N)."""
-    return {k: v for k, v in cfg.items() if k != key}
+    launches.dq.run()
 
 
 def _scale_args(softmax_scale: float, softcap: float, window: tuple[int, int]):

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, make_launch
+
 # Elements of the widest (tokens x dims) tile a program holds per head.
 TILE = 1024
 MAX_BLOCK_T = 32
@@ -148,24 +150,78 @@ def heads_per_program(token_blocks: int, n_q_heads: int, n_k_heads: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int, tail: int,
-          patchables: tuple) -> tuple[dict, int, int, int, int]:
-    """(launch config, token blocks, heads per program, q head groups, head groups) of a
-    launch: pure functions of the shape, cached, since deriving them afresh costs more host
-    time (some 10 µs: triton.cdiv and triton.next_power_of_2 are constexpr functions, slow to
-    call from the host) than the rest of the launch. The key also holds what may be patched
-    (the functions and the module's tile limits: benchmarks/tune.py, the tests), so a patched
-    one never meets a stale entry."""
-    cfg = launch_config(half, tail)
+def _static(n_tokens: int, n_q_heads: int, n_k_heads: int, half: int, head_dim: int,
+            flags: tuple[bool, bool, bool, bool], patchables: tuple
+            ) -> tuple[tuple[int, int], dict, dict, int, int]:
+    """(grid, constexprs, launch options, heads per program, q head groups) of a launch:
+    pure functions of the shape and the flags (HAS_POSITIONS, INTERLEAVED, CONJUGATE,
+    COPY_TAIL), cached, since deriving them afresh costs more host time (some 10 µs:
+    triton.cdiv and triton.next_power_of_2 are constexpr functions, slow to call from the
+    host) than the rest of the launch. The key also holds what may be patched (the functions
+    and the module's tile limits: benchmarks/tune.py, the tests), so a patched one never
+    meets a stale entry."""
+    copy_tail = flags[3]
+    cfg = launch_config(half, head_dim - 2 * half if copy_tail else 0)
     token_blocks = triton.cdiv(n_tokens, cfg["BLOCK_T"])
     heads = heads_per_program(token_blocks, n_q_heads, n_k_heads)
     q_groups = triton.cdiv(n_q_heads, heads)
-    return cfg, token_blocks, heads, q_groups, q_groups + triton.cdiv(n_k_heads, heads)
+    grid = (token_blocks, q_groups + triton.cdiv(n_k_heads, heads))
+    constexprs = dict(zip(("HAS_POSITIONS", "INTERLEAVED", "CONJUGATE", "COPY_TAIL"), flags,
+                          strict=True))
+    constexprs.update(HALF=half, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
+                      BLOCK_TAIL=cfg["BLOCK_TAIL"])
+    return grid, constexprs, {"num_warps": cfg["num_warps"]}, heads, q_groups
 
 
 def _patchables() -> tuple:
     """What the plan reads that a tuning sweep or a test may patch (part of its key)."""
     return launch_config, heads_per_program, TILE, MAX_BLOCK_T, MIN_PROGRAMS, NUM_WARPS
+
+
+def rotary_plan(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    out_q: torch.Tensor,
+    out_k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None,
+    *,
+    batch_first: bool,
+    interleaved: bool,
+    conjugate: bool,
+    in_place: bool,
+) -> Launch:
+    """The launch over :func:`rotary`'s arguments: (token blocks, head groups of q then of k)
+    programs; none for no tokens or no heads (:meth:`Launch.run` then launches nothing).
+
+    Without k, q and out_q stand in for k and out_k (the kernel walks no k head). Without
+    positions, the positions strides make a token's index along the sequence axis its
+    position; a positions dimension of size 1 gets stride 0 (its index is always 0, and an
+    odd stride there would only cost a divisibility specialisation). In place, the
+    pass-through dims are left where they are, not copied.
+    """
+    n_outer, n_inner, n_q_heads, head_dim = q.shape
+    n_k_heads = k.shape[2] if k is not None else 0
+    half = cos.shape[1]
+    copy_tail = not in_place and head_dim > 2 * half
+    grid, constexprs, options, heads, q_groups = _static(
+        n_outer * n_inner, n_q_heads, n_k_heads, half, head_dim,
+        (positions is not None, interleaved, conjugate, copy_tail), _patchables())
+    if positions is None:
+        positions, stride_pos = cos, ((0, 1) if batch_first else (1, 0))  # cos: never read
+    else:
+        stride_pos = tuple(s if n > 1 else 0 for n, s in zip(positions.shape,
+                                                               positions.stride(), strict=True))
+    if k is None:
+        k, out_k = q, out_q
+    return make_launch((
+        _rotary_kernel, grid,
+        (q, k, out_q, out_k, cos, sin, positions, n_outer * n_inner, n_inner,
+         *q.stride()[:3], *k.stride()[:3], *out_q.stride()[:3], *out_k.stride()[:3],
+         n_q_heads, n_k_heads, q_groups, heads, head_dim, cos.stride()[0], cos.shape[0],
+         *stride_pos),
+        constexprs, options))
 
 
 def rotary(
@@ -193,36 +249,5 @@ def rotary(
     stride 0), each token's row of cos/sin; or None: the token's index along the sequence
     axis (inner when ``batch_first``, else outer).
     """
-    n_outer, n_inner, n_q_heads, head_dim = q.shape
-    n_k_heads = k.shape[2] if k is not None else 0
-    n_tokens = n_outer * n_inner
-    half = cos.shape[1]
-    copy_tail = not in_place and head_dim > 2 * half
-    cfg, token_blocks, heads, q_groups, groups = _plan(
-        n_tokens, n_q_heads, n_k_heads, half, head_dim - 2 * half if copy_tail else 0,
-        _patchables())
-    if n_tokens == 0 or groups == 0:
-        return
-    if positions is not None:
-        # 0 along a dimension of size 1: its index is always 0, and an odd stride there
-        # would only cost a divisibility specialisation.
-        stride_pos = tuple(positions.stride(d) if positions.shape[d] > 1 else 0 for d in (0, 1))
-    else:
-        stride_pos = (0, 1) if batch_first else (1, 0)
-    k_or_q, out_k_or_q = (k, out_k) if k is not None else (q, out_q)  # never read without k
-    _rotary_kernel[(token_blocks, groups)](
-        q, k_or_q, out_q, out_k_or_q, cos, sin,
-        positions if positions is not None else cos,  # never read without positions
-        n_tokens, n_inner,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_or_q.stride(0), k_or_q.stride(1), k_or_q.stride(2),
-        out_q.stride(0), out_q.stride(1), out_q.stride(2),
-        out_k_or_q.stride(0), out_k_or_q.stride(1), out_k_or_q.stride(2),
-        n_q_heads, n_k_heads, q_groups, heads,
-        head_dim, cos.stride(0), cos.shape[0],
-        *stride_pos,
-        HAS_POSITIONS=positions is not None,
-        INTERLEAVED=interleaved, CONJUGATE=conjugate, COPY_TAIL=copy_tail,
-        HALF=half, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=cfg["BLOCK_HALF"],
-        BLOCK_TAIL=cfg["BLOCK_TAIL"], num_warps=cfg["num_warps"],
-    )
+    rotary_plan(q, k, out_q, out_k, cos, sin, positions, batch_first=batch_first,
+                interleaved=interleaved, conjugate=conjugate, in_place=in_place).run()
