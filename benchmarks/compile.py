@@ -4,10 +4,11 @@
     python -m eurocore.benchmarks.compile ...                       # the same
 
 Compiles each case of ``eurocore.kernels.aot.cases()`` for each target of
-``eurocore.kernels.aot.TARGETS`` and prints, per kernel and target, the cases compiled, the
-largest shared memory, registers (AMD: VGPRs from the AMDGCN metadata; NVIDIA: from
-ptxas -v), spills and the widest global load. Exits 1 and lists the failures when any case
-fails to compile or launches more threads than the target allows; 2 on bad arguments.
+``eurocore.kernels.compile_engine.TARGETS`` and prints, per kernel and target, the cases
+compiled, the largest shared memory, registers (AMD: VGPRs from the AMDGCN metadata;
+NVIDIA: from ptxas -v), spills and the widest global load. Exits 1 and lists the failures
+when any case fails to compile or launches more threads than the target allows; 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import time
 import warnings
 from collections.abc import Sequence
 
+import triton
+
 from eurocore.kernels import aot
+from eurocore.kernels import compile_engine as engine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and load widths.")
     parser.add_argument("--targets", default=None, metavar="T[,T...]",
                         help=f"targets, comma-separated (default: those of "
-                             f"{', '.join(aot.TARGETS)} this Triton has a backend for)")
+                             f"{', '.join(engine.TARGETS)} this Triton has a backend for)")
     parser.add_argument("--kernel", default=None, choices=sorted(aot.GENERATORS),
                         help="one kernel family (default: all)")
     parser.add_argument("--jobs", "-j", type=int, default=_cpus(), metavar="N",
@@ -52,17 +56,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.targets is None:
-        names = [t for t, target in aot.TARGETS.items() if aot.has_backend(target)]
-        skipped = [t for t in aot.TARGETS if t not in names]
+        names = [t for t, target in engine.TARGETS.items() if engine.has_backend(target)]
+        skipped = [t for t in engine.TARGETS if t not in names]
         if skipped:
             print(f"skipped: {', '.join(skipped)} (this Triton has no backend for them)")
     else:
         names = [t for t in args.targets.split(",") if t]
-        unknown = [t for t in names if t not in aot.TARGETS]
+        unknown = [t for t in names if t not in engine.TARGETS]
         if unknown or not names:
             parser.error(f"--targets: unknown {', '.join(unknown) or '(none given)'}; expected "
-                         f"some of {', '.join(aot.TARGETS)}")
-        missing = [t for t in names if not aot.has_backend(aot.TARGETS[t])]
+                         f"some of {', '.join(engine.TARGETS)}")
+        missing = [t for t in names if not engine.has_backend(engine.TARGETS[t])]
         if missing:
             parser.error(f"--targets: this Triton has no backend for {', '.join(missing)}")
     if not names:
@@ -74,16 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     families = [args.kernel] if args.kernel else list(aot.GENERATORS)
     todo = {family: aot.cases(family) for family in families}
-    targets = [aot.TARGETS[t] for t in names]
+    targets = [engine.TARGETS[t] for t in names]
     total = sum(len(c) for c in todo.values())
     print(f"AOT compile: {total} cases x {len(targets)} targets ({', '.join(names)}), "
-          f"{args.jobs} job(s), triton {aot.triton.__version__}", flush=True)
+          f"{args.jobs} job(s), triton {triton.__version__}", flush=True)
     start = time.perf_counter()
     flat = [case for family in families for case in todo[family]]
-    results = aot.compile_all(flat, targets, jobs=args.jobs)
+    results = engine.compile_all(flat, targets, jobs=args.jobs)
     elapsed = time.perf_counter() - start
 
-    failures = [r for r in results if isinstance(r, aot.AotFailure)]
+    failures = [r for r in results if isinstance(r, engine.AotFailure)]
     by_kernel: dict[tuple[str, str], list] = {}
     for r in results:
         by_kernel.setdefault((r.kernel, r.target), []).append(r)
@@ -109,7 +113,7 @@ def _table(by_kernel: dict[tuple[str, str], list], targets: list[str]) -> str:
     for kernel in dict.fromkeys(k for k, _ in by_kernel):
         for target in targets:
             results = by_kernel.get((kernel, target), [])
-            ok = [r for r in results if isinstance(r, aot.AotReport)]
+            ok = [r for r in results if isinstance(r, engine.AotReport)]
             rows.append((kernel, target, f"{len(ok)}/{len(results)}",
                          str(max((r.shared for r in ok), default=0)), _regs(ok), _spills(ok),
                          _widths(ok)))
@@ -156,7 +160,7 @@ def _widths(ok: list) -> str:
 
 
 def _case_line(r) -> str:
-    if isinstance(r, aot.AotFailure):
+    if isinstance(r, engine.AotFailure):
         return f"FAIL {r}"
     if r.vgpr is not None:
         regs = f"vgpr={r.vgpr} sgpr={r.sgpr} agpr={r.agpr} spill={r.vgpr_spill}/{r.sgpr_spill}"
