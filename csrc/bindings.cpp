@@ -49,9 +49,8 @@ PYBIND11_MODULE(EUROCORE_MODULE_NAME, m) {
         arg("out_q"), arg("out_q_strides"), arg("out_k"), arg("out_k_strides"), arg("outer"),
         arg("inner"), arg("q_heads"), arg("k_heads"), arg("head_dim"), arg("cos"), arg("sin"),
         arg("table_stride"), arg("half"), arg("table_positions"), arg("table_dtype"),
-        arg("position_source"), arg("index"), arg("index_stride_batch"),
-        arg("index_stride_seq"), arg("index_is_int64"), arg("offset"), arg("cu_seqlens"),
-        arg("cu_seqlens_is_int64"), arg("sequences"), arg("batch_first"), arg("interleaved"),
-        arg("conjugate"), arg("copy_tail"), arg("dtype"), arg("device"), arg("stream"),
+        arg("positions"), arg("positions_stride_outer"), arg("positions_stride_inner"),
+        arg("batch_first"), arg("interleaved"), arg("conjugate"), arg("copy_tail"), arg("dtype"),
+        arg("device"), arg("stream"),
         "rotary embedding of q and k in one launch; returns the vector width used");
 }

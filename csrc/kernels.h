@@ -39,24 +39,20 @@ int rms_norm_backward(uintptr_t dy, int64_t dy_stride, uintptr_t dh_in, int64_t 
                       int64_t rows, int64_t cols, bool zero_centered_weight, int dtype,
                       int weight_dtype, int device, uintptr_t stream);
 
-// How each token finds its row of the cos/sin table.
-enum class PositionSource : int { kOffset = 0, kOffsetPerSequence = 1, kPositionIds = 2 };
-
 // Rotates q and k (either may be rotated in place: out == in) in one launch; see
 // csrc/rotary.cu. q, out_q: (outer, inner, q_heads, head_dim), k, out_k with k_heads (k may
 // be 0 with k_heads 0); strides (outer, inner, head) in elements, unit along head_dim.
 // cos, sin: (positions, half) with row stride table_stride, in `table_dtype`.
-// positions: `index` is position_ids (batch-or-1, seq) with the given strides, or offsets
-// (batch,); cu_seqlens (n_seqs + 1,) for packed batches, else 0. Index tensors are int64
-// when index_is_int64 / cu_seqlens_is_int64, else int32.
+// positions: int64 (outer, inner), each token's row of the table, read at
+// outer * positions_stride_outer + inner * positions_stride_inner (a stride may be 0); or 0:
+// the token's index along the sequence axis (inner when batch_first, else outer).
 int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
            std::array<int64_t, 3> k_strides, uintptr_t out_q, std::array<int64_t, 3> out_q_strides,
            uintptr_t out_k, std::array<int64_t, 3> out_k_strides, int64_t outer, int64_t inner,
            int64_t q_heads, int64_t k_heads, int64_t head_dim, uintptr_t cos, uintptr_t sin,
            int64_t table_stride, int64_t half, int64_t table_positions, int table_dtype,
-           int position_source, uintptr_t index, int64_t index_stride_batch,
-           int64_t index_stride_seq, bool index_is_int64, int64_t offset, uintptr_t cu_seqlens,
-           bool cu_seqlens_is_int64, int64_t sequences, bool batch_first, bool interleaved,
-           bool conjugate, bool copy_tail, int dtype, int device, uintptr_t stream);
+           uintptr_t positions, int64_t positions_stride_outer, int64_t positions_stride_inner,
+           bool batch_first, bool interleaved, bool conjugate, bool copy_tail, int dtype,
+           int device, uintptr_t stream);
 
 }  // namespace eurocore

@@ -8,9 +8,12 @@
 //     y1 = x1·c − x2·s,    y2 = x2·c + x1·s            (backward: s → −s)
 //     y[d] = x[d] for d >= r                          (copied only when out of place)
 //
-// The position is position_ids[b, s], or s + offset (one offset, or one per sequence); a
-// packed (thd) token finds its sequence b by binary search over cu_seqlens. A position
-// outside the table gives NaN (the op checks positions unless it runs inside a graph).
+// Token (outer, inner) takes row positions[outer, inner] of the table (int64, read through
+// its strides: an expanded view has stride 0), or without positions its index along the
+// sequence axis: inner when batch_first, else outer (the one form of positions
+// eurocore.ops.rotary.normalize_positions gives; packed sequences come with positions). A
+// position outside the table gives NaN (the op checks positions unless it runs inside a
+// graph).
 //
 // Layout: a block is (x: pair groups, y: heads, z: tokens). A thread owns one group of V
 // consecutive frequencies of one token, loads their cos/sin once and walks its heads of q,
@@ -40,58 +43,15 @@ struct Params {
   const C* cos;
   const C* sin;
   int64_t table_stride, table_positions;
-  int position_source;
-  const void* index;  // position_ids or per-sequence offsets
-  int64_t index_stride_batch, index_stride_seq;
-  bool index_is_int64;
-  int64_t offset;
-  const void* cu_seqlens;  // null unless packed
-  bool cu_seqlens_is_int64;
-  int64_t sequences;
+  const int64_t* positions;  // (outer, inner) by the two strides below; null: the token index
+  int64_t positions_stride_outer, positions_stride_inner;
   bool batch_first, interleaved, conjugate, copy_tail;
 };
 
-EUROCORE_DEVICE int64_t load_index(const void* data, int64_t i, bool is_int64) {
-  return is_int64 ? static_cast<const int64_t*>(data)[i]
-                  : int64_t(static_cast<const int32_t*>(data)[i]);
-}
-
-// The packed sequence b of `token`: the last b with cu_seqlens[b] <= token (empty sequences
-// share their start with the next one, which is the one that holds the token).
 template <typename C>
-EUROCORE_DEVICE int64_t sequence_of(const Params<C>& p, int64_t token) {
-  int64_t lo = 0, hi = p.sequences;
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (load_index(p.cu_seqlens, mid, p.cu_seqlens_is_int64) <= token) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
-template <typename C>
-EUROCORE_DEVICE int64_t position_of(const Params<C>& p, int64_t token, int64_t outer,
-                                    int64_t inner) {
-  int64_t batch, seq;
-  if (p.cu_seqlens != nullptr) {
-    batch = sequence_of(p, token);
-    seq = token - load_index(p.cu_seqlens, batch, p.cu_seqlens_is_int64);
-  } else {
-    batch = p.batch_first ? outer : inner;
-    seq = p.batch_first ? inner : outer;
-  }
-  switch (static_cast<PositionSource>(p.position_source)) {
-    case PositionSource::kPositionIds:
-      return load_index(p.index, batch * p.index_stride_batch + seq * p.index_stride_seq,
-                        p.index_is_int64);
-    case PositionSource::kOffsetPerSequence:
-      return seq + load_index(p.index, batch, p.index_is_int64);
-    default:
-      return seq + p.offset;
-  }
+EUROCORE_DEVICE int64_t position_of(const Params<C>& p, int64_t outer, int64_t inner) {
+  if (p.positions == nullptr) return p.batch_first ? inner : outer;
+  return p.positions[outer * p.positions_stride_outer + inner * p.positions_stride_inner];
 }
 
 template <typename T>
@@ -138,7 +98,7 @@ __global__ __launch_bounds__(kMaxBlockThreads) void rotary_kernel(Params<C> p) {
   if (token >= p.tokens) return;  // no barriers in this kernel
   const int64_t outer = token / p.inner;
   const int64_t inner = token % p.inner;
-  const int64_t position = position_of(p, token, outer, inner);
+  const int64_t position = position_of(p, outer, inner);
   const bool in_table = position >= 0 && position < p.table_positions;
   const C* cos_row = p.cos + (in_table ? position * p.table_stride : 0);
   const C* sin_row = p.sin + (in_table ? position * p.table_stride : 0);
@@ -200,10 +160,9 @@ int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
            uintptr_t out_k, std::array<int64_t, 3> out_k_strides, int64_t outer, int64_t inner,
            int64_t q_heads, int64_t k_heads, int64_t head_dim, uintptr_t cos, uintptr_t sin,
            int64_t table_stride, int64_t half, int64_t table_positions, int table_dtype,
-           int position_source, uintptr_t index, int64_t index_stride_batch,
-           int64_t index_stride_seq, bool index_is_int64, int64_t offset, uintptr_t cu_seqlens,
-           bool cu_seqlens_is_int64, int64_t sequences, bool batch_first, bool interleaved,
-           bool conjugate, bool copy_tail, int dtype, int device, uintptr_t stream) {
+           uintptr_t positions, int64_t positions_stride_outer, int64_t positions_stride_inner,
+           bool batch_first, bool interleaved, bool conjugate, bool copy_tail, int dtype,
+           int device, uintptr_t stream) {
   require(outer >= 0 && inner >= 0 && q_heads >= 0 && k_heads >= 0, "q", "negative size");
   const bool empty = outer * inner == 0;  // empty tensors may have null data pointers
   require(empty || q_heads == 0 || (q != 0 && out_q != 0), "q", "null data pointer");
@@ -212,10 +171,6 @@ int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
           "rotates 2 * " + std::to_string(half) + " dims of head_dim " +
               std::to_string(head_dim));
   require(empty || (cos != 0 && sin != 0), "cos", "null data pointer");
-  require(position_source >= 0 && position_source <= 2, "position_source",
-          "expected 0, 1 or 2");
-  require(empty || position_source == 0 || index != 0, "position_ids", "null data pointer");
-  require(cu_seqlens == 0 || sequences >= 1, "cu_seqlens", "needs at least one sequence");
   int width = 1;
   dispatch_dtype(dtype, "dtype", [&](auto t) {
     using T = decltype(t);
@@ -225,10 +180,8 @@ int rotary(uintptr_t q, std::array<int64_t, 3> q_strides, uintptr_t k,
                   view(out_k, out_k_strides), outer * inner, inner, q_heads, q_heads + k_heads,
                   head_dim, half, reinterpret_cast<const C*>(cos),
                   reinterpret_cast<const C*>(sin), table_stride, table_positions,
-                  position_source, reinterpret_cast<const void*>(index), index_stride_batch,
-                  index_stride_seq, index_is_int64, offset,
-                  reinterpret_cast<const void*>(cu_seqlens), cu_seqlens_is_int64, sequences,
-                  batch_first, interleaved, conjugate, copy_tail};
+                  reinterpret_cast<const int64_t*>(positions), positions_stride_outer,
+                  positions_stride_inner, batch_first, interleaved, conjugate, copy_tail};
       width = vector_width<T>(half, head_dim, copy_tail, {&p.q, &p.k, &p.out_q, &p.out_k});
       if (p.tokens == 0 || p.heads == 0) return;
       DeviceGuard guard(device);

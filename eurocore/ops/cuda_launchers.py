@@ -4,9 +4,9 @@ ops call either the same way.
 
 The extension takes integer data pointers, element strides, dtype codes, the device index
 and the current stream; it never links libtorch. The kernels take one activation dtype
-(float32, float16 or bfloat16), a table or weight in that dtype or float32, and int32 or
-int64 index tensors (the ops check those); anything else (a residual of another dtype, a
-float64 table) is converted here first, as the Triton launchers' loads convert it.
+(float32, float16 or bfloat16), a table or weight in that dtype or float32, and int64
+positions; anything else (a residual of another dtype, a float64 table, int32 positions) is
+converted here first, as the Triton launchers' loads convert it.
 
 With ``EUROCORE_CUDA_EMULATION=1`` (the tests set it without a GPU) the extension is
 ``eurocore._C_emulated``, the same sources compiled for a CPU emulator, and the tensors
@@ -20,7 +20,6 @@ import torch
 from eurocore.ops.backends import cuda_extension
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-POSITION_OFFSET, POSITION_OFFSET_PER_SEQUENCE, POSITION_IDS = 0, 1, 2
 
 
 def _device_and_stream(extension, name: str, tensor: torch.Tensor) -> tuple[int, int]:
@@ -141,18 +140,25 @@ def rotary(
     out_k: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    offsets: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    offset: int,
+    positions: torch.Tensor | None,
     *,
     batch_first: bool,
     interleaved: bool,
     conjugate: bool,
     in_place: bool,
 ) -> None:
-    """out_q, out_k = rotate(q, k), in place when ``in_place``: the contract of
-    ``eurocore.kernels.rotary.rotary``."""
+    """out_q, out_k = rotate(q, k); ``in_place`` when out_q, out_k are q, k (then the
+    pass-through dims are not copied): the contract of ``eurocore.kernels.rotary.rotary``.
+
+    q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
+    unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
+    ``batch_first``, else (seq, batch); packed batches have outer = 1.
+    cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
+    positions: int32 or int64 (outer, inner), any strides (an expanded view is read with
+    stride 0), each token's row of cos/sin; or None: the token's index along the sequence
+    axis (inner when ``batch_first``, else outer). The kernel reads int64 (the ops pass
+    that); int32 is converted here.
+    """
     extension = cuda_extension()
     device, stream = _device_and_stream(extension, "q", q)
     dtype = q.dtype
@@ -160,13 +166,8 @@ def rotary(
         cos, sin = cos.float(), sin.float()  # as the Triton kernel reads them: in fp32
     n_outer, n_inner, n_q_heads, head_dim = q.shape
     half = cos.shape[1]
-    # Index tensors are int32 or int64 (the op checks), read as they are.
-    if position_ids is not None:
-        source, index = POSITION_IDS, position_ids
-        stride_batch, stride_seq = _strides(position_ids, 2)
-    else:
-        source = POSITION_OFFSET_PER_SEQUENCE if offsets is not None else POSITION_OFFSET
-        index, stride_batch, stride_seq = offsets, 0, 0
+    positions = _as(positions, torch.int64)
+    stride_outer, stride_inner = _strides(positions, 2) if positions is not None else (0, 0)
 
     def strides(t: torch.Tensor | None) -> tuple[int, int, int]:
         return _strides(t, 3) if t is not None else (0, 0, 0)
@@ -175,9 +176,6 @@ def rotary(
         _ptr(q), strides(q), _ptr(k), strides(k), _ptr(out_q), strides(out_q), _ptr(out_k),
         strides(out_k), n_outer, n_inner, n_q_heads, k.shape[2] if k is not None else 0,
         head_dim, _ptr(cos), _ptr(sin), cos.stride(0), half, cos.shape[0],
-        DTYPE_CODES[cos.dtype], source, _ptr(index), stride_batch, stride_seq,
-        index is not None and index.dtype == torch.int64, offset, _ptr(cu_seqlens),
-        cu_seqlens is not None and cu_seqlens.dtype == torch.int64,
-        cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 0, batch_first, interleaved,
-        conjugate, not in_place and head_dim > 2 * half,
-        DTYPE_CODES[dtype], device, stream)
+        DTYPE_CODES[cos.dtype], _ptr(positions), stride_outer, stride_inner, batch_first,
+        interleaved, conjugate, not in_place and head_dim > 2 * half, DTYPE_CODES[dtype],
+        device, stream)

@@ -401,25 +401,7 @@ def _position_source(position_ids, seqlen_offsets) -> str:
 
 @functools.cache
 def _launchers(backend: str):
-    launchers = kernel_launchers("apply_rotary", "rotary", backend)
-    return _CudaLaunchers(launchers) if backend == "cuda" else launchers
-
-
-class _CudaLaunchers:
-    """``eurocore.ops.cuda_launchers`` behind the Triton launcher's signature. Its ``rotary``
-    still takes the former (position_ids, offsets, cu_seqlens, offset) run; normalised
-    positions are exactly its position_ids, which it indexes [batch, seq]."""
-
-    def __init__(self, module) -> None:
-        self._module = module  # looked up per call: tests patch module.rotary
-
-    def rotary(self, q, k, out_q, out_k, cos, sin, positions, *, batch_first, interleaved,
-               conjugate, in_place) -> None:
-        if positions is not None and not batch_first:
-            positions = positions.t()  # (seq, batch) -> (batch, seq)
-        self._module.rotary(q, k, out_q, out_k, cos, sin, positions, None, None, 0,
-                            batch_first=batch_first, interleaved=interleaved,
-                            conjugate=conjugate, in_place=in_place)
+    return kernel_launchers("apply_rotary", "rotary", backend)
 
 
 def _launch(q, k, out_q, out_k, cos, sin, positions, layout, interleaved, conjugate, backend,

@@ -52,7 +52,7 @@ def test_gpu_build_rejects_cpu_tensors(gpu_build):
     q = torch.randn(1, 3, 2, 8)
     cos, sin = rope_cos_sin(3, 8)
     with pytest.raises(ValueError, match=r"^q: the cuda backend"):
-        cuda_launchers.rotary(q, None, torch.empty_like(q), None, cos, sin, None, None, None, 0,
+        cuda_launchers.rotary(q, None, torch.empty_like(q), None, cos, sin, None,
                               batch_first=True, interleaved=False, conjugate=False,
                               in_place=False)
 
