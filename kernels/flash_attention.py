@@ -552,7 +552,8 @@ def _strides(t, varlen: bool):
     them (``_rows``). Packed inputs come as batch 1, where the batch index walks sequences
     (their starts come from cu_seqlens), not memory: batch stride 0, one binary whatever
     the packed total."""
-    return (0 if varlen else t.stride(0)), t.stride(1), t.stride(2)
+    batch, seq, head = t.stride()[:3]  # one stride() call: plans run on every launch
+    return (0 if varlen else batch), seq, head
 
 
 def _with_strides(t, like):
@@ -573,11 +574,15 @@ def _with_strides(t, like):
 _TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_D")
 
 
-def _static(cfg: dict, tiles: tuple[str, ...], **flags) -> tuple[dict, dict]:
+def _static(cfg: dict, tiles: tuple[str, ...], flags: dict) -> tuple[dict, dict]:
     """(constexprs, launch options) of a launch under ``cfg`` (launch_config's): the flags
     and the kernel's ``tiles``; the warps, stages and vendor options (AMD's waves_per_eu)."""
-    return ({**flags, **{t: cfg[t] for t in tiles}},
-            {k: v for k, v in cfg.items() if k not in _TILES})
+    constexprs, options = dict(flags), dict(cfg)
+    for tile in _TILES:
+        value = options.pop(tile)
+        if tile in tiles:
+            constexprs[tile] = value
+    return constexprs, options
 
 
 def _shared_args(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softcap):
@@ -610,8 +615,8 @@ def attn_fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     varlen, n_seqs, heads, kv_heads, head_dim, cu, scale, cap, flags = _shared_args(
         q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softcap)
     cfg = launch_config(head_dim, vendor_name, "forward", fp32=q.dtype == torch.float32)
-    constexprs, options = _static(cfg, _TILES, VARLEN=varlen, **flags,
-                                  PRECISION=INPUT_PRECISION)
+    constexprs, options = _static(cfg, _TILES, dict(VARLEN=varlen, **flags,
+                                                    PRECISION=INPUT_PRECISION))
     grid = (_blocks(max_seqlen_q, cfg["BLOCK_M"]) if max_seqlen_q else 0, n_seqs * heads)
     return make_launch((
         _attn_fwd_kernel, grid,
@@ -652,16 +657,16 @@ def attn_bwd_plan(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         make_launch((_attn_bwd_delta_kernel, q_grid,
                      (out, do, delta, cu[0], *_strides(out, varlen), *dos, q.shape[1], heads,
                       head_dim),
-                     *_static(dq_cfg, ("BLOCK_M", "BLOCK_D"), VARLEN=varlen))),
+                     *_static(dq_cfg, ("BLOCK_M", "BLOCK_D"), {"VARLEN": varlen}))),
         make_launch((_attn_bwd_dkdv_kernel,
                      (_blocks(max_seqlen_k, dkdv_cfg["BLOCK_N"]), n_seqs * kv_heads),
                      (q, k, v, do, lse, delta, dk, dv, *cu, *qs, *ks, *vs, *dos,
                       *_strides(dk, varlen), *lengths, kv_heads, *tail),
-                     *_static(dkdv_cfg, _TILES, **flags))),
+                     *_static(dkdv_cfg, _TILES, flags))),
         make_launch((_attn_bwd_dq_kernel, q_grid,
                      (q, k, v, do, lse, delta, dq, *cu, *qs, *ks, *vs, *dos,
                       *_strides(dq, varlen), *lengths, heads, *tail),
-                     *_static(dq_cfg, _TILES, **flags))))
+                     *_static(dq_cfg, _TILES, flags))))
 
 
 def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
