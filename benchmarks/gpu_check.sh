@@ -18,6 +18,9 @@
 #                                                                          train.json
 #   attention    python -m eurocore.benchmarks --ops attention --quick     attention.json
 #                (the pinned tiles; MHA seq 4096 and Llama's GQA 32/8 at 4096 and 16384)
+#   tune         only with TUNE_CAP > 0 (one more file): python -m eurocore.benchmarks tune
+#                --ops attention, the forward, dk/dv and dq tiles swept around the pinned
+#                ones (timed first, the reference output)                 tune.json
 #   kernels      rms_norm rotary swiglu --quick, the backward then the forward
 #                (device times and host times per call)                   kernels.json
 #   host         python -m eurocore.benchmarks host: host time per eager call   host.json
@@ -32,12 +35,13 @@
 # Environment: PYTHON (default python3); DEADLINE (seconds for the whole check, default 480);
 # GPU_CHECK_DEVICE (cuda, the default; cpu checks this script on a CPU: no install, gloo for
 # the collectives, the benchmarks' CPU shapes); caps in seconds, 0 skipping the step:
-# INSTALL_CAP (150), ATTENTION_CAP (110), TRAIN_CAP (150), KERNELS_CAP (60), HOST_CAP (40),
-# NCCL_CAP (30),
+# INSTALL_CAP (150), ATTENTION_CAP (110), TUNE_CAP (0: not run), TRAIN_CAP (150),
+# KERNELS_CAP (60), HOST_CAP (40), NCCL_CAP (30),
 # TESTS_CAP (600: what is left); BENCH_ARGS (the kernel benchmarks' grid, default --quick;
 # "" for the full grids); TRAIN_ARGS (more options of the training benchmark, e.g. --quick);
 # KERNEL_OPS (default "rms_norm rotary swiglu"); KERNEL_VARIANTS (default "bwd fwd");
-# HOST_ARGS (the host benchmark's options, default "--calls 100 --repeats 3");
+# HOST_ARGS (the host benchmark's options, default "--calls 100 --repeats 3"); TUNE_OPS
+# (default attention);
 # TEST_PATHS (default "tests/ops tests/nn"); TEST_WORKERS (pytest -n, default auto);
 # PYTEST_ARGS (default -m "not fuzz").
 #   DEADLINE=300 TRAIN_ARGS="--models llama-1b" benchmarks/gpu_check.sh OUTDIR
@@ -259,6 +263,11 @@ run_step train TERM train.json "$py" -m eurocore.benchmarks.train "${devflag[@]}
 budget "${ATTENTION_CAP:-110}" "${NCCL_CAP:-30}"
 run_step attention TERM attention.json "$py" -m eurocore.benchmarks --ops attention $bench \
   "${devflag[@]}" --json "$out/attention.json" --deadline "$(pydeadline)" || status=1
+
+# opt-in (TUNE_CAP): the sweep that re-decides the pinned tiles; its JSON after every row
+budget "${TUNE_CAP:-0}" "${NCCL_CAP:-30}"
+run_step tune TERM tune.json "$py" -m eurocore.benchmarks tune --ops ${TUNE_OPS:-attention} \
+  --json "$out/tune.json" --deadline "$(pydeadline)" || status=1
 
 budget "${KERNELS_CAP:-60}" "${NCCL_CAP:-30}"
 run_step kernels TERM kernels.json "$py" -m eurocore.benchmarks \

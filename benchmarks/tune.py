@@ -1,6 +1,7 @@
 """Launch-configuration sweeps on the GPU at hand: ``python -m eurocore.benchmarks tune``.
 
     python -m eurocore.benchmarks tune [--ops attention rms_norm rotary] [--out DIR]
+                                       [--json PATH] [--deadline SECONDS]
 
 For each op, every candidate configuration is patched into the kernel module's pinned
 tables, run through the public op (so what is timed is what users call), checked against
@@ -15,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 
-from eurocore.utils.files import check_writable_dir, write_json_atomically
+from eurocore.utils.files import check_writable_dir, check_writable_file, write_json_atomically
 
 from . import harness
 
 Run = Callable[[], tuple[torch.Tensor, ...]]
+Row = dict[str, Any]
 
 
 def rel_err(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
@@ -36,13 +40,22 @@ def rel_err(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
 
 def sweep(op: str, label: str, make_run: Callable[[], Run], candidates: Sequence[Any],
           apply: Callable[[Any], contextlib.AbstractContextManager], device: torch.device,
-          tol: float = 2e-2) -> list[dict[str, Any]]:
+          tol: float = 2e-2, deadline: float | None = None,
+          sink: Callable[[Row], None] | None = None) -> list[Row]:
     """Times ``make_run()``'s callable under each candidate (``apply(candidate)`` patches it
-    in); the first candidate must be the configuration pinned now, the reference output."""
+    in); the first candidate must be the configuration pinned now, the reference output.
+    No candidate starts after ``deadline`` (a ``time.monotonic()`` instant): each one left is
+    a row with status ``harness.NOT_RUN``. ``sink`` gets every row as it ends."""
     rows = []
     reference = None
     for candidate in candidates:
-        row: dict[str, Any] = {"op": op, "case": label, "config": repr(candidate)}
+        row: Row = {"op": op, "case": label, "config": repr(candidate)}
+        if deadline is not None and time.monotonic() > deadline:
+            row["status"] = harness.NOT_RUN
+            rows.append(row)
+            if sink is not None:
+                sink(row)
+            continue
         try:
             with apply(candidate):
                 run = make_run()
@@ -57,10 +70,12 @@ def sweep(op: str, label: str, make_run: Callable[[], Run], candidates: Sequence
             row["error"] = harness._first_line(err)
         rows.append(row)
         _print_row(row)
+        if sink is not None:
+            sink(row)
     return rows
 
 
-def _print_row(row: dict[str, Any]) -> None:
+def _print_row(row: Row) -> None:
     if "error" in row:
         print(f"{row['op']:10} {row['case']:34} {row['config']:28} ERROR {row['error'][:80]}")
         return
@@ -84,9 +99,12 @@ ATTENTION_DQ = [(32, 64, 8, 1), (64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2)
                 (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 4, 2)]
 
 
-def tune_attention(device: torch.device, shape: dict[str, Any]) -> list[dict[str, Any]]:
-    """Forward, dk/dv and dq candidates, non-causal and causal, at ``shape``."""
-    return [row for causal in (False, True) for row in _tune_attention(device, shape, causal)]
+def tune_attention(device: torch.device, shape: dict[str, Any], **sweep_options: Any
+                   ) -> list[Row]:
+    """Forward, dk/dv and dq candidates, non-causal and causal, at ``shape``; the
+    ``sweep_options`` (deadline, sink) go to each :func:`sweep`."""
+    return [row for causal in (False, True)
+            for row in _tune_attention(device, shape, causal, **sweep_options)]
 
 
 def pinned_first(pinned: tuple, candidates: Sequence[tuple]) -> list[tuple]:
@@ -94,8 +112,8 @@ def pinned_first(pinned: tuple, candidates: Sequence[tuple]) -> list[tuple]:
     return [tuple(pinned), *(c for c in candidates if tuple(c) != tuple(pinned))]
 
 
-def _tune_attention(device: torch.device, shape: dict[str, Any], causal: bool
-                    ) -> list[dict[str, Any]]:
+def _tune_attention(device: torch.device, shape: dict[str, Any], causal: bool,
+                    **sweep_options: Any) -> list[Row]:
     from eurocore.kernels import flash_attention as kernels
     from eurocore.ops import flash_attention
 
@@ -123,9 +141,11 @@ def _tune_attention(device: torch.device, shape: dict[str, Any], causal: bool
     dkdv, dq = (pinned_first(kernels.BWD_CONFIGS[vendor][bound][kernel], candidates)
                 for kernel, candidates in (("dkdv", ATTENTION_DKDV), ("dq", ATTENTION_DQ)))
     return (sweep("attn fwd", label, forward, fwd,
-                  lambda c: mock.patch.dict(kernels.FWD_CONFIGS[vendor], {bound: c}), device)
-            + sweep("attn dkdv", label, backward, dkdv, bwd_apply("dkdv"), device)
-            + sweep("attn dq", label, backward, dq, bwd_apply("dq"), device))
+                  lambda c: mock.patch.dict(kernels.FWD_CONFIGS[vendor], {bound: c}), device,
+                  **sweep_options)
+            + sweep("attn dkdv", label, backward, dkdv, bwd_apply("dkdv"), device,
+                    **sweep_options)
+            + sweep("attn dq", label, backward, dq, bwd_apply("dq"), device, **sweep_options))
 
 
 # --- RMSNorm: backward programs per multiprocessor and warps ---------------------------------
@@ -134,13 +154,15 @@ RMS_NORM_BWD = [(4, None), (1, None), (2, None), (8, None), (16, None), (4, 4), 
                 (2, 16), (4, 16), (8, 8)]  # (programs per SM, warps; None: as pinned)
 
 
-def tune_rms_norm(device: torch.device, shape: dict[str, Any]) -> list[dict[str, Any]]:
+def tune_rms_norm(device: torch.device, shape: dict[str, Any], **sweep_options: Any
+                  ) -> list[Row]:
     """Backward grid sizes and warp counts for each hidden size in ``shape``."""
     return [row for hidden in shape["hidden"]
-            for row in _tune_rms_norm(device, shape["tokens"], hidden)]
+            for row in _tune_rms_norm(device, shape["tokens"], hidden, **sweep_options)]
 
 
-def _tune_rms_norm(device: torch.device, tokens: int, hidden: int) -> list[dict[str, Any]]:
+def _tune_rms_norm(device: torch.device, tokens: int, hidden: int, **sweep_options: Any
+                   ) -> list[Row]:
     from eurocore.kernels import rms_norm as kernels
     from eurocore.ops import rms_norm
 
@@ -174,8 +196,8 @@ def _tune_rms_norm(device: torch.device, tokens: int, hidden: int) -> list[dict[
               mock.patch.object(kernels, "launch_config", config)):
             yield
 
-    return (sweep("rms fwd", label, forward, [(4, None)], apply, device)
-            + sweep("rms bwd", label, backward, RMS_NORM_BWD, apply, device))
+    return (sweep("rms fwd", label, forward, [(4, None)], apply, device, **sweep_options)
+            + sweep("rms bwd", label, backward, RMS_NORM_BWD, apply, device, **sweep_options))
 
 
 # --- rotary: tile, warps and the program floor -----------------------------------------------
@@ -184,7 +206,8 @@ ROTARY = [(1024, 2, 1024), (1024, 4, 1024), (2048, 4, 1024), (2048, 8, 1024), (4
           (1024, 2, 4096), (2048, 4, 4096), (512, 1, 1024), (4096, 4, 4096)]  # (TILE, warps, min)
 
 
-def tune_rotary(device: torch.device, shape: dict[str, int]) -> list[dict[str, Any]]:
+def tune_rotary(device: torch.device, shape: dict[str, int], **sweep_options: Any
+                ) -> list[Row]:
     """Tile, warp and program-floor candidates, forward and backward, at ``shape``."""
     from eurocore.kernels import rotary as kernels
     from eurocore.ops import apply_rotary, rope_cos_sin
@@ -214,8 +237,8 @@ def tune_rotary(device: torch.device, shape: dict[str, int]) -> list[dict[str, A
               mock.patch.object(kernels, "MIN_PROGRAMS", min_programs)):
             yield
 
-    return (sweep("rope fwd", label, forward, ROTARY, apply, device)
-            + sweep("rope bwd", label, backward, ROTARY, apply, device))
+    return (sweep("rope fwd", label, forward, ROTARY, apply, device, **sweep_options)
+            + sweep("rope bwd", label, backward, ROTARY, apply, device, **sweep_options))
 
 
 TUNERS = {
@@ -226,28 +249,46 @@ TUNERS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the sweeps; writes ``DIR/tune-<device>.json``. Needs a GPU."""
+    """Runs the sweeps; writes ``DIR/tune-<device>.json`` (or ``--json``) after every row.
+    Needs a GPU."""
     parser = argparse.ArgumentParser(prog="python -m eurocore.benchmarks tune",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", default=list(TUNERS), choices=list(TUNERS))
     parser.add_argument("--out", default="benchmarks/results", metavar="DIR")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="the results file (default: DIR/tune-<device>.json)")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="start no configuration this long after the command started; "
+                             "those left are listed as not run")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA or ROCm GPU; torch sees none")
     try:
-        out = check_writable_dir("--out", args.out)
+        if args.json is None:
+            out = check_writable_dir("--out", args.out)
+        else:
+            check_writable_file("--json", args.json)
     except ValueError as err:
         parser.error(str(err))
+    deadline = harness.deadline_after(args.deadline)
     torch.manual_seed(0)
     device = torch.device("cuda")
     env = harness.environment(device)
     print(harness.format_environment(env))
-    path = out / f"tune-{harness.device_slug(env.get('device_name', 'gpu'))}.json"
-    rows = []
+    path = Path(args.json) if args.json is not None else \
+        out / f"tune-{harness.device_slug(env.get('device_name', 'gpu'))}.json"
+    rows: list[Row] = []
+
+    def save(row: Row | None = None, status: str = "running") -> None:
+        if row is not None:
+            rows.append(row)
+        write_json_atomically({"environment": env, "status": status, "rows": rows}, path)
+
     for op in args.ops:
         tuner, shape = TUNERS[op]
-        rows += tuner(device, shape)
-        write_json_atomically({"environment": env, "rows": rows}, path)  # after each op
+        tuner(device, shape, deadline=deadline, sink=save)
+    late = any(row.get("status") == harness.NOT_RUN for row in rows)
+    save(status="deadline" if late else "complete")
     print(f"written to {path}")
     return 0
 

@@ -37,8 +37,8 @@ CHECK_ENV = {"GPU_CHECK_DEVICE": "cpu", "DEADLINE": str(DEADLINE), "ATTENTION_CA
              "NCCL_CAP": "30", "HOST_CAP": "40",
              "HOST_ARGS": "--ops rms_norm --compile-backend eager --calls 20 --repeats 1",
              "TEST_PATHS": "tests/train/test_distributed.py", "OMP_NUM_THREADS": "1"}
-STEPS = ["environment", "install", "train", "attention", "kernels", "host", "collectives",
-         "tests"]
+STEPS = ["environment", "install", "train", "attention", "tune", "kernels", "host",
+         "collectives", "tests"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,6 +81,7 @@ def test_steps_run_in_order_most_valuable_first(check):
     steps = {s["step"]: s for s in summary["steps"]}
     assert [s["step"] for s in summary["steps"]] == STEPS
     assert steps["install"]["status"] == "skipped: cpu"
+    assert steps["tune"]["status"].startswith("skipped")  # opt-in: TUNE_CAP 0 by default
     for name in ("train", "attention", "kernels", "host", "collectives", "tests"):
         assert steps[name]["status"] == "ok", steps[name]
         assert steps[name]["seconds"] <= steps[name]["limit_s"] + 1, steps[name]
