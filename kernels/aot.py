@@ -21,6 +21,7 @@ import torch
 
 from .compile_engine import AotCase, aot_case, dedupe, distinct_launch_configs
 from .launch import DTYPES, TensorSpec
+from .limits import ROTARY_MAX_HEAD_DIM
 
 # ---------------------------------------------------------------------------------------------
 # RMSNorm
@@ -123,9 +124,8 @@ ROTARY_TABLE_ROWS = 8192
 # ChatGLM2 (128, 64), Pythia's rotary_pct 0.25 (128, 32), Phi-2 (80, 32), GPT-J (256, 64).
 ROTARY_HEAD_DIMS = (128, 64, 80, 96, 256)  # 128 first: its label survives dedupe
 ROTARY_PARTIAL = ((128, 64), (128, 32), (80, 32), (256, 64))
-# The largest rotary half the op hands the kernel (eurocore.ops.rotary's MAX_KERNEL_HEAD_DIM
-# of 1024, halved; a test fails if they part).
-ROTARY_MAX_HALF = 512
+# The largest rotary half the op hands the kernel.
+ROTARY_MAX_HALF = ROTARY_MAX_HEAD_DIM // 2
 
 
 def _rotary(head_dim: int = 128, rotary_dim: int | None = None, dtype: str = "bf16", *,
@@ -284,10 +284,10 @@ def _attention(vendor: str, head_dim: int = 128, dtype: str = "bf16", *, batch: 
     lse, delta = (TensorSpec((heads[0], seqlen_q) if cu_seqlens else
                              (batch, heads[0], seqlen_q), "fp32") for _ in "12")
     cu = (TensorSpec((cu_seqlens[1] + 1,), cu_seqlens[0]),) * 2 if cu_seqlens else (None, None)
-    call = (*cu, seqlen_q, seqlen_k)[:3], (head_dim ** -0.5, window, softcap, vendor)
-    launches = [m.attn_fwd_plan(q, k, v, out, lse, *call[0], *call[1]),
+    options = (head_dim ** -0.5, window, softcap, vendor)  # the scale is the op's default
+    launches = [m.attn_fwd_plan(q, k, v, out, lse, *cu, seqlen_q, *options),
                 *m.attn_bwd_plan(do, q, k, v, out, lse, delta, dq, dk, dv, *cu, seqlen_q,
-                                 seqlen_k, *call[1])]
+                                 seqlen_k, *options)]
     parts = [vendor, f"hd={head_dim}", dtype, "h={}/{}".format(*heads),
              f"t={seqlen_q} cu_seqlens:{cu_seqlens[0]}x{cu_seqlens[1]}" if cu_seqlens
              else f"b={batch} s={seqlen_q}" + (f"/{seqlen_k}" if seqlen_k != seqlen_q else "")]
@@ -323,9 +323,11 @@ def _attention_cases() -> list[AotCase]:
         #    its backward (the δ kernel, which takes none of the flags, deduplicates).
         for config in (
             dict(window=(-1, 0)),  # causal: HAS_WINDOW
-            # a causal sliding window (Mistral): the same binaries as causal (window_left -1
-            # and 4095 are both i32 not divisible by 16), kept to say so
+            # a causal sliding window (Mistral's 4096 keys, as (4095, 0) or (4096, 0)): 4095
+            # compiles to causal's binaries (window_left -1 and 4095 are both i32 not
+            # divisible by 16), 4096 to its own
             dict(window=(4095, 0), seqlen_q=8192),
+            dict(window=(4096, 0), seqlen_q=8192),
             dict(softcap=50.0),  # SOFTCAP (Gemma-2)
             dict(heads=(32, 8)),  # GQA, group 4 (Llama-3-8B, EuroLLM-9B)
             dict(cu_seqlens=("i32", 8), seqlen_q=16384),  # VARLEN, flash-attn's int32
@@ -340,9 +342,8 @@ def _attention_cases() -> list[AotCase]:
             dict(window=(-1, 0), heads=(32, 8), cu_seqlens=("i32", 8), seqlen_q=16384),
         ):
             out += _attention(vendor, **config)
-        # int64 cu_seqlens (the op takes both): the forward only (its backward would differ
-        # from the int32 one in that pointer's type alone)
-        out += _attention(vendor, cu_seqlens=("i64", 8), seqlen_q=16384)[:1]
+        # int64 cu_seqlens (the op takes both)
+        out += _attention(vendor, cu_seqlens=("i64", 8), seqlen_q=16384)
     return dedupe(out)
 
 

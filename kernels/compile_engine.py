@@ -347,6 +347,7 @@ def _jit_value(kernel: str, param: str, value: Any) -> Any:
 
 
 def target_name(target: GPUTarget) -> str:
+    """The name of :data:`TARGETS` for ``target`` ("sm_90" ...), else one made like them."""
     for name, known in TARGETS.items():
         if known == target:
             return name

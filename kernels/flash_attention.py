@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .launch import Launch, make_launch
 
@@ -500,10 +501,9 @@ AMD_WAVES_PER_EU = {"forward": 2, "dkdv": 1, "dq": 1}
 FP32_CONFIGS = {"forward": (32, 32, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (16, 32, 4, 1)}
 # Triton's CPU interpreter: the smallest tiles tl.dot takes, so odd test shapes span blocks.
 INTERPRETER_CONFIG = (16, 16, 4, 1)
-MAX_HEAD_DIM = 256
 
 
-def vendor(device) -> str:
+def vendor(device: torch.device) -> str:
     """"nvidia", "amd" or "interpreter" (CPU tensors under TRITON_INTERPRET)."""
     if device.type != "cuda":
         return "interpreter"
@@ -599,10 +599,7 @@ def _shared_args(q, k, cu_seqlens_q, cu_seqlens_k, softmax_scale, window, softca
 
 def _group(heads: int, kv_heads: int) -> int:
     """Query heads per kv head (1 for no heads at all: the grid is then empty)."""
-    return heads // kv_heads if kv_heads else 1
-
-
-Tensor = torch.Tensor
+    return heads // kv_heads if heads else 1
 
 
 def attn_fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -669,7 +666,8 @@ def attn_bwd_plan(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
                      *_static(dq_cfg, _TILES, flags))))
 
 
-def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
                    softmax_scale: float, window: tuple[int, int], softcap: float) -> None:
     """Launches the forward into ``out`` and ``lse``.
 
@@ -686,9 +684,11 @@ def flash_attn_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
         lse.copy_(stats)
 
 
-def flash_attn_bwd(do, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                   max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-                   window: tuple[int, int], softcap: float, dlse=None) -> None:
+def flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   dq: Tensor, dk: Tensor, dv: Tensor, cu_seqlens_q: Tensor | None,
+                   cu_seqlens_k: Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                   softmax_scale: float, window: tuple[int, int], softcap: float,
+                   dlse: Tensor | None = None) -> None:
     """Launches the backward: δ, then dk and dv, then dq, into preallocated gradients shaped
     like their inputs (dv is written through a copy when its strides are not dk's). Shapes
     as for :func:`flash_attn_fwd`; do like out; dlse (the gradient reaching lse, any

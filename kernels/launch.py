@@ -72,14 +72,13 @@ class TensorSpec:
     fails in the compile check instead of drifting from real tensors (a test compares each
     answer with a real tensor's):
 
-    - ``.shape`` (a ``torch.Size``) and ``.stride(i)`` / ``.stride()`` (contiguous unless
-      ``strides`` is given): what the rms_norm and swiglu plans read;
-    - ``.dtype`` (a ``torch.dtype``) and ``.data_ptr()``: what ``compile_engine.aot_case``
-      reads. The address is made up: 16-byte aligned plus ``offset`` elements, so that
-      ``data_ptr() % 16 == 0`` (what Triton's JIT specialises on) holds as for a view
-      ``offset`` elements into a fresh allocation;
-    - ``.dim()``, ``.ndim``, ``.element_size()``, ``.is_contiguous()``: for plans that check
-      layouts (rotary and attention, once they have plans).
+    - ``.shape`` (a ``torch.Size``), ``.stride(i)`` / ``.stride()`` (contiguous unless
+      ``strides`` is given) and ``.dtype`` (a ``torch.dtype``): what the plans read;
+    - ``.data_ptr()``: what ``compile_engine.aot_case`` reads besides the dtype. The address
+      is made up: 16-byte aligned plus ``offset`` elements, so that ``data_ptr() % 16 == 0``
+      (what Triton's JIT specialises on) holds as for a view ``offset`` elements into a
+      fresh allocation;
+    - ``.is_contiguous()``, for its repr.
 
     ``dtype`` is a ``torch.dtype`` or one of the short names of :data:`DTYPES`.
     """
@@ -97,18 +96,8 @@ class TensorSpec:
         self._strides = tuple(strides)
         self.offset = offset
 
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def dim(self) -> int:
-        return len(self.shape)
-
     def stride(self, dim: int | None = None) -> int | tuple[int, ...]:
         return self._strides if dim is None else self._strides[dim]
-
-    def element_size(self) -> int:
-        return self.dtype.itemsize
 
     def data_ptr(self) -> int:
         return _BASE_ADDRESS + self.offset * self.dtype.itemsize

@@ -279,8 +279,8 @@ def rms_norm_bwd_plan(
     dw_partial: torch.Tensor,
     programs: int,
 ) -> Launch:
-    """The backward launch over :func:`rms_norm_bwd`'s arguments (h with at least one row),
-    on ``programs`` programs, each summing its weight gradient into its own fp32 row of
+    """The backward launch over :func:`rms_norm_bwd`'s arguments, on ``programs`` programs
+    (none for no rows), each summing its weight gradient into its own fp32 row of
     ``dw_partial`` ((programs, n); zeroed where rows loop over blocks).
 
     An absent dh_in is passed as dy with stride 0, dr as dx with stride 0, the weight as h.
@@ -298,7 +298,7 @@ def rms_norm_bwd_plan(
     else:
         stride_dr = dr.stride()[0]
     return make_launch((
-        _rms_norm_bwd_kernel, (programs,),
+        _rms_norm_bwd_kernel, (programs if n_rows else 0,),
         (dy, dh_in, h, h if weight is None else weight, rstd, dx, dr, dw_partial,
          dy.stride()[0], stride_dh_in, h.stride()[0], dx.stride()[0], stride_dr,
          n_rows, n_cols, -(-n_rows // programs)),  # rows per program
@@ -345,9 +345,8 @@ def rms_norm_bwd(
     # Single-block programs store their whole partial row; looping ones accumulate into it.
     dw_partial = (torch.zeros if zeroed else torch.empty)(
         (programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=device)
-    if n_rows > 0:
-        rms_norm_bwd_plan(dy, dh_in, h, weight, rstd, zero_centered_weight, dx, dr,
-                          dw_partial, programs).run()
+    rms_norm_bwd_plan(dy, dh_in, h, weight, rstd, zero_centered_weight, dx, dr, dw_partial,
+                      programs).run()
     if not has_weight:
         return None
     if n_rows == 0:

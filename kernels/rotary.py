@@ -57,8 +57,8 @@ def _rotary_kernel(
     live = tokens < n_tokens
     outer = tokens // n_inner
     inner = tokens % n_inner
-    # With a positions tensor this is the token's element of it; without, the launcher's
-    # strides (0, 1) or (1, 0) make it the token's index along the sequence axis.
+    # With a positions tensor this is the token's element of it; without, the plan's strides
+    # (0, 1) or (1, 0) make it the token's index along the sequence axis.
     pos = outer * stride_pos_outer + inner * stride_pos_inner
     if HAS_POSITIONS:
         pos = tl.load(POSITIONS + pos, mask=live, other=0).to(tl.int64)
@@ -123,8 +123,8 @@ def _rotate_heads(X, OUT, stride_outer, stride_inner, stride_head,
 def launch_config(half: int, tail: int) -> dict:
     """Tile sizes for ``half`` rotary pairs and ``tail`` pass-through dims per head.
 
-    The single source of launch configurations: the launcher uses it, and the
-    ahead-of-time compile check enumerates its outputs. ``HALF`` is a compile-time constant
+    The single source of launch configurations: the plan uses it, and the ahead-of-time
+    compile check enumerates its outputs. ``HALF`` is a compile-time constant
     (one binary per rotary width, a handful in practice), so Triton knows the alignment of
     the second half and keeps 16-byte loads for widths like 80.
     """
@@ -245,7 +245,7 @@ def rotary(
     unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
     ``batch_first``, else (seq, batch); packed batches have outer = 1.
     cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
-    positions: int32 or int64 (outer, inner), any strides (an expanded view is read with
+    positions: int64 (outer, inner), any strides (an expanded view is read with
     stride 0), each token's row of cos/sin; or None: the token's index along the sequence
     axis (inner when ``batch_first``, else outer).
     """

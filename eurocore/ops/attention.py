@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from eurocore.kernels.limits import ATTENTION_MAX_HEAD_DIM
 from eurocore.ops import dispatch
 from eurocore.ops.backends import kernel_launchers, resolve_backend
 from eurocore.ops.checks import (
@@ -34,7 +35,7 @@ from eurocore.utils.checks import check_bool, check_int, check_number
 
 IMPLEMENTED = ("torch", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL_HEAD_DIM = 256
+MAX_KERNEL_HEAD_DIM = ATTENTION_MAX_HEAD_DIM  # the kernels' limit (eurocore.kernels.limits)
 
 
 def flash_attention(

@@ -147,18 +147,8 @@ def rotary(
     conjugate: bool,
     in_place: bool,
 ) -> None:
-    """out_q, out_k = rotate(q, k); ``in_place`` when out_q, out_k are q, k (then the
-    pass-through dims are not copied): the contract of ``eurocore.kernels.rotary.rotary``.
-
-    q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
-    unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
-    ``batch_first``, else (seq, batch); packed batches have outer = 1.
-    cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
-    positions: int32 or int64 (outer, inner), any strides (an expanded view is read with
-    stride 0), each token's row of cos/sin; or None: the token's index along the sequence
-    axis (inner when ``batch_first``, else outer). The kernel reads int64 (the ops pass
-    that); int32 is converted here.
-    """
+    """out_q, out_k = rotate(q, k) on the C++ kernel, under the contract (arguments, shapes,
+    in place) of ``eurocore.kernels.rotary.rotary``; int32 positions are converted to int64."""
     extension = cuda_extension()
     device, stream = _device_and_stream(extension, "q", q)
     dtype = q.dtype

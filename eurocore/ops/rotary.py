@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from eurocore.kernels.limits import ROTARY_MAX_HEAD_DIM
 from eurocore.ops import dispatch
 from eurocore.ops.backends import kernel_launchers, resolve_backend
 from eurocore.ops.checks import (
@@ -51,8 +52,7 @@ from eurocore.utils.checks import check_int
 IMPLEMENTED = ("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LAYOUTS = ("bshd", "sbhd", "thd")
-# The kernel keeps half a head's rotary dims per token in registers; far beyond any model.
-MAX_KERNEL_HEAD_DIM = 1024
+MAX_KERNEL_HEAD_DIM = ROTARY_MAX_HEAD_DIM  # the kernels' limit (eurocore.kernels.limits)
 
 
 def apply_rotary(

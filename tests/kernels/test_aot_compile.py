@@ -22,9 +22,8 @@ from eurocore.kernels import rms_norm as rms_norm_kernels
 from eurocore.kernels import rotary as rotary_kernels
 from eurocore.kernels import swiglu as swiglu_kernels
 from eurocore.kernels.launch import Launch
+from eurocore.kernels.limits import ATTENTION_MAX_HEAD_DIM
 from eurocore.ops import apply_rotary, flash_attention, flash_attention_varlen, rms_norm, swiglu
-from eurocore.ops import attention as attention_ops
-from eurocore.ops import rotary as rotary_ops
 
 JOBS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 DTYPES = ("fp32", "fp16", "bf16")
@@ -71,37 +70,47 @@ def _leaf(*shape, dtype=torch.bfloat16):
     return torch.zeros(shape, dtype=dtype, requires_grad=True)
 
 
-def _rms_norm():
-    x, residual = _leaf(8192, 4096), _leaf(8192, 4096)
-    return rms_norm(x, _leaf(4096), residual=residual, backend="triton"), (x, residual)
+def _rms_norm(dtype=torch.bfloat16, residual=torch.bfloat16, weight=torch.bfloat16,
+              zero_centered_weight=False):
+    """rms_norm on 8192 tokens of Llama-3-8B's hidden size; residual and weight: their dtypes,
+    or None for none."""
+    x = _leaf(8192, 4096, dtype=dtype)
+    r = _leaf(8192, 4096, dtype=residual) if residual else None
+    out = rms_norm(x, _leaf(4096, dtype=weight) if weight else None, residual=r,
+                   zero_centered_weight=zero_centered_weight, backend="triton")
+    return (out if residual else (out,)), (x, r) if residual else (x,)
 
 
-def _swiglu():
-    gate_up = _leaf(4096, 2 * 14336)
-    return (swiglu(*gate_up.chunk(2, -1), backend="triton"),), (gate_up,)
+def _swiglu(fused=True, dtype=torch.bfloat16):
+    if fused:  # the two halves of one gate/up projection
+        gate_up = _leaf(4096, 2 * 14336, dtype=dtype)
+        return (swiglu(*gate_up.chunk(2, -1), backend="triton"),), (gate_up,)
+    gate, up = _leaf(4096, 14336, dtype=dtype), _leaf(4096, 14336, dtype=dtype)
+    return (swiglu(gate, up, backend="triton"),), (gate, up)
 
 
 def _rotary(layout="bshd", batch=1, seq=4096, heads=(32, 8), dtype=torch.bfloat16,
-            inplace=False, interleaved=False, **positions):
+            rotary_dim=128, inplace=False, interleaved=False, **positions):
     """apply_rotary on Llama-3-8B's q and k; ``positions`` gives position_ids, cu_seqlens or
-    seqlen_offsets as (dtype, values...) to build."""
+    seqlen_offsets: an int, or (dtype, values) to build a tensor of."""
     tokens = {"bshd": (batch, seq), "sbhd": (seq, batch), "thd": (batch * seq,)}[layout]
     leaves = [_leaf(*tokens, n, 128, dtype=dtype) for n in heads if n]
     q, k = [t.clone() if inplace else t for t in leaves] + [None] * (2 - len(leaves))
-    kwargs = {name: torch.tensor(values, dtype=dtype_) for name, (dtype_, values) in
-              positions.items()}
-    out = apply_rotary(q, k, torch.zeros(8192, 64), torch.zeros(8192, 64), layout=layout,
-                       inplace=inplace, interleaved=interleaved, backend="triton", **kwargs)
+    kwargs = {name: value if isinstance(value, int) else torch.tensor(value[1], dtype=value[0])
+              for name, value in positions.items()}
+    table = torch.zeros(8192, rotary_dim // 2)
+    out = apply_rotary(q, k, table, table, layout=layout, inplace=inplace,
+                       interleaved=interleaved, backend="triton", **kwargs)
     return [t for t in out if t is not None], leaves
 
 
-def _attention(heads=(32, 32), head_dim=128, dtype=torch.bfloat16, packed=False, **options):
-    """flash_attention on two sequences of 4096, or flash_attention_varlen on 8 packed
-    sequences of 2048."""
+def _attention(heads=(32, 32), head_dim=128, dtype=torch.bfloat16, packed=None, **options):
+    """flash_attention on two sequences of 4096, or with ``packed`` (cu_seqlens' dtype)
+    flash_attention_varlen on 8 packed sequences of 2048."""
     shape = (16384,) if packed else (2, 4096)
     q, k, v = (_leaf(*shape, n, head_dim, dtype=dtype) for n in (heads[0], heads[1], heads[1]))
     if packed:
-        cu = torch.arange(0, 16385, 2048, dtype=torch.int32)
+        cu = torch.arange(0, 16385, 2048, dtype=packed)
         out = flash_attention_varlen(q, k, v, cu, cu, 2048, 2048, backend="triton", **options)
     else:
         out = flash_attention(q, k, v, backend="triton", **options)
@@ -109,16 +118,32 @@ def _attention(heads=(32, 32), head_dim=128, dtype=torch.bfloat16, packed=False,
 
 
 _I32, _I64 = torch.int32, torch.int64
+_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+_CU = list(range(0, 16385, 2048))  # 8 packed sequences of 2048
 _PRODUCTION = {  # name: (the vendor whose launches, or None for any; the call)
-    "rms_norm": (None, _rms_norm),
+    **{f"rms_norm {name}": (None, functools.partial(_rms_norm, **options))
+       for name, options in (
+        ("pre-norm", {}), ("no residual", dict(residual=None)),
+        ("fp32 residual", dict(residual=_FP32, weight=_FP32)),
+        ("no weight", dict(residual=None, weight=None)),
+        ("zero-centred", dict(zero_centered_weight=True)), ("fp32", dict(dtype=_FP32,
+                                                                        residual=_FP32,
+                                                                        weight=_FP32)))},
     "swiglu fused gate/up": (None, _swiglu),
+    "swiglu fp16": (None, functools.partial(_swiglu, fused=False, dtype=_FP16)),
     **{f"rotary {name}": (None, functools.partial(_rotary, **options)) for name, options in (
         ("llama", {}), ("in place", dict(inplace=True)), ("sbhd", dict(layout="sbhd")),
-        ("packed", dict(layout="thd", seq=16384,
-                        cu_seqlens=(_I32, list(range(0, 16385, 2048))))),
+        ("sbhd position ids", dict(layout="sbhd", batch=2,
+                                   position_ids=(_I64, [list(range(4096))] * 2))),
+        ("packed", dict(layout="thd", seq=16384, cu_seqlens=(_I32, _CU))),
+        ("packed int64 offsets", dict(layout="thd", seq=16384, cu_seqlens=(_I64, _CU),
+                                      seqlen_offsets=(_I32, [3] * 8))),
         ("position ids", dict(batch=2, position_ids=(_I64, [list(range(4096))] * 2))),
-        ("q only", dict(heads=(32, 0))),
-        ("interleaved fp16", dict(dtype=torch.float16, interleaved=True)),
+        ("shared position ids", dict(batch=2, position_ids=(_I32, [list(range(4096))]))),
+        ("kv cache offset", dict(seqlen_offsets=17)),
+        ("partial in place", dict(rotary_dim=64, inplace=True)),
+        ("q only", dict(heads=(32, 0))), ("fp32", dict(dtype=_FP32)),
+        ("interleaved fp16", dict(dtype=_FP16, interleaved=True)),
         ("decode", dict(batch=8, seq=1, seqlen_offsets=(_I32, list(range(8))))))},
     **{f"attention {vendor} {name}": (vendor, functools.partial(_attention, **options))
        for vendor in aot.ATTENTION_VENDORS for name, options in (
@@ -126,8 +151,12 @@ _PRODUCTION = {  # name: (the vendor whose launches, or None for any; the call)
         ("causal gqa", dict(causal=True, heads=(32, 8))), ("softcap", dict(softcap=50.0)),
         ("fp16", dict(dtype=torch.float16)), ("hd 64", dict(head_dim=64)),
         ("hd 80", dict(head_dim=80)), ("hd 96", dict(head_dim=96)),
-        ("hd 256", dict(head_dim=256)), ("packed", dict(packed=True)),
-        ("packed causal gqa", dict(packed=True, causal=True, heads=(32, 8))))},
+        ("hd 256", dict(head_dim=256)), ("packed", dict(packed=_I32)),
+        ("packed causal gqa", dict(packed=_I32, causal=True, heads=(32, 8))),
+        ("packed int64", dict(packed=_I64)),
+        ("sliding window 4096", dict(causal=True, window_size=(4096, 0))),
+        ("sliding window 4095", dict(causal=True, window_size=(4095, 0))),
+        ("fp32", dict(dtype=_FP32, head_dim=64)))},
 }
 
 
@@ -198,13 +227,7 @@ def test_rms_norm_cases_cover_every_flag_combination():
                    BLOCK_N=4096, ONE_BLOCK=True)
         assert has(RMS_BWD, x, HAS_DH_IN=residual, HAS_DR=False, HAS_WEIGHT=weight,
                    ZERO_CENTERED=zc, BLOCK_N=4096, ONE_BLOCK=True)
-    for case in cases:  # only combinations the launchers can make
-        flags = case.constexprs
-        assert flags["HAS_WEIGHT"] or not flags["ZERO_CENTERED"], case
-        if case.kernel == RMS_BWD:
-            # dr exists exactly when the residual's dtype differs from x's (dx's)
-            assert flags["HAS_DR"] == (flags["HAS_DH_IN"]
-                                       and case.signature["DR"] != case.signature["DX"]), case
+    # (which combinations the op hands the launchers: test_production_launches_are_aot_cases)
     assert has(RMS_BWD, "bf16", HAS_DR=True, ONE_BLOCK=True)
     assert has(RMS_BWD, "bf16", HAS_DR=True, ONE_BLOCK=False)
     # mixed dtypes: a weight of another dtype, a residual of another dtype (h promoted)
@@ -218,8 +241,6 @@ def test_rms_norm_cases_cover_every_flag_combination():
 def test_rotary_cases_cover_every_launch_config():
     """Every block configuration of the real models' head dims (full rotary, and partial out
     of place and in place), every BLOCK_HALF the op accepts and every BLOCK_TAIL."""
-    assert aot.ROTARY_MAX_HALF == rotary_ops.MAX_KERNEL_HEAD_DIM // 2
-
     def key(half, tail):
         cfg = rotary_kernels.launch_config(half, tail)
         return cfg["BLOCK_T"], cfg["BLOCK_HALF"], cfg["BLOCK_TAIL"], cfg["num_warps"]
@@ -275,7 +296,7 @@ def test_attention_cases_cover_every_launch_config():
     head_dim 128's in fp16 too."""
     cases = aot.cases("attention")
     for vendor, kernel in itertools.product(aot.ATTENTION_VENDORS, ATTENTION_KERNELS):
-        for head_dim in range(8, attention_ops.MAX_KERNEL_HEAD_DIM + 1, 8):
+        for head_dim in range(8, ATTENTION_MAX_HEAD_DIM + 1, 8):
             cfg = attention_kernels.launch_config(head_dim, vendor, ATTENTION_CONFIG_OF[kernel])
             tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")
                      if kernel != "_attn_bwd_delta_kernel" or k != "BLOCK_N"}
