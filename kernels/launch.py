@@ -27,7 +27,8 @@ change them); and plans read a row stride as ``t.stride()[0]``, which costs half
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -53,6 +54,23 @@ class Launch(NamedTuple):
 # make_launch((kernel, grid, args, constexprs, options)) is Launch(kernel, grid, args,
 # constexprs, options), built by tuple.__new__ without a Python frame: plans run on every call.
 make_launch = functools.partial(tuple.__new__, Launch)
+
+
+def launcher(plan: Callable[..., Launch], name: str) -> Callable[..., None]:
+    """The launcher ``name`` of a plan that needs nothing impure (no allocation, no device
+    query): it runs the Launch ``plan`` makes of its arguments, which it takes as the plan
+    does (``inspect.signature`` shows the plan's), so they are written once.
+    """
+
+    def launch(*args: Any, **kwargs: Any) -> None:
+        plan(*args, **kwargs).run()
+
+    functools.update_wrapper(launch, plan)
+    launch.__signature__ = inspect.signature(plan).replace(return_annotation=None)
+    launch.__name__ = launch.__qualname__ = name
+    launch.__doc__ = (f"Launches the kernel as :func:`{plan.__name__}` plans it, over the same "
+                      f"arguments.")
+    return launch
 
 # Short names accepted for a TensorSpec's dtype (the compile check's case lists use them).
 DTYPES: dict[str, torch.dtype] = {

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, make_launch
+from .launch import Launch, launcher, make_launch
 
 # Elements of the widest (tokens x dims) tile a program holds per head.
 TILE = 1024
@@ -192,8 +192,17 @@ def rotary_plan(
     conjugate: bool,
     in_place: bool,
 ) -> Launch:
-    """The launch over :func:`rotary`'s arguments: (token blocks, head groups of q then of k)
-    programs; none for no tokens or no heads (:meth:`Launch.run` then launches nothing).
+    """The launch of out_q, out_k = rotate(q, k) (conjugate: by the negated angle); in place
+    when out_q, out_k are q, k: (token blocks, head groups of q then of k) programs, none for
+    no tokens or no heads (:meth:`Launch.run` then launches nothing). :func:`rotary` runs it.
+
+    q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
+    unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
+    ``batch_first``, else (seq, batch); packed batches have outer = 1.
+    cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
+    positions: int64 (outer, inner), any strides (an expanded view is read with stride 0),
+    each token's row of cos/sin; or None: the token's index along the sequence axis (inner
+    when ``batch_first``, else outer).
 
     Without k, q and out_q stand in for k and out_k (the kernel walks no k head). Without
     positions, the positions strides make a token's index along the sequence axis its
@@ -224,30 +233,5 @@ def rotary_plan(
         constexprs, options))
 
 
-def rotary(
-    q: torch.Tensor,
-    k: torch.Tensor | None,
-    out_q: torch.Tensor,
-    out_k: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor | None,
-    *,
-    batch_first: bool,
-    interleaved: bool,
-    conjugate: bool,
-    in_place: bool,
-) -> None:
-    """Launches the kernel: out_q, out_k = rotate(q, k); ``in_place`` when out_q, out_k are
-    q, k (then the pass-through dims are not copied).
 
-    q, out_q: (outer, inner, q_heads, head_dim), k, out_k likewise with k_heads (or None);
-    unit stride along head_dim, any other strides. (outer, inner) is (batch, seq) when
-    ``batch_first``, else (seq, batch); packed batches have outer = 1.
-    cos, sin: (positions, rotary_dim // 2), contiguous, any float dtype.
-    positions: int64 (outer, inner), any strides (an expanded view is read with
-    stride 0), each token's row of cos/sin; or None: the token's index along the sequence
-    axis (inner when ``batch_first``, else outer).
-    """
-    rotary_plan(q, k, out_q, out_k, cos, sin, positions, batch_first=batch_first,
-                interleaved=interleaved, conjugate=conjugate, in_place=in_place).run()
+rotary = launcher(rotary_plan, "rotary")

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, make_launch
+from .launch import Launch, launcher, make_launch
 
 # The largest block of a row one program handles (16 bf16 elements a thread at 8 warps).
 MAX_BLOCK_N = 4096
@@ -93,8 +93,12 @@ def _patchables() -> tuple:
 
 
 def swiglu_fwd_plan(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> Launch:
-    """The forward launch over :func:`swiglu_fwd`'s arguments: one program per block of a
-    row. With no rows or no columns the grid is empty and :meth:`Launch.run` launches nothing."""
+    """The forward launch into a preallocated y (:func:`swiglu_fwd` runs it): one program per
+    block of a row; with no rows or no columns the grid is empty and :meth:`Launch.run`
+    launches nothing.
+
+    gate, up, y: (rows, n) with unit stride along n (any row stride), one dtype.
+    """
     n_rows, n_cols = gate.shape
     grid, constexprs, options = _config(n_rows, n_cols, _patchables())
     return make_launch((
@@ -105,7 +109,10 @@ def swiglu_fwd_plan(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> La
 
 def swiglu_bwd_plan(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                     dgate: torch.Tensor, dup: torch.Tensor) -> Launch:
-    """The backward launch over :func:`swiglu_bwd`'s arguments."""
+    """The backward launch into preallocated gradients (:func:`swiglu_bwd` runs it).
+
+    dy, gate, up, dgate, dup: (rows, n) with unit stride along n (any row stride).
+    """
     n_rows, n_cols = gate.shape
     grid, constexprs, options = _config(n_rows, n_cols, _patchables())
     return make_launch((
@@ -115,18 +122,6 @@ def swiglu_bwd_plan(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         constexprs, options))
 
 
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, y: torch.Tensor) -> None:
-    """Launches the forward kernel into a preallocated output.
 
-    gate, up, y: (rows, n) with unit stride along n (any row stride), one dtype.
-    """
-    swiglu_fwd_plan(gate, up, y).run()
-
-
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-               dgate: torch.Tensor, dup: torch.Tensor) -> None:
-    """Launches the backward kernel into preallocated gradients.
-
-    dy, gate, up, dgate, dup: (rows, n) with unit stride along n (any row stride).
-    """
-    swiglu_bwd_plan(dy, gate, up, dgate, dup).run()
+swiglu_fwd = launcher(swiglu_fwd_plan, "swiglu_fwd")
+swiglu_bwd = launcher(swiglu_bwd_plan, "swiglu_bwd")

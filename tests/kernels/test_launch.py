@@ -168,3 +168,23 @@ def test_attention_plans_launch_nothing_without_work(seqs, heads, max_seqlen_q):
     bwd = flash_attention.attn_bwd_plan(q, q, k, k, q, lse, lse, q, k, k, None, None,
                                         max_seqlen_q, 5, *tail)
     assert (0 in bwd.dkdv.grid) == (seqs * heads == 0)
+
+
+def test_launcher_runs_its_plan_with_the_plans_signature(monkeypatch):
+    """A launcher made by ``launcher`` takes the plan's arguments (one signature, written
+    once) and runs the Launch the plan makes of them."""
+    import inspect
+
+    from eurocore.kernels.launch import launcher
+
+    ran = []
+    monkeypatch.setattr(Launch, "run", lambda launch: ran.append(launch))
+    specs = [TensorSpec((3, 48), "bf16") for _ in range(3)]
+    swiglu.swiglu_fwd(*specs)
+    assert ran == [swiglu.swiglu_fwd_plan(*specs)]
+    assert swiglu.swiglu_fwd.__name__ == "swiglu_fwd"
+    signature = inspect.signature(rotary.rotary)
+    assert signature.parameters == inspect.signature(rotary.rotary_plan).parameters
+    assert signature.return_annotation is None
+    with pytest.raises(TypeError):
+        launcher(swiglu.swiglu_fwd_plan, "f")(*specs[:2])
