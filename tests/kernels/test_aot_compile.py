@@ -118,17 +118,17 @@ def _attention(heads=(32, 32), head_dim=128, dtype=torch.bfloat16, packed=None, 
 
 
 _I32, _I64 = torch.int32, torch.int64
-_BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
+_FP16, _FP32 = torch.float16, torch.float32
 _CU = list(range(0, 16385, 2048))  # 8 packed sequences of 2048
 _PRODUCTION = {  # name: (the vendor whose launches, or None for any; the call)
     **{f"rms_norm {name}": (None, functools.partial(_rms_norm, **options))
        for name, options in (
-        ("pre-norm", {}), ("no residual", dict(residual=None)),
+        ("pre-norm", {}),
+        ("no residual", dict(residual=None)),
         ("fp32 residual", dict(residual=_FP32, weight=_FP32)),
         ("no weight", dict(residual=None, weight=None)),
-        ("zero-centred", dict(zero_centered_weight=True)), ("fp32", dict(dtype=_FP32,
-                                                                        residual=_FP32,
-                                                                        weight=_FP32)))},
+        ("zero-centred", dict(zero_centered_weight=True)),
+        ("fp32", dict(dtype=_FP32, residual=_FP32, weight=_FP32)))},
     "swiglu fused gate/up": (None, _swiglu),
     "swiglu fp16": (None, functools.partial(_swiglu, fused=False, dtype=_FP16)),
     **{f"rotary {name}": (None, functools.partial(_rotary, **options)) for name, options in (
@@ -149,7 +149,7 @@ _PRODUCTION = {  # name: (the vendor whose launches, or None for any; the call)
        for vendor in aot.ATTENTION_VENDORS for name, options in (
         ("mha", {}), ("gqa", dict(heads=(32, 8))), ("causal", dict(causal=True)),
         ("causal gqa", dict(causal=True, heads=(32, 8))), ("softcap", dict(softcap=50.0)),
-        ("fp16", dict(dtype=torch.float16)), ("hd 64", dict(head_dim=64)),
+        ("fp16", dict(dtype=_FP16)), ("hd 64", dict(head_dim=64)),
         ("hd 80", dict(head_dim=80)), ("hd 96", dict(head_dim=96)),
         ("hd 256", dict(head_dim=256)), ("packed", dict(packed=_I32)),
         ("packed causal gqa", dict(packed=_I32, causal=True, heads=(32, 8))),
