@@ -29,8 +29,8 @@ from .limits import ROTARY_MAX_HEAD_DIM
 
 # The largest hidden size the launch-configuration sweep goes to (loops over blocks beyond).
 RMS_NORM_SWEEP_N = 131072
-# The backward's programs on an H100 (backward_programs: 4 per SM, 132 SMs), at most a row each.
-RMS_NORM_PROGRAMS = 528
+# The backward's grid is planned for an H100's multiprocessors.
+H100_SMS = 132
 
 
 def _rms_norm(n: int, x: str, r: str | None = None, w: str | None = None, zc: bool = False,
@@ -55,7 +55,7 @@ def _rms_norm(n: int, x: str, r: str | None = None, w: str | None = None, zc: bo
     rstd = TensorSpec((rows,), "fp32")
     forward = m.rms_norm_fwd_plan(x_spec, weight, residual, 1e-6, zc,
                                   TensorSpec(shape, h_dtype), h, rstd)
-    programs = min(rows, RMS_NORM_PROGRAMS)
+    programs = m.programs_on(rows, H100_SMS)
     backward = m.rms_norm_bwd_plan(
         TensorSpec(shape, h_dtype), TensorSpec(shape, h_dtype) if r else None,
         h if r else x_spec, weight, rstd, zc, TensorSpec(shape, x),

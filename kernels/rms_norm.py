@@ -188,14 +188,22 @@ def launch_config(n_cols: int) -> dict:
     return {"BLOCK_N": block_n, "ONE_BLOCK": n_cols <= block_n, "num_warps": num_warps}
 
 
+# Backward programs per multiprocessor (benchmarks/tune.py sweeps it).
+PROGRAMS_PER_SM = 4
+
+
 def backward_programs(n_rows: int, device: torch.device) -> int:
     """Programs in the backward grid, and rows of ``dw_partial``: a pure function of the
     row count and the device model, so the weight gradient's summation order is too."""
-    if device.type == "cuda":
-        per_device = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # Triton's CPU interpreter: a few programs still exercise the partial sums
-        per_device = 4
-    return max(1, min(n_rows, per_device))
+    if device.type != "cuda":  # the CPU interpreter: a few programs still make partial sums
+        return programs_on(n_rows, 1)
+    return programs_on(n_rows, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def programs_on(n_rows: int, multiprocessors: int) -> int:
+    """:func:`backward_programs` on a device of ``multiprocessors`` SMs (CUs): at most
+    PROGRAMS_PER_SM per multiprocessor and one per row."""
+    return max(1, min(n_rows, PROGRAMS_PER_SM * multiprocessors))
 
 
 # A plan derives its configuration from shapes and flags alone. Derived afresh, that is about
