@@ -19,11 +19,14 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from eurocore.utils.files import write_text_atomically
+
+# torch is imported where a device is asked about: `eurocore plot` reads metrics.jsonl
+# without it.
+if TYPE_CHECKING:
+    import torch
 
 METRICS_FILE = "metrics.jsonl"  # in the run's output directory
 TENSORBOARD_DIR = "tensorboard"  # likewise
@@ -60,6 +63,8 @@ def device_peak(device: torch.device, override: float | None = None) -> tuple[fl
         return override, "--peak-tflops"
     if device.type != "cuda":
         return None, "peak unknown: a CPU"
+    import torch
+
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name)
     return peak, (f"{name}, dense bf16" if peak is not None else
@@ -69,6 +74,8 @@ def device_peak(device: torch.device, override: float | None = None) -> tuple[fl
 def device_name(device: torch.device) -> str:
     """What the run's metadata calls ``device``: the GPU's name, else the CPU's."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine() or 'unknown'})"
 
