@@ -167,8 +167,7 @@ def _rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dresidual, dweight); dresidual is empty unless its dtype differs from
     x's (then dx serves both), dweight is empty without a weight."""
-    dx, dr, _ = _rms_norm_bwd_fake(dy, dh_in, h, weight, rstd, zero_centered_weight, x_dtype,
-                                   residual_dtype, backend)
+    dx, dr = _input_grads(h, x_dtype, residual_dtype)
     n = h.shape[-1]
     dw = _launchers(backend).rms_norm_bwd(
         _rows(dy), _rows(dh_in) if dh_in is not None else None, _rows(h),
@@ -177,14 +176,21 @@ def _rms_norm_bwd(
     return dx, dr, dw.to(weight.dtype) if weight is not None else h.new_empty(0)
 
 
-@_rms_norm_bwd.register_fake
-def _rms_norm_bwd_fake(dy, dh_in, h, weight, rstd, zero_centered_weight, x_dtype,
-                       residual_dtype, backend):
+def _input_grads(h: torch.Tensor, x_dtype: torch.dtype, residual_dtype: torch.dtype | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (dx, dresidual) for the backward to write: dresidual only when the residual's
+    dtype differs from x's, else (0,) (dx serves both)."""
     dx = h.new_empty(h.shape, dtype=x_dtype)
     separate_dr = residual_dtype is not None and residual_dtype != x_dtype
     dr = h.new_empty(h.shape if separate_dr else (0,), dtype=residual_dtype or x_dtype)
+    return dx, dr
+
+
+@_rms_norm_bwd.register_fake
+def _rms_norm_bwd_fake(dy, dh_in, h, weight, rstd, zero_centered_weight, x_dtype,
+                       residual_dtype, backend):
     dw = weight.new_empty(weight.shape) if weight is not None else h.new_empty(0)
-    return dx, dr, dw
+    return (*_input_grads(h, x_dtype, residual_dtype), dw)
 
 
 def _rms_norm_fwd_setup_context(ctx, inputs, output):
