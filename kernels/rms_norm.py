@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, make_launch
+from .launch import Launch, launcher, make_launch
 
 # The largest row held in registers at once; longer rows loop over blocks of this size.
 MAX_BLOCK_N = 16384
@@ -255,8 +255,11 @@ def rms_norm_fwd_plan(
     h: torch.Tensor | None,
     rstd: torch.Tensor,
 ) -> Launch:
-    """The forward launch over :func:`rms_norm_fwd`'s arguments: one program per row (none
-    for no rows: :meth:`Launch.run` then launches nothing).
+    """The forward launch into preallocated outputs (:func:`rms_norm_fwd` runs it): one
+    program per row (none for no rows: :meth:`Launch.run` then launches nothing).
+
+    x, residual: (rows, n) with unit stride along n (any row stride); weight: (n,) contiguous.
+    y: (rows, n) in h's dtype; h: (rows, n), written only with a residual; rstd: (rows,) fp32.
 
     An absent residual is passed as x with stride 0 (and h as y), an absent weight as x: the
     kernel reads neither, its HAS_* flags say so.
@@ -313,22 +316,7 @@ def rms_norm_bwd_plan(
         constexprs, options))
 
 
-def rms_norm_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    eps: float,
-    zero_centered_weight: bool,
-    y: torch.Tensor,
-    h: torch.Tensor | None,
-    rstd: torch.Tensor,
-) -> None:
-    """Launches the forward kernel into preallocated outputs.
-
-    x, residual: (rows, n) with unit stride along n (any row stride); weight: (n,) contiguous.
-    y: (rows, n) in h's dtype; h: (rows, n), written only with a residual; rstd: (rows,) fp32.
-    """
-    rms_norm_fwd_plan(x, weight, residual, eps, zero_centered_weight, y, h, rstd).run()
+rms_norm_fwd = launcher(rms_norm_fwd_plan, "rms_norm_fwd")
 
 
 def rms_norm_bwd(
